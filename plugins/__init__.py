@@ -1,0 +1,1 @@
+"""Integrations of BlockPilot into serving frameworks (SGLang)."""

@@ -1,0 +1,1 @@
+"""BlockPilot policy pipeline: collect oracle labels, train, export to ONNX, evaluate."""

