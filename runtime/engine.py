@@ -53,6 +53,26 @@ class _Running:
         return self.request.sampling.max_new_tokens - len(self.tokens)
 
 
+def propose_drafts(target: TargetModel, drafter: DFlashDraftModel, proposed: torch.Tensor,
+                   layout: blocks.RaggedLayout, draft_cache) -> torch.Tensor:
+    """Fill every row's mask positions with the drafter's proposals: one drafter forward for the batch.
+
+    Rows of width 1 (plain decoding) ride along with an empty context and propose nothing.
+    """
+    drafting = layout.widths > 1
+    context_lens = torch.where(drafting, layout.starts, 0)
+    kv_len = max(int(context_lens.max()), 1)
+    context = [draft_cache.read(i, 0, layout.num_rows, kv_len) for i in range(len(drafter.layers))]
+    mask = blocks.draft_mask(layout, context_lens, kv_len)
+    positions = layout.starts[:, None] + torch.arange(layout.max_width)[None, :]
+    embeddings = layout.pad(target.embed_tokens(proposed))
+    out = layout.unpad(drafter.forward_block(embeddings, positions, context, mask))
+    slots = blocks.draft_slots(layout)
+    proposed = proposed.clone()
+    proposed[slots] = target.lm_head(out[slots]).argmax(dim=-1)
+    return proposed
+
+
 class SpeculativeEngine:
     def __init__(self, target: TargetModel, drafter: DFlashDraftModel | None = None, *,
                  max_batch_size: int = 8, default_block_size: int | None = None,
@@ -67,6 +87,8 @@ class SpeculativeEngine:
         self.max_batch_size = max_batch_size
         self.max_block_size = max_block_size
         self.default_block_size = default_block_size or (drafter.config.block_size if drafter else 1)
+        # "fixed": the operator set one size for all; "default": the drafter's training size.
+        self.default_source = "fixed" if default_block_size else "default"
         self.block_size_chooser = block_size_chooser
         self.eos_ids = target.eos_token_ids
         self.capture_layers = tuple(drafter.config.target_layer_ids) if drafter else ()
@@ -151,7 +173,7 @@ class SpeculativeEngine:
 
     def _choose_block_sizes(self, admitted: list[GenerationRequest], features: torch.Tensor | None):
         sizes = [r.block_size if r.block_size is not None else self.default_block_size for r in admitted]
-        sources = ["request" if r.block_size is not None else "default" for r in admitted]
+        sources = ["request" if r.block_size is not None else self.default_source for r in admitted]
         choose = [i for i, r in enumerate(admitted) if r.block_size is None]
         if self.block_size_chooser is not None and choose and features is not None:
             chosen, source = self.block_size_chooser(features[choose], [admitted[i] for i in choose])
@@ -165,9 +187,7 @@ class SpeculativeEngine:
         layout = blocks.RaggedLayout.build(widths, torch.tensor([s.processed for s in running]))
         bonus = torch.tensor([s.tokens[-1] for s in running])
         mask_id = self.drafter.config.mask_token_id if self.drafter else 0
-        proposed = blocks.block_tokens(bonus, layout, mask_id)
-        if self.drafter is not None and layout.max_width > 1:
-            proposed = self._draft(proposed, layout, draft_cache)
+        proposed = self._propose(running, blocks.block_tokens(bonus, layout, mask_id), layout, draft_cache)
         hidden, features = self.target.forward(proposed, layout, target_cache, 0, self.capture_layers)
         chosen = choose_tokens(self.target.lm_head(hidden), layout.row,
                                [s.request.sampling for s in running], [s.generator for s in running])
@@ -182,20 +202,12 @@ class SpeculativeEngine:
             state.stats.committed_per_step[len(tokens)] += 1
             self._commit(state, tokens, on_commit)
 
-    def _draft(self, proposed: torch.Tensor, layout: blocks.RaggedLayout, draft_cache) -> torch.Tensor:
-        """Fill every row's mask positions with the drafter's proposals (one forward for the batch)."""
-        drafting = layout.widths > 1
-        context_lens = torch.where(drafting, layout.starts, 0)
-        kv_len = max(int(context_lens.max()), 1)
-        context = [draft_cache.read(i, 0, layout.num_rows, kv_len) for i in range(len(self.drafter.layers))]
-        mask = blocks.draft_mask(layout, context_lens, kv_len)
-        positions = layout.starts[:, None] + torch.arange(layout.max_width)[None, :]
-        embeddings = layout.pad(self.target.embed_tokens(proposed))
-        out = layout.unpad(self.drafter.forward_block(embeddings, positions, context, mask))
-        slots = blocks.draft_slots(layout)
-        proposed = proposed.clone()
-        proposed[slots] = self.target.lm_head(out[slots]).argmax(dim=-1)
-        return proposed
+    def _propose(self, running: list[_Running], proposed: torch.Tensor, layout: blocks.RaggedLayout,
+                 draft_cache) -> torch.Tensor:
+        """The proposal seam: the drafter fills the blocks (tests substitute proposals here)."""
+        if self.drafter is None or layout.max_width == 1:
+            return proposed
+        return propose_drafts(self.target, self.drafter, proposed, layout, draft_cache)
 
     # --- committing tokens, finishing, streaming ---------------------------------------------------
     def _commit(self, state: _Running, tokens: list[int], on_commit: CommitCallback | None) -> None:
@@ -204,20 +216,24 @@ class SpeculativeEngine:
             state.tokens.append(token)
             if token in self.eos_ids and not params.ignore_eos:
                 state.finish_reason = "eos"
-            elif state.remaining <= 0:
-                state.finish_reason = "length"
-            elif state.processed + 1 >= self.target.max_context:
+            elif state.remaining <= 0 or len(state.request.prompt_ids) + len(state.tokens) >= self.target.max_context:
                 state.finish_reason = "length"
             if state.finish_reason:
                 break
         state.stats.generated_tokens = len(state.tokens)
-        state.text = self.target.tokenizer.decode(state.tokens, skip_special_tokens=True)
+        tokenizer = self.target.tokenizer
+        state.text = tokenizer.decode(state.tokens, skip_special_tokens=True) if tokenizer is not None else ""
         if params.stop:
             self._apply_stop_strings(state)
         if state.finish_reason:
             state.stats.decode_s = time.perf_counter() - state.first_token_time
-        # Hold back a trailing partial UTF-8 character until the next token completes it.
-        ready = state.text if state.finish_reason else state.text.rstrip("\ufffd")
+        ready = state.text
+        if not state.finish_reason:
+            # Hold back a trailing partial UTF-8 character until the next token completes it, and
+            # any tail that could still turn out to be the start of a stop string.
+            ready = ready.rstrip("\ufffd")
+            held = max((len(stop) for stop in params.stop), default=1) - 1
+            ready = ready[: len(ready) - held] if held else ready
         if on_commit and (len(ready) > state.emitted or state.finish_reason):
             on_commit(state.request.request_id, ready[state.emitted:], state.finish_reason is not None)
         state.emitted = max(state.emitted, len(ready))

@@ -19,7 +19,7 @@ class GenerationRequest:
 @dataclass
 class RequestStats:
     block_size: int
-    block_size_source: str  # "request", "default", "policy" or "fallback"
+    block_size_source: str  # "request", "fixed" (operator's size), "default" (drafter's), "policy", "fallback"
     prompt_tokens: int
     generated_tokens: int = 0
     target_forwards: int = 0  # verify passes after prefill

@@ -1,0 +1,239 @@
+"""`blockpilot` command line: thin argument parsing and progress bars around library calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+log = logging.getLogger("blockpilot")
+
+
+def parse_sizes(text: str) -> list[int]:
+    """"2-24" or "2,4,8" (or a mix: "1,2-4,16") -> sorted unique ints."""
+    sizes = set()
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                low, high = part.split("-")
+                sizes.update(range(int(low), int(high) + 1))
+            elif part.strip():
+                sizes.add(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"block sizes must look like '2-24' or '2,4,8', got {text!r}") from None
+    return sorted(sizes)
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--config", help="engine settings YAML (fields of EngineConfig); flags override it")
+    group.add_argument("--model", help="HF model directory of the target (default: embedded SmolLM2-135M-Instruct)")
+    group.add_argument("--drafter", help="DFlash drafter directory, 'default' or 'none'")
+    group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    group.add_argument("--max-batch-size", type=int)
+    group.add_argument("--max-block-size", type=int)
+
+
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", type=int, default=256)
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--seed", type=int)
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _engine_config(args):
+    from .config import EngineConfig
+
+    config = EngineConfig.from_yaml(args.config) if args.config else EngineConfig()
+    for name in ("model", "drafter", "dtype", "max_batch_size", "max_block_size"):
+        if getattr(args, name, None) is not None:
+            setattr(config, name, getattr(args, name))
+    if getattr(args, "block_size", None) is not None:
+        config.block_size = args.block_size
+    return config
+
+
+def _sampling(args):
+    from .sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                          max_new_tokens=args.max_new_tokens, stop=args.stop)
+
+
+def _block_size(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--block-size must be an integer, got {text!r}") from None
+
+
+# --- commands ------------------------------------------------------------------------------------
+def cmd_generate(args) -> None:
+    from .config import build_engine
+    from .prompts import encode_prompt, read_prompts
+    from .requests import GenerationRequest
+
+    records = read_prompts(args.input)
+    engine = build_engine(_engine_config(args))
+    sampling = _sampling(args)
+    requests = [GenerationRequest(encode_prompt(engine.target.tokenizer, r), sampling, r.id, r.block_size)
+                for r in records]
+    for request in requests:  # fail before any work, naming the bad prompt
+        engine._validate(request)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(requests), desc="generate", unit="prompt")
+    with open(output, "w") as sink:
+        def write(result):
+            sink.write(json.dumps(result.as_dict()) + "\n")
+            sink.flush()
+            bar.update(1)
+
+        results = engine.generate(requests, on_finish=write)
+    bar.close()
+    tokens = sum(r.stats.generated_tokens for r in results)
+    print(f"wrote {len(results)} results ({tokens} tokens) to {output}")
+
+
+def cmd_bench(args) -> None:
+    from .bench import format_table, run_bench, save_report
+    from .config import build_engine
+    from .prompts import mtbench_records, read_prompts
+
+    records = read_prompts(args.prompts) if args.prompts else mtbench_records(limit=args.num_prompts)
+    engine = build_engine(_engine_config(args))
+    report = run_bench(engine, records, args.block_sizes, repeats=args.repeats, max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size, sampling=_sampling(args))
+    out = Path(args.output_dir)
+    save_report(report, out / "bench.json", out / "bench.png")
+    print(format_table(report))
+    print(f"report: {out / 'bench.json'}, plot: {out / 'bench.png'}")
+
+
+def cmd_step_costs(args) -> None:
+    from .config import EngineConfig, build_engine
+    from .step_cost import measure_step_costs
+
+    tables = []
+    for dtype in args.dtypes:
+        config = _engine_config(args)
+        config.dtype = dtype
+        engine = build_engine(config)
+        tables.append(measure_step_costs(engine.target, engine.drafter, args.widths,
+                                         context_tokens=args.context_tokens, repeats=args.repeats))
+    header = f"{'width':>5} " + " ".join(f"{t['dtype'] + ' target':>16} {t['dtype'] + ' drafter':>17}" for t in tables)
+    print(f"median ms per forward, KV cache of {args.context_tokens} tokens, batch 1, {tables[0]['threads']} threads")
+    print(header)
+    for width in args.widths:
+        cells = []
+        for t in tables:
+            draft = t["drafter_ms"].get(width)
+            cells.append(f"{t['target_ms'][width]:>16.1f} {draft if draft is None else round(draft, 1)!s:>17}")
+        print(f"{width:>5} " + " ".join(cells))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(tables, indent=2) + "\n")
+
+
+def cmd_demo(args) -> None:
+    from .config import EngineConfig, build_engine
+    from .prompts import encode_prompt, mtbench_records
+    from .requests import GenerationRequest
+    from .sampling import SamplingParams
+
+    engine = build_engine(EngineConfig())
+    records = [r for r in mtbench_records(categories=["coding", "stem", "writing", "humanities"])][:: 10][: args.num_prompts]
+    tokenizer = engine.target.tokenizer
+    print(f"target: {engine.target.model_dir} ({engine.target.dtype}), drafter block size "
+          f"{engine.drafter.config.block_size if engine.drafter else '-'}\n")
+    first = records[0].id
+
+    def stream(request_id, text, finished):
+        if request_id == first:
+            print(text, end="\n" if finished else "", flush=True)
+
+    print(f"[{first}] {records[0].prompt}\n--- streamed answer ---")
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
+    requests = [GenerationRequest(encode_prompt(tokenizer, r), sampling, r.id) for r in records]
+    results = engine.generate(requests, on_commit=stream)
+    plain = engine.generate([GenerationRequest(encode_prompt(tokenizer, r), sampling, r.id, block_size=1) for r in records])
+    print(f"\n{'prompt':<12} {'block':>5} {'tokens':>6} {'accept len':>10} {'tok/s':>7} {'plain tok/s':>11} {'same as plain':>13}")
+    for result, base in zip(results, plain):
+        s = result.stats
+        print(f"{result.request_id:<12} {s.block_size:>5} {s.generated_tokens:>6} {s.acceptance_length:>10.2f} "
+              f"{s.decode_tokens_per_s:>7.1f} {base.stats.decode_tokens_per_s:>11.1f} "
+              f"{str(result.token_ids == base.token_ids):>13}")
+    print(f"\n({len(records)} MT-Bench prompts, greedy, batch of {len(records)}; tokens/s here are noisy: "
+          f"use `blockpilot bench` for medians of interleaved repeats)")
+
+
+def cmd_prepare(args) -> None:
+    from .assets import ensure_default_model, mtbench_questions_path
+
+    print(f"default model: {ensure_default_model()}")
+    print(f"MT-Bench questions: {mtbench_questions_path()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blockpilot", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("generate", help="offline batch generation over a JSONL prompt file")
+    p.add_argument("--input", required=True, help='JSONL, one {"id", "prompt"} or {"id", "messages"} per line')
+    p.add_argument("--output", required=True, help="JSONL of results: text, token_ids, finish_reason, stats")
+    p.add_argument("--block-size", type=_block_size, help="block size for every prompt (1 = plain decoding)")
+    _engine_args(p)
+    _sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = commands.add_parser("bench", help="plain decoding vs every fixed block size, side by side")
+    p.add_argument("--prompts", help="JSONL prompt file (default: MT-Bench first turns)")
+    p.add_argument("--num-prompts", type=int, default=8, help="how many MT-Bench prompts (without --prompts)")
+    p.add_argument("--block-sizes", type=parse_sizes, default=parse_sizes("2,4,8,16,24"))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--output-dir", default="runs/bench")
+    _engine_args(p)
+    _sampling_args(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = commands.add_parser("step-costs", help="ms per target / drafter forward for each block width")
+    p.add_argument("--widths", type=parse_sizes, default=parse_sizes("1,2,4,8,16,24,32"))
+    p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    p.add_argument("--context-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--output", help="write the tables as JSON here")
+    _engine_args(p)
+    p.set_defaults(func=cmd_step_costs)
+
+    p = commands.add_parser("demo", help="a few real prompts with speculation, and what it achieved")
+    p.add_argument("--num-prompts", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.set_defaults(func=cmd_demo)
+
+    p = commands.add_parser("prepare", help="download and convert the embedded default model (idempotent)")
+    p.set_defaults(func=cmd_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"blockpilot {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

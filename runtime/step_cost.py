@@ -1,0 +1,56 @@
+"""What one decode step costs, per block size: a target forward over W tokens and a drafter forward
+over a W-wide block, each with a realistic KV cache behind it.
+
+These costs decide which block sizes can ever pay on a machine, and (issue: policy) turn
+machine-independent counts (target forwards per token) into tokens per second.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from . import blocks
+from .drafter import DFlashDraftModel
+from .engine import propose_drafts
+from .target import TargetModel
+
+
+@torch.inference_mode()
+def measure_step_costs(target: TargetModel, drafter: DFlashDraftModel | None, widths: list[int],
+                       context_tokens: int = 128, repeats: int = 7, batch_size: int = 1) -> dict:
+    """Median milliseconds of target and drafter forwards per width, interleaved over repeats."""
+    capacity = context_tokens + max(widths) + 1
+    target_cache = target.new_cache(batch_size, capacity)
+    draft_cache = drafter.new_cache(batch_size, capacity) if drafter else None
+    # Fill the caches with a real-looking context (random token ids are fine for timing).
+    generator = torch.Generator().manual_seed(0)
+    context = torch.randint(0, target.vocab_size, (batch_size * context_tokens,), generator=generator)
+    layout = blocks.RaggedLayout.build(torch.full((batch_size,), context_tokens), torch.zeros(batch_size, dtype=torch.long))
+    capture = tuple(drafter.config.target_layer_ids) if drafter else ()
+    _, features = target.forward(context, layout, target_cache, 0, capture)
+    if drafter:
+        drafter.write_context(features, layout.row, layout.positions, draft_cache)
+    target_ms = {w: [] for w in widths}
+    draft_ms = {w: [] for w in widths}
+    for _ in range(repeats):
+        for width in widths:
+            step = blocks.RaggedLayout.build(torch.full((batch_size,), width),
+                                             torch.full((batch_size,), context_tokens))
+            tokens = torch.randint(0, target.vocab_size, (step.num_tokens,), generator=generator)
+            began = time.perf_counter()
+            hidden, _ = target.forward(tokens, step, target_cache, 0, capture)
+            target.lm_head(hidden)
+            target_ms[width].append((time.perf_counter() - began) * 1e3)
+            if drafter and width > 1:
+                began = time.perf_counter()
+                propose_drafts(target, drafter, blocks.block_tokens(tokens[:batch_size], step, 0), step, draft_cache)
+                draft_ms[width].append((time.perf_counter() - began) * 1e3)
+    return {
+        "context_tokens": context_tokens, "batch_size": batch_size, "repeats": repeats,
+        "dtype": str(target.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+        "target_ms": {w: statistics.median(v) for w, v in target_ms.items()},
+        "drafter_ms": {w: statistics.median(v) for w, v in draft_ms.items() if v},
+    }

@@ -1,0 +1,67 @@
+"""The per-request block logic, on hand-built batches whose answers are worked out by hand."""
+
+import torch
+
+from blockpilot.runtime import blocks
+
+
+def layout(widths, starts):
+    return blocks.RaggedLayout.build(torch.tensor(widths), torch.tensor(starts))
+
+
+def test_layout_packs_rows_contiguously():
+    lay = layout([3, 1, 2], [10, 5, 7])
+    assert lay.row.tolist() == [0, 0, 0, 1, 2, 2]
+    assert lay.col.tolist() == [0, 1, 2, 0, 0, 1]
+    assert lay.positions.tolist() == [10, 11, 12, 5, 7, 8]
+    assert lay.offsets.tolist() == [0, 3, 4, 6]
+    packed = torch.arange(6)
+    grid = lay.pad(packed, fill=-1)
+    assert grid.tolist() == [[0, 1, 2], [3, -1, -1], [4, 5, -1]]
+    assert lay.unpad(grid).tolist() == packed.tolist()
+
+
+def test_block_tokens_put_bonus_first_then_masks():
+    lay = layout([3, 1, 2], [0, 0, 0])
+    assert blocks.block_tokens(torch.tensor([7, 8, 9]), lay, mask_token_id=99).tolist() == [7, 99, 99, 8, 9, 99]
+    assert blocks.draft_slots(lay).tolist() == [1, 2, 5]
+
+
+def test_accept_lengths_longest_matching_prefix_per_row():
+    lay = layout([4, 1, 3, 4], [0, 0, 0, 0])
+    # row 0: drafts 5,6,7 vs target 5,6,X -> 2 accepted; row 1: width 1 -> 0;
+    # row 2: drafts 3,4 vs target 9,.. -> 0; row 3: all 3 drafts match -> 3
+    proposed = torch.tensor([1, 5, 6, 7, 2, 8, 3, 4, 1, 2, 3, 4])
+    target = torch.tensor([5, 6, 0, 0, 4, 9, 4, 0, 2, 3, 4, 5])
+    accepted = blocks.accept_lengths(proposed, target, lay)
+    assert accepted.tolist() == [2, 0, 0, 3]
+    # a mismatch early stops acceptance even if later drafts match
+    proposed2 = torch.tensor([1, 5, 6, 7])
+    target2 = torch.tensor([5, 0, 7, 0])
+    assert blocks.accept_lengths(proposed2, target2, layout([4], [0])).tolist() == [1]
+    assert blocks.new_tokens(target, lay, accepted) == [[5, 6, 0], [4], [9], [2, 3, 4, 5]]
+    assert blocks.committed_slots(lay, accepted).tolist() == [0, 1, 2, 4, 5, 8, 9, 10, 11]
+
+
+def test_all_width_one_is_plain_decoding():
+    lay = layout([1, 1], [3, 4])
+    accepted = blocks.accept_lengths(torch.tensor([1, 2]), torch.tensor([3, 4]), lay)
+    assert accepted.tolist() == [0, 0]
+    assert blocks.new_tokens(torch.tensor([3, 4]), lay, accepted) == [[3], [4]]
+
+
+def test_causal_verify_mask_uses_absolute_positions():
+    lay = layout([2, 1], [2, 0])
+    mask = blocks.causal_verify_mask(lay, kv_len=4)[:, 0]
+    assert mask[0].int().tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert mask[1, 0].int().tolist() == [1, 0, 0, 0]
+
+
+def test_draft_mask_is_non_causal_and_hides_other_rows_padding():
+    lay = layout([3, 1], [2, 1])
+    mask = blocks.draft_mask(lay, torch.tensor([2, 1]), kv_len=3)[:, 0]
+    # row 0 sees context 0..1 and its 3 block keys from every query
+    assert mask[0, 0].int().tolist() == [1, 1, 0, 1, 1, 1]
+    assert mask[0, 2].int().tolist() == [1, 1, 0, 1, 1, 1]
+    # row 1 sees context 0 and only its own single block key
+    assert mask[1, 0].int().tolist() == [1, 0, 0, 1, 0, 0]

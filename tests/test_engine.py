@@ -1,0 +1,108 @@
+"""Engine behaviour on small random models: equality with transformers for Llama and Qwen3 layouts,
+and losslessness of sampling (the output distribution is the target's)."""
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from blockpilot.runtime import blocks
+from blockpilot.runtime.engine import SpeculativeEngine
+from blockpilot.runtime.requests import GenerationRequest
+from blockpilot.runtime.sampling import SamplingParams, sample_from_logits
+
+from conftest import NEAR_TIE_MARGIN, tiny_drafter, tiny_target
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_tiny_targets_match_transformers_greedy(model_type):
+    target = tiny_target(vocab_size=96, model_type=model_type, seed=3)
+    engine = SpeculativeEngine(target, tiny_drafter(target), max_batch_size=3)
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17]]
+    sizes = [1, 5, 8]
+    results = engine.generate([GenerationRequest(p, SamplingParams(max_new_tokens=20), block_size=b)
+                               for p, b in zip(prompts, sizes)])
+    for prompt, result in zip(prompts, results):
+        reference = target.hf_model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                                             min_new_tokens=20)[0, len(prompt):].tolist()
+        if result.token_ids != reference:
+            first = next(i for i, (a, b) in enumerate(zip(result.token_ids, reference)) if a != b)
+            logits = target.hf_model(torch.tensor([prompt + reference[:first]])).logits[0, -1]
+            top2 = torch.topk(logits, 2).values
+            assert float(top2[0] - top2[1]) < NEAR_TIE_MARGIN, f"{model_type}: diverged at {first}"
+
+
+def test_top_k_and_top_p_limits():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5]])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert sample_from_logits(logits, SamplingParams(temperature=1.0, top_k=1), g).item() == 1
+        assert sample_from_logits(logits, SamplingParams(temperature=1.0, top_p=0.01), g).item() == 1
+        assert sample_from_logits(logits, SamplingParams(temperature=1.0, top_k=2), g).item() in (1, 2)
+
+
+def exact_distribution(target, prompt, length, temperature):
+    """P(first `length` tokens) under plain sampling, by enumerating every prefix."""
+    probs = {(): 1.0}
+    for _ in range(length):
+        nxt = {}
+        prefixes = list(probs)
+        with torch.inference_mode():
+            logits = target.hf_model(torch.tensor([prompt + list(p) for p in prefixes])).logits[:, -1]
+        step = torch.softmax(logits.float() / temperature, dim=-1)
+        for prefix, row in zip(prefixes, step):
+            for token, p in enumerate(row.tolist()):
+                nxt[prefix + (token,)] = probs[prefix] * p
+        probs = nxt
+    return probs
+
+
+def chi_square_rejects(samples: Counter, probs: dict, n: int) -> bool:
+    """Pearson's chi-square at significance 1e-3 (cells with expected count < 5 pooled)."""
+    stat, df, pooled_obs, pooled_exp = 0.0, -1, 0, 0.0
+    for cell, p in probs.items():
+        expected = n * p
+        if expected < 5:
+            pooled_obs, pooled_exp = pooled_obs + samples[cell], pooled_exp + expected
+            continue
+        stat += (samples[cell] - expected) ** 2 / expected
+        df += 1
+    if pooled_exp > 0:
+        stat += (pooled_obs - pooled_exp) ** 2 / pooled_exp
+        df += 1
+    z = 3.09  # one-sided normal quantile at 1e-3; Wilson-Hilferty approximation of the chi-square quantile
+    critical = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+    return stat > critical
+
+
+def sample_sequences(engine, prompt, n, length, block_size, temperature):
+    requests = [GenerationRequest(prompt, SamplingParams(temperature=temperature, seed=seed, max_new_tokens=length),
+                                  str(seed), block_size=block_size) for seed in range(n)]
+    return Counter(tuple(r.token_ids) for r in engine.generate(requests))
+
+
+def test_sampling_keeps_the_target_distribution(monkeypatch):
+    target = tiny_target(vocab_size=6, seed=5)
+    engine = SpeculativeEngine(target, tiny_drafter(target, block_size=4), max_batch_size=256)
+    prompt, n, length, temperature = [1, 2, 3], 6000, 3, 1.5
+    probs = exact_distribution(target, prompt, length, temperature)
+    speculative = sample_sequences(engine, prompt, n, length, block_size=4, temperature=temperature)
+    plain = sample_sequences(engine, prompt, n, length, block_size=1, temperature=temperature)
+    assert not chi_square_rejects(plain, probs, n)
+    assert not chi_square_rejects(speculative, probs, n)
+    # The test has teeth: accepting every draft regardless of the target breaks the distribution.
+    monkeypatch.setattr(blocks, "accept_lengths",
+                        lambda proposed, chosen, layout: (layout.widths - 1).clamp(min=0))
+    biased = sample_sequences(engine, prompt, n, length, block_size=4, temperature=temperature)
+    assert chi_square_rejects(biased, probs, n)
+
+
+def test_same_seed_same_sample():
+    target = tiny_target(vocab_size=50, seed=2)
+    engine = SpeculativeEngine(target, tiny_drafter(target), max_batch_size=4)
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=123, max_new_tokens=12)
+    alone = engine.generate([GenerationRequest([4, 5, 6], params, "a", block_size=4)])[0]
+    batched = engine.generate([GenerationRequest([7, 8], SamplingParams(temperature=1.0, seed=9, max_new_tokens=12), "x"),
+                               GenerationRequest([4, 5, 6], params, "a", block_size=4)])[1]
+    assert alone.token_ids == batched.token_ids

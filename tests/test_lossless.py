@@ -1,0 +1,129 @@
+"""Losslessness on the real default model: greedy speculative output equals the target's own greedy
+output (transformers `generate`, same dtype) token for token, for every block size and every mix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blockpilot.runtime.assets import DEFAULT_DRAFTER_DIR
+from blockpilot.runtime.drafter import DFlashDraftModel
+from blockpilot.runtime.engine import SpeculativeEngine
+from blockpilot.runtime.requests import GenerationRequest
+from blockpilot.runtime.sampling import SamplingParams
+
+from conftest import NEAR_TIE_MARGIN
+
+NEW_TOKENS = 32
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def references(default_target, chat_prompts):
+    """transformers' own greedy continuation of every prompt."""
+    model = default_target.hf_model
+    return [model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(p):].tolist()
+            for p in chat_prompts]
+
+
+def drafters(target):
+    yield "untrained", DFlashDraftModel.for_target(target, num_layers=1, num_target_features=4)
+    if (DEFAULT_DRAFTER_DIR / "config.json").exists():
+        yield "shipped", DFlashDraftModel.load(DEFAULT_DRAFTER_DIR)
+
+
+@pytest.fixture(scope="module", params=["untrained", "shipped"])
+def engine(request, default_target):
+    found = dict(drafters(default_target))
+    if request.param not in found:
+        pytest.skip("no trained drafter is shipped yet")
+    return SpeculativeEngine(default_target, found[request.param], max_batch_size=4)
+
+
+def assert_matches_reference(target, prompt, output, reference):
+    """Equal token for token, except where the reference itself had a near-tie at the first difference."""
+    if output == reference[: len(output)] and (len(output) == len(reference) or output[-1] in target.eos_token_ids):
+        return
+    first = next((i for i, (a, b) in enumerate(zip(output, reference)) if a != b), min(len(output), len(reference)))
+    with torch.inference_mode():
+        logits = target.hf_model(torch.tensor([prompt + reference[:first]])).logits[0, -1]
+    top2 = torch.topk(logits.float(), 2).values
+    gap = float(top2[0] - top2[1])
+    assert gap < NEAR_TIE_MARGIN, (
+        f"output diverges from the target's greedy output at token {first} "
+        f"(got {output[first:first + 3]}, expected {reference[first:first + 3]}); reference top-2 gap {gap:.4f}")
+
+
+def run(engine, prompts, sizes, max_new=NEW_TOKENS):
+    requests = [GenerationRequest(p, SamplingParams(max_new_tokens=max_new), str(i), block_size=b)
+                for i, (p, b) in enumerate(zip(prompts, sizes))]
+    return engine.generate(requests)
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 4, 8, 16, 24])
+def test_every_block_size_is_lossless(engine, default_target, chat_prompts, references, block_size):
+    results = run(engine, chat_prompts, [block_size] * len(chat_prompts))
+    for prompt, result, reference in zip(chat_prompts, results, references):
+        assert result.stats.block_size == block_size
+        assert_matches_reference(default_target, prompt, result.token_ids, reference)
+
+
+@pytest.mark.parametrize("sizes", [[1, 4, 16, 24], [2, 8, 2, 8], [24, 1, 1, 3]])
+def test_mixed_block_sizes_in_one_batch_are_lossless(engine, default_target, chat_prompts, references, sizes):
+    for prompt, result, reference in zip(chat_prompts, run(engine, chat_prompts, sizes), references):
+        assert_matches_reference(default_target, prompt, result.token_ids, reference)
+
+
+def test_requests_join_and_leave_the_batch(default_target, chat_prompts, references):
+    """Two slots, four requests of different lengths: later requests enter slots freed by earlier ones."""
+    engine = SpeculativeEngine(default_target, DFlashDraftModel.for_target(default_target), max_batch_size=2)
+    lengths = [8, 32, 16, 24]
+    requests = [GenerationRequest(p, SamplingParams(max_new_tokens=n), str(i), block_size=b)
+                for i, (p, n, b) in enumerate(zip(chat_prompts, lengths, [16, 4, 1, 8]))]
+    for prompt, result, reference, n in zip(chat_prompts, engine.generate(requests), references, lengths):
+        assert len(result.token_ids) <= n
+        assert_matches_reference(default_target, prompt, result.token_ids, reference[:n])
+
+
+def test_accepted_drafts_commit_exactly_the_target_tokens(default_target, chat_prompts, references, monkeypatch):
+    """Proposals that are mostly right (the reference continuation with one corrupted token at a
+    varying place) exercise acceptance of 0..B-1 drafts, KV roll-back and the bonus token."""
+    by_id = {str(i): r for i, r in enumerate(references)}
+    engine = SpeculativeEngine(default_target, DFlashDraftModel.for_target(default_target), max_batch_size=4)
+
+    def propose(running, proposed, layout, draft_cache):
+        proposed = proposed.clone()
+        for r, state in enumerate(running):
+            width, start = int(layout.widths[r]), int(layout.offsets[r])
+            done = len(state.tokens)
+            future = by_id[state.request.request_id][done: done + width - 1]
+            future += [0] * (width - 1 - len(future))
+            wrong = (done * 7) % (width + 2)  # sometimes no corruption at all: the whole block is accepted
+            if 1 <= wrong < width:
+                future[wrong - 1] = (future[wrong - 1] + 1) % default_target.vocab_size
+            proposed[start + 1: start + width] = torch.tensor(future, dtype=torch.long)
+        return proposed
+
+    monkeypatch.setattr(engine, "_propose", propose)
+    results = run(engine, chat_prompts, [16, 4, 8, 24])
+    accepted_any = False
+    for prompt, result, reference in zip(chat_prompts, results, references):
+        assert_matches_reference(default_target, prompt, result.token_ids, reference)
+        accepted_any |= result.stats.acceptance_length > 2
+        committed = sum(k * c for k, c in result.stats.committed_per_step.items())
+        assert committed == len(result.token_ids) - 1  # every token after the first came from a verify
+    assert accepted_any, "the proposals should have been accepted for long stretches"
+
+
+def test_streaming_and_stop_strings(default_target, chat_prompts, references):
+    engine = SpeculativeEngine(default_target, DFlashDraftModel.for_target(default_target), max_batch_size=2)
+    tokenizer = default_target.tokenizer
+    full_text = tokenizer.decode(references[0], skip_special_tokens=True)
+    stop = full_text[20:26]
+    pieces = []
+    request = GenerationRequest(chat_prompts[0], SamplingParams(max_new_tokens=NEW_TOKENS, stop=[stop]), "s", block_size=8)
+    result = engine.generate([request], on_commit=lambda rid, text, done: pieces.append(text))[0]
+    assert result.finish_reason == "stop"
+    assert result.text == full_text[: full_text.find(stop)]
+    assert "".join(pieces) == result.text
+    assert tokenizer.decode(result.token_ids, skip_special_tokens=True).startswith(result.text)
