@@ -174,6 +174,15 @@ def cmd_demo(args) -> None:
           f"use `blockpilot bench` for medians of interleaved repeats)")
 
 
+def cmd_train_drafter(args) -> None:
+    from .training import recipe as recipes
+
+    recipe = recipes.DrafterRecipe.from_yaml(args.config)
+    stages = ["data", "train", "eval"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        getattr(recipes, f"run_{stage}_stage")(recipe)
+
+
 def cmd_prepare(args) -> None:
     from .assets import ensure_default_model, mtbench_questions_path
 
@@ -218,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.set_defaults(func=cmd_demo)
+
+    p = commands.add_parser("train-drafter", help="train a DFlash drafter for a target (resumable stages)")
+    p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/drafter-smollm2.yaml")
+    p.add_argument("--stage", choices=["data", "train", "eval", "all"], default="all")
+    p.set_defaults(func=cmd_train_drafter)
 
     p = commands.add_parser("prepare", help="download and convert the embedded default model (idempotent)")
     p.set_defaults(func=cmd_prepare)

@@ -263,17 +263,11 @@ class DFlashDraftModel(nn.Module):
     def load(cls, directory: str | Path, dtype: torch.dtype | None = None) -> "DFlashDraftModel":
         from safetensors.torch import load_file
 
+        from .target import read_model_config
+
         directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"drafter directory {str(directory)!r} does not exist")
-        config_path = directory / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"drafter directory {str(directory)!r} has no config.json")
-        try:
-            data = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_path} is not valid JSON: {err}") from None
-        config = DFlashConfig.from_json_dict(data, source=str(config_path))
+        data = read_model_config(directory, what="drafter")
+        config = DFlashConfig.from_json_dict(data, source=str(directory / "config.json"))
         weight_files = sorted(directory.glob("*.safetensors"))
         if not weight_files:
             raise FileNotFoundError(f"drafter directory {str(directory)!r} has no .safetensors weights")

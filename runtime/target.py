@@ -36,14 +36,14 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def read_model_config(model_dir: str | Path) -> dict:
-    """Read config.json of a model directory, with errors that say what is wrong with the directory."""
+def read_model_config(model_dir: str | Path, what: str = "model") -> dict:
+    """Read config.json of a model (or drafter) directory, with errors that say what is wrong with it."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory {str(model_dir)!r} does not exist")
+        raise FileNotFoundError(f"{what} directory {str(model_dir)!r} does not exist")
     config_path = model_dir / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{str(model_dir)!r} is not a Hugging Face model directory: it has no config.json")
+        raise FileNotFoundError(f"{what} directory {str(model_dir)!r} has no config.json")
     try:
         return json.loads(config_path.read_text())
     except json.JSONDecodeError as err:

@@ -16,8 +16,31 @@ Everything here runs on whatever device the tensors are on, but is meant for CPU
 from __future__ import annotations
 
 import ctypes
+import functools
+import logging
+import os
 
 import torch
+
+logger = logging.getLogger(__name__)
+# BLOCKPILOT_TRACE_CPU_KERNELS=1 logs the first call of each op (which ops a
+# server path actually reaches); CALLS counts calls either way.
+_TRACE = os.environ.get("BLOCKPILOT_TRACE_CPU_KERNELS", "0") == "1"
+CALLS: dict = {}
+
+
+def _counted(fn):
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        n = CALLS.get(name, 0)
+        CALLS[name] = n + 1
+        if _TRACE and n == 0:
+            logger.warning("sgl_kernel stand-in called: %s (pid %d)", name, os.getpid())
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 __all__ = [
     "assign_req_to_token_pool_cpu",
@@ -62,6 +85,7 @@ def _ragged(req_pool_indices, start_offset, end_offset):
     return rows, cols, total
 
 
+@_counted
 def assign_req_to_token_pool_cpu(
     req_pool_indices: torch.Tensor,
     req_to_token: torch.Tensor,
@@ -82,6 +106,17 @@ def assign_req_to_token_pool_cpu(
         req_to_token[rows, cols] = out_cache_loc.reshape(-1)[:total].to(torch.int32)
 
 
+def _gather_ranges(req_pool_indices, req_to_token, start_offset, end_offset, out_cache_loc, pool_len) -> None:
+    _check(req_to_token.dim() == 2 and req_to_token.dtype == torch.int32, "req_to_token must be 2-D int32")
+    _check(out_cache_loc.dtype == torch.int64, "out_cache_loc must be int64")
+    _check(req_to_token.shape[1] == pool_len, "pool_len must equal req_to_token.shape[1]")
+    rows, cols, total = _ragged(req_pool_indices, start_offset, end_offset)
+    _check(total <= out_cache_loc.numel(), "out_cache_loc is shorter than the ranges")
+    if total:
+        out_cache_loc.view(-1)[:total] = req_to_token[rows, cols].to(torch.int64)
+
+
+@_counted
 def assign_extend_cache_locs_cpu(
     req_pool_indices: torch.Tensor,
     req_to_token: torch.Tensor,
@@ -94,15 +129,10 @@ def assign_extend_cache_locs_cpu(
     ``out_cache_loc[prefix[i]:prefix[i+1]] = req_to_token[req_pool_indices[i],
     start[i]:end[i]]``. Entries past the total are left untouched (callers may
     size ``out_cache_loc`` at capacity). In place."""
-    _check(req_to_token.dim() == 2 and req_to_token.dtype == torch.int32, "req_to_token must be 2-D int32")
-    _check(out_cache_loc.dtype == torch.int64, "out_cache_loc must be int64")
-    _check(req_to_token.shape[1] == pool_len, "pool_len must equal req_to_token.shape[1]")
-    rows, cols, total = _ragged(req_pool_indices, start_offset, end_offset)
-    _check(total <= out_cache_loc.numel(), "out_cache_loc is shorter than the ranges")
-    if total:
-        out_cache_loc.view(-1)[:total] = req_to_token[rows, cols].to(torch.int64)
+    _gather_ranges(req_pool_indices, req_to_token, start_offset, end_offset, out_cache_loc, pool_len)
 
 
+@_counted
 def assign_draft_cache_locs_contiguous_cpu(
     req_pool_indices: torch.Tensor,
     req_to_token: torch.Tensor,
@@ -121,9 +151,10 @@ def assign_draft_cache_locs_contiguous_cpu(
     copy_len = int(topk) * int(num_steps)
     _check(out_cache_loc.numel() == bs * copy_len, "out_cache_loc must hold bs * topk * num_steps entries")
     start = seq_lens.reshape(-1)
-    assign_extend_cache_locs_cpu(req_pool_indices, req_to_token, start, start + copy_len, out_cache_loc, pool_len)
+    _gather_ranges(req_pool_indices, req_to_token, start, start + copy_len, out_cache_loc, pool_len)
 
 
+@_counted
 def build_draft_decode_metadata_cpu(
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
@@ -149,6 +180,7 @@ def build_draft_decode_metadata_cpu(
     return out
 
 
+@_counted
 def fill_bonus_tokens_cpu(
     accept_tokens: torch.Tensor,
     accept_lens: torch.Tensor,
@@ -161,6 +193,7 @@ def fill_bonus_tokens_cpu(
     bonus_tokens.view(-1)[:bs] = accept_tokens.reshape(-1)[idx].to(bonus_tokens.dtype)
 
 
+@_counted
 def fill_accept_out_cache_loc_cpu(
     accept_index: torch.Tensor,
     out_cache_loc: torch.Tensor,
@@ -182,6 +215,7 @@ def _byte_rows(ptr: int, stride: int, rows: int) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.uint8).view(rows, stride)
 
 
+@_counted
 def copy_all_layer_kv_cache_cpu(
     data_ptrs: torch.Tensor,
     strides: torch.Tensor,

@@ -1,0 +1,65 @@
+"""Training data: the target's OWN greedy responses to the training prompts.
+
+The drafter learns to predict what the target will say, so the responses come from the target
+itself (plain decoding, the deployment dtype). Written in shards; a rerun skips prompts already
+done, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..engine import SpeculativeEngine
+from ..prompts import PromptRecord, encode_prompt
+from ..requests import GenerationRequest
+from ..sampling import SamplingParams
+
+
+def completed_ids(data_dir: Path) -> set[str]:
+    done = set()
+    for shard in sorted(data_dir.glob("responses-*.jsonl")):
+        for line in shard.read_text().splitlines():
+            done.add(json.loads(line)["id"])
+    return done
+
+
+def read_responses(data_dir: str | Path) -> list[dict]:
+    rows = []
+    for shard in sorted(Path(data_dir).glob("responses-*.jsonl")):
+        rows.extend(json.loads(line) for line in shard.read_text().splitlines())
+    return rows
+
+
+def generate_responses(engine: SpeculativeEngine, records: list[PromptRecord], data_dir: str | Path, *,
+                       max_new_tokens: int = 256, shard_size: int = 64, max_prompt_tokens: int = 768) -> int:
+    """Generate greedy responses for every record not yet in `data_dir`; returns how many were added."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    done = completed_ids(data_dir)
+    todo = [r for r in records if r.id not in done]
+    next_shard = len(list(data_dir.glob("responses-*.jsonl")))
+    tokenizer = engine.target.tokenizer
+    bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="target responses", unit="prompt")
+    added = 0
+    for start in range(0, len(todo), shard_size):
+        chunk = todo[start:start + shard_size]
+        encoded = [(r, encode_prompt(tokenizer, r)) for r in chunk]
+        encoded = [(r, ids) for r, ids in encoded if len(ids) <= max_prompt_tokens]
+        requests = [GenerationRequest(ids, SamplingParams(max_new_tokens=max_new_tokens), r.id, block_size=1)
+                    for r, ids in encoded]
+        results = engine.generate(requests) if requests else []
+        lines = [json.dumps({"id": r.id, "prompt_ids": ids, "response_ids": res.token_ids,
+                             "finish_reason": res.finish_reason})
+                 for (r, ids), res in zip(encoded, results)]
+        # A shard appears whole or not at all, so a killed run never leaves half a shard behind.
+        partial = data_dir / f"responses-{next_shard:05d}.jsonl.part"
+        partial.write_text("\n".join(lines) + ("\n" if lines else ""))
+        partial.rename(partial.with_suffix(""))
+        next_shard += 1
+        added += len(lines)
+        bar.update(len(chunk))
+    bar.close()
+    return added

@@ -1,0 +1,130 @@
+"""`blockpilot train-drafter`: the drafter recipe as one YAML file, run in resumable stages.
+
+Stages: `data` (the target's own responses), `train` (drafter layers only, target frozen),
+`eval` (acceptance curve on held-out prompts). Each stage checkpoints; rerunning continues.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    max_new_tokens: int = 256
+    batch_size: int = 48
+    num_prompts: int | None = None
+    validation_fraction: float = 0.03
+
+
+@dataclass
+class DrafterShape:
+    num_layers: int = 1
+    num_target_features: int = 4
+    block_size: int = 16
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    learning_rate: float = 6e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    sequences_per_step: int = 8
+    anchors_per_sequence: int = 16
+    loss_decay: float = 0.9  # weight of block position k is loss_decay ** (k - 1)
+    checkpoint_every: int = 100
+    validate_every: int = 250
+    seed: int = 0
+
+
+@dataclass
+class DrafterRecipe:
+    work_dir: str
+    output_dir: str
+    model: str | None = None
+    dtype: str = "float32"
+    data: DataConfig = field(default_factory=DataConfig)
+    drafter: DrafterShape = field(default_factory=DrafterShape)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "DrafterRecipe":
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        sections = {"data": DataConfig, "drafter": DrafterShape, "train": TrainConfig}
+        values = {}
+        for key, value in raw.items():
+            if key in sections:
+                values[key] = _typed(sections[key], value or {}, f"{path}: {key}")
+            elif key in {f.name for f in fields(cls)}:
+                values[key] = os.path.expandvars(value) if isinstance(value, str) else value
+            else:
+                raise ValueError(f"{path}: unknown setting {key!r}")
+        if "${BLOCKPILOT_CACHE}" in raw.get("work_dir", "") and "BLOCKPILOT_CACHE" not in os.environ:
+            from ..assets import cache_dir
+            values["work_dir"] = raw["work_dir"].replace("${BLOCKPILOT_CACHE}", str(cache_dir()))
+        return cls(**values)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.work_dir) / "data"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.work_dir) / "checkpoints"
+
+
+def _typed(kind, values: dict, where: str):
+    known = {f.name for f in fields(kind)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+    return kind(**values)
+
+
+def run_data_stage(recipe: DrafterRecipe) -> None:
+    from ..config import EngineConfig, build_engine
+    from .datagen import generate_responses
+    from .prompt_sets import training_prompts
+
+    engine = build_engine(EngineConfig(model=recipe.model, drafter=None, dtype=recipe.dtype,
+                                       max_batch_size=recipe.data.batch_size))
+    records = training_prompts()
+    if recipe.data.num_prompts:
+        records = records[: recipe.data.num_prompts]
+    added = generate_responses(engine, records, recipe.data_dir, max_new_tokens=recipe.data.max_new_tokens,
+                               shard_size=recipe.data.batch_size * 2)
+    print(f"data: {added} new responses in {recipe.data_dir}")
+
+
+def run_train_stage(recipe: DrafterRecipe) -> None:
+    import json
+
+    from ..assets import ensure_default_model
+    from ..drafter import build_target_layer_ids
+    from ..target import TargetModel
+    from .features import compute_features, load_sequences
+    from .train_drafter import train
+
+    target = TargetModel.load(recipe.model or ensure_default_model(), recipe.dtype)
+    layer_ids = build_target_layer_ids(target.num_layers, recipe.drafter.num_target_features)
+    feature_path = compute_features(target, recipe.data_dir, layer_ids)
+    sequences = load_sequences(feature_path)
+    if not sequences:
+        raise ValueError(f"no training data in {recipe.data_dir}: run the data stage first")
+    log_path = Path(recipe.work_dir) / "train_log.jsonl"
+    drafter = train(recipe, target, sequences, log_path)
+    drafter.to(target.dtype).save(recipe.output_dir)
+    last = json.loads(log_path.read_text().splitlines()[-1])
+    summary = {"sequences": len(sequences),
+               "tokens": int(sum(len(s.tokens) for s in sequences)),
+               "response_tokens": int(sum(len(s.tokens) - s.prompt_len for s in sequences)),
+               "steps": recipe.train.steps, "wall_time_s": last["elapsed_s"],
+               "final_loss": last["loss"], "val_acceptance_length": last.get("val_acceptance_length"),
+               "recipe": {"data": asdict(recipe.data), "drafter": asdict(recipe.drafter), "train": asdict(recipe.train)}}
+    (Path(recipe.output_dir) / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"train: drafter saved to {recipe.output_dir} (val acceptance length {summary['val_acceptance_length']})")

@@ -1,0 +1,179 @@
+"""The DFlash training loop: target frozen, drafter layers (and fc / norms) trained.
+
+Each step takes a few training sequences (prompt + the target's own response) and, in each,
+random anchor positions p inside the response. A block `[token_p, MASK x (B - 1)]` at positions
+p..p+B-1 sees the target's context features of tokens 0..p-1 and must predict tokens p+1..p+B-1,
+exactly the query the runtime asks at a decode step whose bonus token sits at p. Cross-entropy
+through the target's lm_head, with weight `decay ** (j - 1)` for block position j: early positions
+decide the accepted length, so they matter most.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..drafter import DFlashDraftModel
+from ..target import TargetModel
+from .features import Sequence
+
+
+def split_validation(sequences: list[Sequence], fraction: float) -> tuple[list[Sequence], list[Sequence]]:
+    """Split by prompt id (a stable hash), so a validation prompt is never trained on."""
+    def is_validation(s):
+        return zlib.crc32(s.id.encode()) % 10_000 < fraction * 10_000
+    return [s for s in sequences if not is_validation(s)], [s for s in sequences if is_validation(s)]
+
+
+def make_batch(sequences: list[Sequence], rng: random.Random, anchors: int, block_size: int, mask_token_id: int):
+    """Tensors for one step: context features, blocks, positions, labels, loss weights mask."""
+    batch_size = len(sequences)
+    chosen = []
+    for s in sequences:
+        candidates = range(s.prompt_len, len(s.tokens) - 1)  # the anchor needs at least one label after it
+        chosen.append(sorted(rng.sample(candidates, min(anchors, len(candidates)))) if len(candidates) else [])
+    context_len = max(max(a) if a else 1 for a in chosen)
+    width = anchors * block_size
+    features = torch.zeros(batch_size, context_len, sequences[0].features.shape[1])
+    tokens = torch.full((batch_size, width), mask_token_id, dtype=torch.long)
+    positions = torch.zeros(batch_size, width, dtype=torch.long)
+    labels = torch.full((batch_size, width), -100, dtype=torch.long)
+    visible = torch.zeros(batch_size, width, context_len + width, dtype=torch.bool)
+    offsets = torch.arange(block_size)
+    for i, (s, anchor_list) in enumerate(zip(sequences, chosen)):
+        features[i, : min(context_len, len(s.tokens))] = torch.from_numpy(
+            np.asarray(s.features[:context_len], dtype=np.float32))
+        seq = torch.from_numpy(s.tokens.astype(np.int64))
+        for a, p in enumerate(anchor_list):
+            cols = slice(a * block_size, (a + 1) * block_size)
+            tokens[i, a * block_size] = seq[p]
+            positions[i, cols] = p + offsets
+            targets = p + offsets[1:]
+            valid = targets < len(seq)
+            labels[i, a * block_size + 1: (a + 1) * block_size][valid] = seq[targets[valid]]
+            visible[i, cols, :p] = True  # context strictly before the anchor
+            visible[i, cols, context_len + a * block_size: context_len + (a + 1) * block_size] = True  # own block
+        for a in range(len(anchor_list), anchors):  # unused anchor slots: see their own block only
+            cols = slice(a * block_size, (a + 1) * block_size)
+            visible[i, cols, context_len + a * block_size: context_len + (a + 1) * block_size] = True
+    return features, tokens, positions, labels, visible[:, None]
+
+
+def drafter_hidden(drafter: DFlashDraftModel, target: TargetModel, features, tokens, positions, visible):
+    """Drafter outputs `[b, W, hidden]` for a training batch (context K/V built with gradients)."""
+    context = drafter.project_context(features)
+    context_positions = torch.arange(features.shape[1]).expand(features.shape[0], -1)
+    cos, sin = drafter.rotary(context_positions, context.dtype)
+    kv = []
+    for layer in drafter.layers:
+        k, v = layer.self_attn.key_value(context, cos, sin)
+        kv.append((k.transpose(1, 2), v.transpose(1, 2)))
+    return drafter.forward_block(target.embed_tokens(tokens), positions, kv, visible)
+
+
+def position_weights(block_size: int, anchors: int, decay: float) -> torch.Tensor:
+    per_block = torch.tensor([0.0] + [decay ** (j - 1) for j in range(1, block_size)])
+    return per_block.repeat(anchors)
+
+
+def step_loss(drafter, target, batch, weights):
+    features, tokens, positions, labels, visible = batch
+    hidden = drafter_hidden(drafter, target, features, tokens, positions, visible)
+    where = labels >= 0
+    logits = target.lm_head(hidden[where])
+    losses = F.cross_entropy(logits.float(), labels[where], reduction="none")
+    w = weights.expand_as(labels)[where]
+    loss = (losses * w).sum() / w.sum()
+    accuracy = (logits.argmax(-1) == labels[where]).float().mean()
+    return loss, float(accuracy)
+
+
+@torch.no_grad()
+def expected_acceptance(drafter, target, sequences, block_size, mask_token_id, anchors=8, seed=1234) -> float:
+    """Mean tokens per verify (bonus included) the drafter would reach at random points of held-out
+    target responses: with greedy decoding this is exactly the runtime's acceptance length there."""
+    rng = random.Random(seed)
+    total, count = 0.0, 0
+    for start in range(0, len(sequences), 8):
+        batch = make_batch(sequences[start:start + 8], rng, anchors, block_size, mask_token_id)
+        features, tokens, positions, labels, visible = batch
+        hidden = drafter_hidden(drafter, target, features, tokens, positions, visible)
+        predictions = target.lm_head(hidden).argmax(-1)
+        grid_pred = predictions.view(len(features), anchors, block_size)[..., 1:]
+        grid_label = labels.view(len(features), anchors, block_size)[..., 1:]
+        used = grid_label[..., 0] >= 0
+        accepted = torch.cumprod((grid_pred == grid_label).long(), dim=-1).sum(-1)
+        total += float((accepted + 1)[used].sum())
+        count += int(used.sum())
+    return total / max(count, 1)
+
+
+def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path) -> DFlashDraftModel:
+    cfg, shape = recipe.train, recipe.drafter
+    train_set, validation = split_validation(sequences, recipe.data.validation_fraction)
+    checkpoint = recipe.checkpoint_dir / "last.pt"
+    drafter = DFlashDraftModel.for_target(target, num_layers=shape.num_layers,
+                                          num_target_features=shape.num_target_features,
+                                          block_size=shape.block_size, seed=cfg.seed).float().train()
+    drafter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.95))
+    step, rng, elapsed = 0, random.Random(cfg.seed), 0.0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        drafter.load_state_dict(state["drafter"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state.get("elapsed_s", 0.0)
+        rng.setstate(state["rng"])
+    mask_id = drafter.config.mask_token_id
+    weights = position_weights(shape.block_size, cfg.anchors_per_sequence, cfg.loss_decay)
+
+    def learning_rate(s):
+        if s < cfg.warmup_steps:
+            return cfg.learning_rate * (s + 1) / cfg.warmup_steps
+        progress = (s - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train drafter", unit="step")
+    began = time.perf_counter() - elapsed
+    while step < cfg.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step)
+        batch = make_batch(rng.sample(train_set, cfg.sequences_per_step), rng, cfg.anchors_per_sequence,
+                           shape.block_size, mask_id)
+        loss, accuracy = step_loss(drafter, target, batch, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        record = {"step": step, "loss": round(float(loss), 4), "accuracy": round(accuracy, 4),
+                  "lr": learning_rate(step - 1), "elapsed_s": round(time.perf_counter() - began, 1)}
+        if step % cfg.validate_every == 0 or step == cfg.steps:
+            drafter.eval()
+            record["val_acceptance_length"] = round(
+                expected_acceptance(drafter, target, validation, shape.block_size, mask_id), 4)
+            drafter.train()
+        with open(log_path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=record["loss"], acc=record["accuracy"], tau=record.get("val_acceptance_length", ""))
+        bar.update(1)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                        "rng": rng.getstate(), "elapsed_s": time.perf_counter() - began,
+                        "config": asdict(cfg)}, checkpoint.with_suffix(".tmp"))
+            checkpoint.with_suffix(".tmp").rename(checkpoint)
+    bar.close()
+    return drafter.eval().requires_grad_(False)

@@ -1,0 +1,75 @@
+"""Drafter training pieces: the batch layout matches what the runtime asks at decode time, and a
+short run on a tiny random target lowers the loss and raises the held-out acceptance."""
+
+import random
+
+import numpy as np
+import torch
+
+from blockpilot.runtime.training.features import Sequence, _groups_by_tokens
+from blockpilot.runtime.training.train_drafter import (drafter_hidden, expected_acceptance, make_batch,
+                                                       position_weights, split_validation, step_loss)
+
+from conftest import tiny_drafter, tiny_target
+
+
+def test_batch_layout_matches_a_decode_step():
+    seq = Sequence("s", np.array([10, 11, 12, 13, 14, 15, 16]), prompt_len=3, features=np.ones((7, 4), np.float16))
+    features, tokens, positions, labels, visible = make_batch([seq], random.Random(0), anchors=4, block_size=3,
+                                                              mask_token_id=99)
+    # the only possible anchors are positions 3, 4, 5 (each needs a label after it); one slot is unused
+    anchors = [int(tokens[0, a * 3]) for a in range(3)]
+    assert anchors == [13, 14, 15] and tokens[0, 9].item() == 99
+    assert tokens[0].tolist()[:3] == [13, 99, 99]
+    assert positions[0, :3].tolist() == [3, 4, 5]
+    assert labels[0, :3].tolist() == [-100, 14, 15]
+    assert labels[0, 6:9].tolist() == [-100, 16, -100]  # beyond the sequence: no label
+    context_len = features.shape[1]
+    assert context_len == 5
+    block0 = visible[0, 0, 0]
+    assert block0[:context_len].tolist() == [True, True, True, False, False]  # context strictly before anchor 3
+    assert block0[context_len:context_len + 3].all() and not block0[context_len + 3:].any()
+
+
+def test_validation_split_is_by_prompt_and_stable():
+    seqs = [Sequence(f"id-{i}", np.zeros(3), 1, np.zeros((3, 2))) for i in range(400)]
+    train, val = split_validation(seqs, 0.1)
+    assert 20 <= len(val) <= 60 and not {s.id for s in train} & {s.id for s in val}
+    assert [s.id for s in split_validation(seqs, 0.1)[1]] == [s.id for s in val]
+
+
+def test_groups_respect_token_budget():
+    seqs = [[0] * n for n in (5, 50, 7, 30, 3)]
+    groups = _groups_by_tokens(seqs, budget=60)
+    assert sorted(i for g in groups for i in g) == list(range(5))
+    assert all(max(len(seqs[i]) for i in g) * len(g) <= 60 for g in groups)
+
+
+def test_short_training_run_learns_a_copying_target():
+    """Tiny target, features from the target itself: a few dozen steps must lower the loss."""
+    torch.manual_seed(0)
+    target = tiny_target(vocab_size=32, seed=0)
+    drafter = tiny_drafter(target, block_size=4).float().train().requires_grad_(True)
+    rng = random.Random(0)
+    sequences = []
+    for i in range(24):  # repetitive sequences: predictable continuations
+        pattern = [rng.randrange(1, 32) for _ in range(3)]
+        tokens = np.array((pattern * 8)[:20])
+        with torch.no_grad():
+            hs = target.hf_model(torch.tensor([tokens]), output_hidden_states=True).hidden_states
+        feats = torch.cat([hs[i + 1][0] for i in drafter.config.target_layer_ids], -1).numpy().astype(np.float16)
+        sequences.append(Sequence(str(i), tokens, 4, feats))
+    weights = position_weights(4, 4, 0.9)
+    optimizer = torch.optim.AdamW(drafter.parameters(), lr=1e-2)
+    before = expected_acceptance(drafter.eval(), target, sequences[:8], 4, 0, anchors=4)
+    losses = []
+    for step in range(150):
+        drafter.train()
+        loss, _ = step_loss(drafter, target, make_batch(rng.sample(sequences, 6), rng, 4, 4, 0), weights)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    after = expected_acceptance(drafter.eval(), target, sequences[:8], 4, 0, anchors=4)
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
+    assert after > before + 0.5, (before, after)
