@@ -246,6 +246,10 @@ class DFlashDraftModel(nn.Module):
         torch.manual_seed(seed)
         model = cls(config)
         model.apply(_init_weights)
+        # The drafter's output goes through the target's lm_head like the target's last hidden
+        # state does, so start its final norm at the target's (right logit scale from step 0).
+        with torch.no_grad():
+            model.norm.weight.copy_(target.hf_model.model.norm.weight.float())
         return model.to(target.dtype)
 
     def save(self, directory: str | Path) -> None:

@@ -73,3 +73,44 @@ def test_short_training_run_learns_a_copying_target():
     after = expected_acceptance(drafter.eval(), target, sequences[:8], 4, 0, anchors=4)
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
     assert after > before + 0.5, (before, after)
+
+
+def test_shortlist_loss_equals_full_loss_when_it_covers_the_vocabulary():
+    from blockpilot.runtime.training.train_drafter import vocabulary_shortlist
+    target = tiny_target(vocab_size=32, seed=0)
+    drafter = tiny_drafter(target, block_size=4)
+    rng = np.random.default_rng(0)
+    seqs = [Sequence(str(i), rng.integers(1, 32, 12), 3, rng.standard_normal((12, 128)).astype(np.float16))
+            for i in range(4)]
+    batch = make_batch(seqs, random.Random(0), 3, 4, 0)
+    weights = position_weights(4, 3, 0.9)
+    full, _ = step_loss(drafter, target, batch, weights)
+    covering, _ = step_loss(drafter, target, batch, weights, torch.arange(32))
+    assert torch.allclose(full, covering, atol=1e-5)
+    small = vocabulary_shortlist(seqs, 5)
+    assert len(small) == 5
+    partial, _ = step_loss(drafter, target, batch, weights, small)  # labels outside are added back
+    assert torch.isfinite(partial) and partial < full
+
+
+def test_curve_summary_projects_speed_from_counts():
+    from blockpilot.runtime.training.model_card import summarise_curve
+    costs = {"target_ms": {1: 40.0, 2: 42.0, 4: 60.0}, "drafter_ms": {2: 8.0, 4: 10.0}}
+    rows = [  # prompt a: 41 tokens -> 40 after the first; prompt b likewise
+        {"id": "a", "block_size": 1, "generated_tokens": 41, "target_forwards": 40},
+        {"id": "a", "block_size": 2, "generated_tokens": 41, "target_forwards": 25},
+        {"id": "a", "block_size": 4, "generated_tokens": 41, "target_forwards": 10},
+        {"id": "b", "block_size": 1, "generated_tokens": 41, "target_forwards": 40},
+        {"id": "b", "block_size": 2, "generated_tokens": 41, "target_forwards": 20},
+        {"id": "b", "block_size": 4, "generated_tokens": 41, "target_forwards": 30},
+    ]
+    summary = summarise_curve(rows, costs)
+    curve = {c["block_size"]: c for c in summary["curve"]}
+    assert curve[1]["acceptance_length"] == 1.0 and curve[1]["projected_speedup"] == 1.0
+    assert curve[2]["acceptance_length"] == round(80 / 45, 4)
+    assert curve[4]["acceptance_length"] == 2.0 and curve[4]["step_ms"] == 70.0
+    # plain: 80 tokens / (80 x 40 ms); size 4: 80 / (40 x 70 ms) -> 40/35
+    assert curve[4]["projected_speedup"] == round((80 / (40 * 70)) / (80 / (80 * 40)), 3)
+    assert summary["per_prompt_best_by_acceptance"] == {2: 1, 4: 1}
+    assert summary["oracle_mean_acceptance"] == round((4.0 + 2.0) / 2, 4)
+    assert summary["best_fixed_by_acceptance"] == 4

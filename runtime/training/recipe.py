@@ -37,9 +37,18 @@ class TrainConfig:
     sequences_per_step: int = 8
     anchors_per_sequence: int = 16
     loss_decay: float = 0.9  # weight of block position k is loss_decay ** (k - 1)
+    vocab_shortlist: int = 16384  # softmax over the most frequent response tokens (0 = full vocabulary)
     checkpoint_every: int = 100
     validate_every: int = 250
     seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    block_sizes: str = "2-24"  # every size whose acceptance and projected speed go into the model card
+    num_prompts: int | None = None  # MT-Bench first turns (held out from training by source); None = all 80
+    max_new_tokens: int = 256
+    batch_size: int = 16
 
 
 @dataclass
@@ -51,11 +60,12 @@ class DrafterRecipe:
     data: DataConfig = field(default_factory=DataConfig)
     drafter: DrafterShape = field(default_factory=DrafterShape)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "DrafterRecipe":
         raw = yaml.safe_load(Path(path).read_text()) or {}
-        sections = {"data": DataConfig, "drafter": DrafterShape, "train": TrainConfig}
+        sections = {"data": DataConfig, "drafter": DrafterShape, "train": TrainConfig, "eval": EvalConfig}
         values = {}
         for key, value in raw.items():
             if key in sections:
@@ -128,3 +138,28 @@ def run_train_stage(recipe: DrafterRecipe) -> None:
                "recipe": {"data": asdict(recipe.data), "drafter": asdict(recipe.drafter), "train": asdict(recipe.train)}}
     (Path(recipe.output_dir) / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"train: drafter saved to {recipe.output_dir} (val acceptance length {summary['val_acceptance_length']})")
+
+
+def run_eval_stage(recipe: DrafterRecipe) -> None:
+    """Acceptance and projected speed at every block size on held-out MT-Bench prompts -> model card."""
+    import json
+
+    from blockpilot.policy_export.collect import run_every_size
+
+    from ..cli import parse_sizes
+    from ..config import EngineConfig, build_engine
+    from ..prompts import mtbench_records
+    from ..step_cost import measure_step_costs
+    from .model_card import summarise_curve, write_model_card
+
+    sizes = parse_sizes(recipe.eval.block_sizes)
+    engine = build_engine(EngineConfig(model=recipe.model, drafter=recipe.output_dir, dtype=recipe.dtype,
+                                       max_batch_size=recipe.eval.batch_size, max_block_size=max(sizes)))
+    records = mtbench_records(limit=recipe.eval.num_prompts)
+    rows = run_every_size(engine, records, sorted({1, *sizes}), Path(recipe.work_dir) / "eval_runs.jsonl",
+                          max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size)
+    costs = measure_step_costs(engine.target, engine.drafter, sorted({1, *sizes}))
+    summary = summarise_curve(rows, costs)
+    (Path(recipe.output_dir) / "eval_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_model_card(recipe, summary)
+    print(f"eval: model card written to {recipe.output_dir}/README.md")

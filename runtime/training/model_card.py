@@ -1,0 +1,123 @@
+"""The drafter's acceptance curve, per-prompt best block sizes, and its model card.
+
+Speed is projected from counts (target forwards) times a step-cost table measured once on the
+machine, because wall-clock on a shared 2-core machine is noise; measured tokens/s come from
+`blockpilot bench` side by side in one run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def step_ms(costs: dict, width: int) -> float:
+    target = costs["target_ms"][width] if width in costs["target_ms"] else costs["target_ms"][str(width)]
+    drafter = costs["drafter_ms"].get(width, costs["drafter_ms"].get(str(width), 0.0)) if width > 1 else 0.0
+    return target + drafter
+
+
+def summarise_curve(rows: list[dict], costs: dict) -> dict:
+    by_size = defaultdict(lambda: [0, 0])
+    per_prompt = defaultdict(dict)
+    for row in rows:
+        tokens = row["generated_tokens"] - 1
+        by_size[row["block_size"]][0] += tokens
+        by_size[row["block_size"]][1] += row["target_forwards"]
+        if row["target_forwards"]:
+            per_prompt[row["id"]][row["block_size"]] = (tokens / row["target_forwards"],
+                                                        tokens / (row["target_forwards"] * step_ms(costs, row["block_size"])))
+    plain_rate = by_size[1][0] / (by_size[1][1] * step_ms(costs, 1)) if by_size[1][1] else None
+    curve = []
+    for size in sorted(by_size):
+        tokens, forwards = by_size[size]
+        rate = tokens / (forwards * step_ms(costs, size)) if forwards else 0.0
+        curve.append({"block_size": size, "acceptance_length": round(tokens / forwards, 4) if forwards else 0.0,
+                      "step_ms": round(step_ms(costs, size), 2), "projected_tokens_per_s": round(rate * 1e3, 2),
+                      "projected_speedup": round(rate / plain_rate, 3) if plain_rate else None})
+    drafted = [c for c in curve if c["block_size"] > 1]
+    best_by_acceptance = Counter(max((s for s in p if s > 1), key=lambda s: (p[s][0], -s)) for p in per_prompt.values()
+                                 if any(s > 1 for s in p))
+    best_by_speed = Counter(max(p, key=lambda s: (p[s][1], -s)) for p in per_prompt.values())
+    oracle_acceptance = [max(v[0] for s, v in p.items() if s > 1) for p in per_prompt.values() if any(s > 1 for s in p)]
+    return {
+        "prompts": len(per_prompt),
+        "curve": curve,
+        "best_fixed_by_acceptance": max(drafted, key=lambda c: c["acceptance_length"])["block_size"] if drafted else None,
+        "best_fixed_by_projected_speed": max(curve, key=lambda c: c["projected_tokens_per_s"])["block_size"],
+        "per_prompt_best_by_acceptance": dict(sorted(best_by_acceptance.items())),
+        "per_prompt_best_by_projected_speed": dict(sorted(best_by_speed.items())),
+        "oracle_mean_acceptance": round(sum(oracle_acceptance) / len(oracle_acceptance), 4) if oracle_acceptance else None,
+        "step_costs": costs,
+    }
+
+
+def plot_curve(summary: dict, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = [c for c in summary["curve"]]
+    sizes = [c["block_size"] for c in curve]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(sizes, [c["acceptance_length"] for c in curve], "o-")
+    axes[0].set(xlabel="block size", ylabel="tokens per target forward", title="Acceptance length (MT-Bench, greedy)")
+    axes[1].plot(sizes, [c["projected_speedup"] for c in curve], "o-", color="tab:green")
+    axes[1].axhline(1.0, color="grey", ls="--", lw=0.8)
+    axes[1].set(xlabel="block size", ylabel="x plain decoding", title="Projected decode speed-up (counts x step costs)")
+    for key, label in (("per_prompt_best_by_acceptance", "by acceptance"), ("per_prompt_best_by_projected_speed", "by speed")):
+        best = summary[key]
+        axes[2].bar([int(k) + (0.2 if "speed" in key else -0.2) for k in best], list(best.values()), width=0.4, label=label)
+    axes[2].set(xlabel="block size", ylabel="prompts", title="Per-prompt best block size")
+    axes[2].legend()
+    fig.tight_layout()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def write_model_card(recipe, summary: dict) -> None:
+    out = Path(recipe.output_dir)
+    training = json.loads((out / "training_summary.json").read_text()) if (out / "training_summary.json").exists() else {}
+    layer_ids = json.loads((out / "config.json").read_text())["dflash_config"]["target_layer_ids"]
+    plot_curve(summary, DOCS / "drafter-acceptance.png")
+    rows = "\n".join(f"| {c['block_size']} | {c['acceptance_length']:.2f} | {c['step_ms']:.1f} | "
+                     f"{c['projected_tokens_per_s']:.1f} | {c['projected_speedup']:.2f} |" for c in summary["curve"])
+    costs = summary["step_costs"]
+    card = f"""# DFlash drafter for SmolLM2-135M-Instruct (BlockPilot)
+
+A {recipe.drafter.num_layers}-layer DFlash block-diffusion drafter trained by this project's recipe
+(`blockpilot train-drafter --config configs/drafter-smollm2.yaml`) for the embedded default target.
+Format: the published z-lab layout (`DFlashDraftModel`), block size {recipe.drafter.block_size},
+context from target layers {layer_ids};
+mask token `<empty_output>` (id 16).
+
+## Training
+- Data: the target's own greedy responses (float32, up to {recipe.data.max_new_tokens} new tokens) to
+  {training.get('sequences', '?')} training prompts built offline from the Python standard library
+  (code writing/explaining, language topics, documentation paragraphs) and hand-written chat requests;
+  {training.get('response_tokens', '?')} response tokens. MT-Bench is never used for training.
+- Steps: {training.get('steps', '?')}, wall time {training.get('wall_time_s', '?')} s on a 2-core x86-64 CPU
+  (no GPU); final loss {training.get('final_loss', '?')}; held-out expected acceptance
+  {training.get('val_acceptance_length', '?')} at block size {recipe.drafter.block_size}.
+
+## Acceptance curve (held out: {summary['prompts']} MT-Bench first turns, greedy, {recipe.eval.max_new_tokens} new tokens)
+Step costs measured on this machine ({costs['dtype']}, {costs['threads']} threads, KV cache of
+{costs['context_tokens']} tokens); projected speed = tokens / (target forwards x step cost).
+
+| block size | acceptance length | step ms | projected tok/s | x plain |
+|---|---|---|---|---|
+{rows}
+
+Best fixed size by acceptance: {summary['best_fixed_by_acceptance']}; by projected speed:
+{summary['best_fixed_by_projected_speed']}. Per-prompt oracle mean acceptance (sizes 2..24):
+{summary['oracle_mean_acceptance']}. Per-prompt best size (by acceptance):
+{summary['per_prompt_best_by_acceptance']}; (by projected speed): {summary['per_prompt_best_by_projected_speed']}.
+
+![curve](../../../docs/drafter-acceptance.png)
+"""
+    (out / "README.md").write_text(card)
