@@ -114,3 +114,20 @@ def test_curve_summary_projects_speed_from_counts():
     assert summary["per_prompt_best_by_acceptance"] == {2: 1, 4: 1}
     assert summary["oracle_mean_acceptance"] == round((4.0 + 2.0) / 2, 4)
     assert summary["best_fixed_by_acceptance"] == 4
+
+
+def test_recipe_yaml_is_typed_and_strict(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import pytest as _pytest
+
+    from blockpilot.runtime.training.recipe import DrafterRecipe
+    monkeypatch.setenv("BLOCKPILOT_CACHE", str(tmp_path / "cache"))
+    recipe = DrafterRecipe.from_yaml(Path(__file__).parents[1] / "configs" / "drafter-smollm2.yaml")
+    assert recipe.work_dir == str(tmp_path / "cache" / "drafter-smollm2")
+    assert recipe.drafter.block_size == 16 and recipe.train.vocab_shortlist == 16384
+    assert recipe.eval.block_sizes == "2-24"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("work_dir: x\noutput_dir: y\ntrain:\n  stepz: 3\n")
+    with _pytest.raises(ValueError, match="unknown settings \\['stepz'\\]"):
+        DrafterRecipe.from_yaml(bad)
