@@ -57,6 +57,8 @@ def _engine_config(args):
             setattr(config, name, getattr(args, name))
     if getattr(args, "block_size", None) is not None:
         config.block_size = args.block_size
+    if getattr(args, "policy", None) is not None:
+        config.policy = args.policy
     return config
 
 
@@ -67,11 +69,13 @@ def _sampling(args):
                           max_new_tokens=args.max_new_tokens, stop=args.stop)
 
 
-def _block_size(text: str) -> int:
+def _block_size(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--block-size must be an integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--block-size must be an integer or 'auto', got {text!r}") from None
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -198,7 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("generate", help="offline batch generation over a JSONL prompt file")
     p.add_argument("--input", required=True, help='JSONL, one {"id", "prompt"} or {"id", "messages"} per line')
     p.add_argument("--output", required=True, help="JSONL of results: text, token_ids, finish_reason, stats")
-    p.add_argument("--block-size", type=_block_size, help="block size for every prompt (1 = plain decoding)")
+    p.add_argument("--block-size", type=_block_size,
+                   help="block size for every prompt (1 = plain decoding), or 'auto': the policy's choice per prompt")
+    p.add_argument("--policy", help="BlockSizePolicy .onnx for --block-size auto (default: the shipped one, "
+                                    "with the shipped drafter)")
     _engine_args(p)
     _sampling_args(p)
     p.set_defaults(func=cmd_generate)
