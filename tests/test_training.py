@@ -8,7 +8,7 @@ import torch
 
 from blockpilot.runtime.training.features import Sequence, _groups_by_tokens
 from blockpilot.runtime.training.train_drafter import (drafter_hidden, expected_acceptance, make_batch,
-                                                       position_weights, split_validation, step_loss)
+                                                       position_weights, split_by_part, step_loss)
 
 from conftest import tiny_drafter, tiny_target
 
@@ -31,11 +31,19 @@ def test_batch_layout_matches_a_decode_step():
     assert block0[context_len:context_len + 3].all() and not block0[context_len + 3:].any()
 
 
-def test_validation_split_is_by_prompt_and_stable():
-    seqs = [Sequence(f"id-{i}", np.zeros(3), 1, np.zeros((3, 2))) for i in range(400)]
-    train, val = split_validation(seqs, 0.1)
-    assert 20 <= len(val) <= 60 and not {s.id for s in train} & {s.id for s in val}
-    assert [s.id for s in split_validation(seqs, 0.1)[1]] == [s.id for s in val]
+def test_prompt_parts_are_disjoint_stable_and_sized():
+    from collections import Counter
+
+    from blockpilot.runtime.training.prompt_sets import prompt_part
+    ids = [f"id-{i}" for i in range(4000)]
+    parts = Counter(prompt_part(i) for i in ids)
+    assert 0.02 < parts["drafter-validation"] / 4000 < 0.04 and 0.13 < parts["policy"] / 4000 < 0.17
+    assert [prompt_part(i) for i in ids[:50]] == [prompt_part(i) for i in ids[:50]]
+    seqs = [Sequence(i, np.zeros(3), 1, np.zeros((3, 2))) for i in ids]
+    train, val = split_by_part(seqs)
+    assert not {s.id for s in train} & {s.id for s in val}
+    assert all(prompt_part(s.id) == "drafter-train" for s in train)
+    assert len(train) + len(val) == parts["drafter-train"] + parts["drafter-validation"]  # policy part left out
 
 
 def test_groups_respect_token_budget():

@@ -18,6 +18,7 @@ import random
 import re
 import sys
 import warnings
+import zlib
 
 from ..prompts import PromptRecord
 
@@ -165,6 +166,22 @@ def explanation_prompts() -> list[PromptRecord]:
 def chat_prompts() -> list[PromptRecord]:
     return [PromptRecord(id=f"chat-{i}-{j}", prompt=template.format(s=subject))
             for i, subject in enumerate(CHAT_SUBJECTS) for j, template in enumerate(CHAT_TEMPLATES)]
+
+
+# Every generated prompt belongs to exactly one part, by a stable hash of its id: the drafter trains
+# on "drafter-train", reports held-out acceptance on "drafter-validation", and never sees "policy",
+# which the block-size policy's labels come from (a drafter's acceptance on prompts it trained on
+# would be inflated, and so would the policy's labels).
+PARTS = (("drafter-validation", 0.03), ("policy", 0.15), ("drafter-train", 0.82))
+
+
+def prompt_part(prompt_id: str) -> str:
+    position = zlib.crc32(prompt_id.encode()) % 10_000 / 10_000
+    for name, fraction in PARTS:
+        if position < fraction:
+            return name
+        position -= fraction
+    return PARTS[-1][0]
 
 
 def training_prompts(seed: int = 0) -> list[PromptRecord]:

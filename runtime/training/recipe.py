@@ -18,7 +18,6 @@ class DataConfig:
     max_new_tokens: int = 256
     batch_size: int = 48
     num_prompts: int | None = None
-    validation_fraction: float = 0.03
 
 
 @dataclass

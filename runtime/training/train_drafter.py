@@ -14,7 +14,6 @@ import json
 import math
 import random
 import time
-import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,13 +25,15 @@ from tqdm import tqdm
 from ..drafter import DFlashDraftModel
 from ..target import TargetModel
 from .features import Sequence
+from .prompt_sets import prompt_part
 
 
-def split_validation(sequences: list[Sequence], fraction: float) -> tuple[list[Sequence], list[Sequence]]:
-    """Split by prompt id (a stable hash), so a validation prompt is never trained on."""
-    def is_validation(s):
-        return zlib.crc32(s.id.encode()) % 10_000 < fraction * 10_000
-    return [s for s in sequences if not is_validation(s)], [s for s in sequences if is_validation(s)]
+def split_by_part(sequences: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
+    """(train, validation) by each prompt's fixed part; prompts reserved for the policy are left out."""
+    parts = {"drafter-train": [], "drafter-validation": [], "policy": []}
+    for s in sequences:
+        parts[prompt_part(s.id)].append(s)
+    return parts["drafter-train"], parts["drafter-validation"]
 
 
 def make_batch(sequences: list[Sequence], rng: random.Random, anchors: int, block_size: int, mask_token_id: int):
@@ -142,7 +143,7 @@ def expected_acceptance(drafter, target, sequences, block_size, mask_token_id, a
 
 def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path) -> DFlashDraftModel:
     cfg, shape = recipe.train, recipe.drafter
-    train_set, validation = split_validation(sequences, recipe.data.validation_fraction)
+    train_set, validation = split_by_part(sequences)
     checkpoint = recipe.checkpoint_dir / "last.pt"
     drafter = DFlashDraftModel.for_target(target, num_layers=shape.num_layers,
                                           num_target_features=shape.num_target_features,
