@@ -10,9 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
 from tqdm import tqdm
 
+from blockpilot.runtime import blocks
 from blockpilot.runtime.engine import SpeculativeEngine
+from blockpilot.runtime.policy import prefill_features
+from blockpilot.runtime.step_cost import per_prompt_scores
 from blockpilot.runtime.prompts import PromptRecord, encode_prompt
 from blockpilot.runtime.requests import GenerationRequest
 from blockpilot.runtime.sampling import SamplingParams
@@ -54,3 +59,35 @@ def run_every_size(engine: SpeculativeEngine, records: list[PromptRecord], sizes
         bar.update(len(chunk))
     bar.close()
     return read_rows(out_path)
+
+
+@torch.inference_mode()
+def prefill_feature_matrix(engine: SpeculativeEngine, records: list[PromptRecord], batch_size: int = 16) -> np.ndarray:
+    """The policy's raw input for every record: exactly what the engine computes at prefill."""
+    target, layers = engine.target, engine.capture_layers
+    if not layers:
+        raise ValueError("prefill features need a drafter (its target_layer_ids name the layers)")
+    rows = []
+    for start in range(0, len(records), batch_size):
+        prompts = [encode_prompt(target.tokenizer, r) for r in records[start:start + batch_size]]
+        lengths = torch.tensor([len(p) for p in prompts])
+        layout = blocks.RaggedLayout.build(lengths, torch.zeros(len(prompts), dtype=torch.long))
+        cache = target.new_cache(len(prompts), int(lengths.max()))
+        _, features = target.forward(torch.tensor([t for p in prompts for t in p]), layout, cache, 0, layers)
+        rows.append(prefill_features(features[layout.offsets[1:] - 1], lengths.tolist()))
+    return np.concatenate(rows)
+
+
+def oracle_labels(rows: list[dict], costs: dict, sizes: list[int]) -> dict[str, dict[str, int]]:
+    """Per prompt, the best candidate size by the paper's objective (highest acceptance length) and by
+    the cost-aware one (most projected tokens/s under the step-cost table). Ties go to the smaller size."""
+    labels = {}
+    for prompt_id, scores in per_prompt_scores(rows, costs).items():
+        candidates = [s for s in sizes if s in scores]
+        if len(candidates) != len(sizes):
+            continue  # a prompt not run at every candidate size gives no label
+        labels[prompt_id] = {
+            "acceptance": max(candidates, key=lambda s: (scores[s][0], -s)),
+            "speed": max(candidates, key=lambda s: (scores[s][1], -s)),
+        }
+    return labels

@@ -54,3 +54,26 @@ def measure_step_costs(target: TargetModel, drafter: DFlashDraftModel | None, wi
         "target_ms": {w: statistics.median(v) for w, v in target_ms.items()},
         "drafter_ms": {w: statistics.median(v) for w, v in draft_ms.items() if v},
     }
+
+
+def step_ms(costs: dict, width: int) -> float:
+    """Milliseconds of one decode step at `width`: target verify plus (for width > 1) the drafter.
+    Accepts tables whose keys are ints or (read back from JSON) strings."""
+    def lookup(table, key):
+        return table[key] if key in table else table[str(key)]
+    return lookup(costs["target_ms"], width) + (lookup(costs["drafter_ms"], width) if width > 1 else 0.0)
+
+
+def per_prompt_scores(rows: list[dict], costs: dict) -> dict[str, dict[int, tuple[float, float]]]:
+    """{prompt id: {block size: (acceptance length, projected tokens per ms)}} from collected runs.
+
+    Acceptance length counts the tokens after the first (those come from verify steps) per target
+    forward; projected speed charges each forward the step cost of its width.
+    """
+    scores: dict[str, dict[int, tuple[float, float]]] = {}
+    for row in rows:
+        forwards, tokens = row["target_forwards"], row["generated_tokens"] - 1
+        if forwards:
+            scores.setdefault(row["id"], {})[row["block_size"]] = (
+                tokens / forwards, tokens / (forwards * step_ms(costs, row["block_size"])))
+    return scores

@@ -314,3 +314,17 @@ def test_cli_block_size_auto_and_policy():
     args = build_parser().parse_args(["generate", "--input", "in.jsonl", "--output", "out.jsonl", "--block-size", "6"])
     config = _engine_config(args)
     assert config.block_size == 6 and config.policy is None
+
+
+def test_oracle_labels_by_acceptance_and_by_speed():
+    from blockpilot.policy_export.collect import oracle_labels
+    costs = {"target_ms": {4: 60.0, 8: 75.0}, "drafter_ms": {4: 10.0, 8: 20.0}}
+    rows = [
+        {"id": "a", "block_size": 4, "generated_tokens": 101, "target_forwards": 40},  # tau 2.5, 100/(40*70)
+        {"id": "a", "block_size": 8, "generated_tokens": 101, "target_forwards": 36},  # tau 2.78, 100/(36*95): slower
+        {"id": "b", "block_size": 4, "generated_tokens": 101, "target_forwards": 40},
+        {"id": "b", "block_size": 8, "generated_tokens": 101, "target_forwards": 20},  # tau 5, faster too
+        {"id": "c", "block_size": 4, "generated_tokens": 101, "target_forwards": 40},  # no size-8 run: no label
+    ]
+    labels = oracle_labels(rows, costs, [4, 8])
+    assert labels == {"a": {"acceptance": 8, "speed": 4}, "b": {"acceptance": 8, "speed": 8}}

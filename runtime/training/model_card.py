@@ -11,25 +11,17 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from ..step_cost import per_prompt_scores, step_ms
+
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-
-
-def step_ms(costs: dict, width: int) -> float:
-    target = costs["target_ms"][width] if width in costs["target_ms"] else costs["target_ms"][str(width)]
-    drafter = costs["drafter_ms"].get(width, costs["drafter_ms"].get(str(width), 0.0)) if width > 1 else 0.0
-    return target + drafter
 
 
 def summarise_curve(rows: list[dict], costs: dict) -> dict:
     by_size = defaultdict(lambda: [0, 0])
-    per_prompt = defaultdict(dict)
     for row in rows:
-        tokens = row["generated_tokens"] - 1
-        by_size[row["block_size"]][0] += tokens
+        by_size[row["block_size"]][0] += row["generated_tokens"] - 1
         by_size[row["block_size"]][1] += row["target_forwards"]
-        if row["target_forwards"]:
-            per_prompt[row["id"]][row["block_size"]] = (tokens / row["target_forwards"],
-                                                        tokens / (row["target_forwards"] * step_ms(costs, row["block_size"])))
+    per_prompt = per_prompt_scores(rows, costs)
     plain_rate = by_size[1][0] / (by_size[1][1] * step_ms(costs, 1)) if by_size[1][1] else None
     curve = []
     for size in sorted(by_size):
