@@ -187,6 +187,14 @@ def cmd_train_drafter(args) -> None:
         getattr(recipes, f"run_{stage}_stage")(recipe)
 
 
+def cmd_policy_stage(args) -> None:
+    from blockpilot.policy_export import pipeline
+
+    recipe = pipeline.PolicyRecipe.from_yaml(args.config)
+    {"collect": pipeline.collect_stage, "train-policy": pipeline.train_stage,
+     "export-policy": pipeline.export_stage, "eval-policy": pipeline.eval_stage}[args.command](recipe)
+
+
 def cmd_prepare(args) -> None:
     from .assets import ensure_default_model, mtbench_questions_path
 
@@ -239,6 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/drafter-smollm2.yaml")
     p.add_argument("--stage", choices=["data", "train", "eval", "all"], default="all")
     p.set_defaults(func=cmd_train_drafter)
+
+    for name, text in (("collect", "run prompts at every candidate block size; record counts and prefill features"),
+                       ("train-policy", "train the block-size policy on oracle labels (both objectives)"),
+                       ("export-policy", "export the better policy to ONNX with metadata; check it against PyTorch"),
+                       ("eval-policy", "held-out comparison: fixed sizes, policy, oracle, random, constant")):
+        p = commands.add_parser(name, help=text)
+        p.add_argument("--config", required=True, help="policy recipe YAML, e.g. configs/policy-smollm2.yaml")
+        p.set_defaults(func=cmd_policy_stage)
 
     p = commands.add_parser("prepare", help="download and convert the embedded default model (idempotent)")
     p.set_defaults(func=cmd_prepare)

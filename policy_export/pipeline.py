@@ -1,0 +1,237 @@
+"""The policy pipeline a user runs for their own target/drafter pair, driven by one YAML recipe:
+
+    blockpilot collect       --config R   # every prompt at every candidate size + prefill features
+    blockpilot train-policy  --config R   # oracle labels -> MLP (split by prompt), both objectives
+    blockpilot export-policy --config R   # ONNX with metadata, checked against PyTorch, latency
+    blockpilot eval-policy   --config R   # held-out: fixed sizes vs policy vs oracle vs random/constant
+
+Each stage reads what the previous one wrote into `work_dir`; collection resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .train import PolicyTrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CollectConfig:
+    prompts: str = "policy-part"  # "policy-part" (generated prompts no drafter trained on), "mtbench", or a JSONL path
+    num_prompts: int | None = None
+    max_new_tokens: int = 128
+    batch_size: int = 16
+
+
+@dataclass
+class PolicyRecipe:
+    work_dir: str
+    output: str  # the .onnx file written by export-policy
+    model: str | None = None
+    drafter: str = "default"
+    dtype: str = "float32"
+    candidate_sizes: str = "12-20"
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    evaluate: CollectConfig = field(default_factory=lambda: CollectConfig(prompts="mtbench"))
+    train: PolicyTrainConfig = field(default_factory=PolicyTrainConfig)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "PolicyRecipe":
+        from blockpilot.runtime.assets import cache_dir
+
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        sections = {"collect": CollectConfig, "evaluate": CollectConfig, "train": PolicyTrainConfig}
+        values = {}
+        for key, value in raw.items():
+            if key in sections:
+                known = {f.name for f in fields(sections[key])}
+                unknown = set(value or {}) - known
+                if unknown:
+                    raise ValueError(f"{path}: {key}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+                values[key] = sections[key](**(value or {}))
+            elif key in {f.name for f in fields(cls)}:
+                if isinstance(value, str):
+                    value = os.path.expandvars(value.replace("${BLOCKPILOT_CACHE}", str(cache_dir())))
+                values[key] = value
+            else:
+                raise ValueError(f"{path}: unknown setting {key!r}")
+        return cls(**values)
+
+    @property
+    def sizes(self) -> list[int]:
+        from blockpilot.runtime.cli import parse_sizes
+
+        sizes = parse_sizes(str(self.candidate_sizes))
+        if len(sizes) < 2:
+            raise ValueError(f"a policy needs at least 2 candidate sizes, got {sizes}")
+        return sizes
+
+    def path(self, name: str) -> Path:
+        return Path(self.work_dir) / name
+
+
+def _engine(recipe: PolicyRecipe, batch_size: int):
+    from blockpilot.runtime.config import EngineConfig, build_engine
+
+    return build_engine(EngineConfig(model=recipe.model, drafter=recipe.drafter, dtype=recipe.dtype,
+                                     max_batch_size=batch_size, max_block_size=max(recipe.sizes)),
+                        untrained_drafter_if_missing=False)
+
+
+def _records(spec: CollectConfig):
+    from blockpilot.runtime.prompts import mtbench_records, read_prompts
+
+    if spec.prompts == "mtbench":
+        records = mtbench_records()
+    elif spec.prompts == "policy-part":
+        from blockpilot.runtime.training.prompt_sets import prompt_part, training_prompts
+
+        records = [r for r in training_prompts() if prompt_part(r.id) == "policy"]
+    else:
+        records = read_prompts(spec.prompts)
+    return records[: spec.num_prompts] if spec.num_prompts else records
+
+
+def step_costs(recipe: PolicyRecipe, engine) -> dict:
+    """The deployment machine's step-cost table, measured once and kept in work_dir."""
+    from blockpilot.runtime.step_cost import measure_step_costs
+
+    path = recipe.path("step_costs.json")
+    if path.exists():
+        return json.loads(path.read_text())
+    log.warning("measuring the step-cost table once (keep the machine otherwise idle): %s", path)
+    costs = measure_step_costs(engine.target, engine.drafter, sorted({1, *recipe.sizes}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(costs, indent=2) + "\n")
+    return json.loads(path.read_text())
+
+
+def collect_stage(recipe: PolicyRecipe, which: str = "collect") -> None:
+    from .collect import prefill_feature_matrix, run_every_size
+
+    spec = getattr(recipe, which)
+    engine = _engine(recipe, spec.batch_size)
+    records = _records(spec)
+    step_costs(recipe, engine)
+    run_every_size(engine, records, recipe.sizes, recipe.path(f"{which}_runs.jsonl"),
+                   max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size)
+    features_path = recipe.path(f"{which}_features.npz")
+    if not features_path.exists():
+        features = prefill_feature_matrix(engine, records)
+        np.savez(features_path, ids=np.array([r.id for r in records]), features=features)
+    print(f"{which}: {len(records)} prompts x sizes {recipe.sizes} in {recipe.work_dir}")
+
+
+def _load(recipe: PolicyRecipe, which: str):
+    from .collect import oracle_labels, read_rows
+
+    rows = read_rows(recipe.path(f"{which}_runs.jsonl"))
+    data = np.load(recipe.path(f"{which}_features.npz"))
+    costs = json.loads(recipe.path("step_costs.json").read_text())
+    return rows, [str(i) for i in data["ids"]], data["features"], costs, oracle_labels(rows, costs, recipe.sizes)
+
+
+def train_stage(recipe: PolicyRecipe) -> None:
+    import torch
+
+    from blockpilot.runtime.policy import PolicyFeatureSpec
+
+    from .train import train_policy
+
+    rows, ids, features, costs, oracle = _load(recipe, "collect")
+    engine_drafter = _engine(recipe, 1).drafter
+    spec = PolicyFeatureSpec.for_drafter(engine_drafter)
+    results = {}
+    for objective in ("acceptance", "speed"):
+        config = PolicyTrainConfig(**{**asdict(recipe.train), "objective": objective})
+        labels = {pid: oracle[pid][objective] for pid in oracle}
+        model, summary = train_policy(ids, features, labels, recipe.sizes, spec, config)
+        torch.save({"state": model.state_dict(), "config": model.config.to_dict(), "summary": summary},
+                   recipe.path(f"policy_{objective}.pt"))
+        results[objective] = summary
+    recipe.path("train_summary.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps({k: v["accuracy"] for k, v in results.items()}))
+
+
+def _load_model(recipe: PolicyRecipe, objective: str):
+    import torch
+
+    from .model import PolicyMLP, PolicyModelConfig
+
+    saved = torch.load(recipe.path(f"policy_{objective}.pt"), weights_only=False)
+    model = PolicyMLP(PolicyModelConfig(**saved["config"]))
+    model.load_state_dict(saved["state"])
+    return model.eval(), saved["summary"]
+
+
+def _choices(model, ids: list[str], features: np.ndarray, sizes: list[int]) -> dict[str, int]:
+    import torch
+
+    with torch.no_grad():
+        picked = model(torch.from_numpy(features).float()).argmax(-1).tolist()
+    return {pid: sizes[c] for pid, c in zip(ids, picked)}
+
+
+def export_stage(recipe: PolicyRecipe) -> None:
+    """Export whichever objective's policy gives more projected tokens/s on the validation prompts."""
+    from blockpilot.runtime.policy import PolicyFeatureSpec, drafter_fingerprint
+
+    from .export import export_policy
+    from .train import compare_policies, split_of
+
+    rows, ids, features, costs, oracle = _load(recipe, "collect")
+    validation = [p for p in ids if p in oracle and split_of(p, recipe.train) == "validation"]
+    candidates = {}
+    for objective in ("acceptance", "speed"):
+        model, summary = _load_model(recipe, objective)
+        report = compare_policies(rows, costs, validation, recipe.sizes, _choices(model, ids, features, recipe.sizes), oracle)
+        candidates[objective] = (report["variants"]["policy"]["projected_tokens_per_s"], model, summary, report)
+    objective = max(candidates, key=lambda k: candidates[k][0])
+    _, model, summary, report = candidates[objective]
+    engine = _engine(recipe, 1)
+    spec = PolicyFeatureSpec.for_drafter(engine.drafter)
+    spec = spec.with_normalisation(features[[ids.index(p) for p in ids if split_of(p, recipe.train) == "train"]])
+    spec.mean, spec.std = model.feature_mean.tolist(), model.feature_std.tolist()
+    training = {"objective": objective, "validation_projected_tokens_per_s": {k: v[0] for k, v in candidates.items()},
+                "validation_report": report, **summary}
+    figures = export_policy(model, spec, recipe.sizes, engine.target.fingerprint(), drafter_fingerprint(engine.drafter),
+                            training, recipe.output)
+    recipe.path("export_summary.json").write_text(json.dumps({"objective": objective, **figures}, indent=2) + "\n")
+    print(f"export: {recipe.output} (objective {objective}); ORT {figures.get('ort_latency_ms_batch1')} ms per request")
+
+
+def eval_stage(recipe: PolicyRecipe) -> None:
+    """Held-out prompts: every candidate size run, the exported policy's choices through ONNX Runtime."""
+    from blockpilot.runtime.policy import BlockSizePolicy
+
+    from .train import compare_policies
+
+    collect_stage(recipe, "evaluate")
+    rows, ids, features, costs, oracle = _load(recipe, "evaluate")
+    engine = _engine(recipe, 1)
+    policy = BlockSizePolicy.load(recipe.output, engine.target, engine.drafter)
+    choice = dict(zip(ids, policy.choose(features)))
+    held_out = [p for p in ids if p in oracle]
+    report = compare_policies(rows, costs, held_out, recipe.sizes, choice, oracle)
+    report["policy_choice_distribution"] = {str(s): sum(1 for p in held_out if choice[p] == s) for s in recipe.sizes}
+    recipe.path("eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(format_comparison(report))
+
+
+def format_comparison(report: dict) -> str:
+    lines = [f"{'variant':<20} {'accept len':>10} {'fwd/token':>9} {'proj tok/s':>10}"]
+    for name, v in report["variants"].items():
+        lines.append(f"{name:<20} {v['acceptance_length']:>10.3f} {v['target_forwards_per_token']:>9.4f} "
+                     f"{v['projected_tokens_per_s']:>10.2f}")
+    lines.append(f"best fixed size {report['best_fixed_size']}; policy closes {report['gap_closed_to_oracle']} "
+                 f"of the gap from best fixed to the per-prompt oracle (projected tokens/s)")
+    return "\n".join(lines)
