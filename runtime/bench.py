@@ -25,11 +25,19 @@ from .sampling import SamplingParams
 
 def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_sizes: list[int], *,
               repeats: int = 3, max_new_tokens: int = 256, batch_size: int = 1,
-              sampling: SamplingParams | None = None, show_progress: bool = True) -> dict:
-    """Run every prompt at every block size (1 = plain decoding) `repeats` times, interleaved."""
-    variants = sorted(set([1, *block_sizes]))
+              sampling: SamplingParams | None = None, show_progress: bool = True, include_auto: bool = False) -> dict:
+    """Run every prompt at every block size (1 = plain decoding) `repeats` times, interleaved.
+
+    With `include_auto`, one more variant, "auto", leaves each request's size to the engine's
+    block-size chooser (the policy), side by side with the fixed sizes.
+    """
+    variants: list[int | str] = sorted(set([1, *block_sizes]))
     for size in variants:
         engine.validate_block_size(size)
+    if include_auto:
+        if engine.block_size_chooser is None:
+            raise ValueError("the 'auto' variant needs an engine with a block-size policy (--block-size auto)")
+        variants.append("auto")
     prompts = [encode_prompt(engine.target.tokenizer, r) for r in records]
     base = sampling or SamplingParams()
     runs = {size: [] for size in variants}  # per repeat: totals
@@ -42,8 +50,8 @@ def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_size
             totals = {"new_tokens": 0, "decode_tokens": 0, "decode_s": 0.0, "wall_s": 0.0, "target_forwards": 0}
             for start in range(0, len(prompts), batch_size):
                 chunk = range(start, min(start + batch_size, len(prompts)))
-                requests = [GenerationRequest(prompts[i], _with(base, max_new_tokens, repeat), records[i].id, size)
-                            for i in chunk]
+                requests = [GenerationRequest(prompts[i], _with(base, max_new_tokens, repeat), records[i].id,
+                                              None if size == "auto" else size) for i in chunk]
                 began = time.perf_counter()
                 results = engine.generate(requests)
                 totals["wall_s"] += time.perf_counter() - began
@@ -54,7 +62,7 @@ def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_size
                     totals["decode_s"] += s.decode_s
                     totals["target_forwards"] += s.target_forwards
                     tokens[size].setdefault(records[i].id, result.token_ids)
-                    per_prompt[size][records[i].id] = {"acceptance_length": s.acceptance_length,
+                    per_prompt[size][records[i].id] = {"block_size": s.block_size, "acceptance_length": s.acceptance_length,
                                                        "target_forwards": s.target_forwards,
                                                        "generated_tokens": s.generated_tokens}
                 bar.update(len(chunk))
@@ -117,6 +125,8 @@ def format_table(report: dict) -> str:
     ]
     for row in report["variants"]:
         label = "plain" if row["block_size"] == 1 else str(row["block_size"])
+        if row["block_size"] == "auto":
+            label = "auto"
         lines.append(f"{label:>5} {row['acceptance_length']:>10.2f} {row['target_forwards_per_token']:>9.3f} "
                      f"{row['decode_tokens_per_s']:>12.2f} {row['e2e_tokens_per_s']:>9.2f} {row['speedup_vs_plain']:>7.2f}")
     if report["greedy_outputs_identical_across_block_sizes"] is not None:
@@ -138,13 +148,20 @@ def plot_report(report: dict, png_path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["variants"]
+    rows = [r for r in report["variants"] if r["block_size"] != "auto"]
+    auto = [r for r in report["variants"] if r["block_size"] == "auto"]
     sizes = [r["block_size"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(sizes, [r["acceptance_length"] for r in rows], "o-")
+    left.plot(sizes, [r["acceptance_length"] for r in rows], "o-", label="fixed size")
+    right.plot(sizes, [r["speedup_vs_plain"] for r in rows], "o-", color="tab:green", label="fixed size")
+    for row in auto:  # the policy has no single size: a level to compare the curve with
+        left.axhline(row["acceptance_length"], color="tab:red", ls="--", label="auto (policy)")
+        right.axhline(row["speedup_vs_plain"], color="tab:red", ls="--", label="auto (policy)")
+    if auto:
+        left.legend()
+        right.legend()
     left.set(xlabel="block size (1 = plain decoding)", ylabel="tokens per target forward",
              title="Acceptance length")
-    right.plot(sizes, [r["speedup_vs_plain"] for r in rows], "o-", color="tab:green")
     right.axhline(1.0, color="grey", lw=0.8, ls="--")
     right.set(xlabel="block size (1 = plain decoding)", ylabel="decode tokens/s relative to plain",
               title="Decode speed (median of interleaved repeats)")

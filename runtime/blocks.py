@@ -144,3 +144,68 @@ def new_tokens(target: torch.Tensor, layout: RaggedLayout, accepted: torch.Tenso
         target[int(layout.offsets[r]) : int(layout.offsets[r]) + int(accepted[r]) + 1].tolist()
         for r in range(layout.num_rows)
     ]
+
+
+# --- padded layout: every row padded to one step width --------------------------------------------
+# Engines whose kernels take `[n, W]` blocks (SGLang's DFlash worker) run a mixed batch at one
+# width W = the widest row, and row r uses only its first `widths[r]` columns. The functions below
+# are the per-row rules of that layout. Unlike the helpers above they create every tensor on the
+# device of their inputs, so the same code runs on CPU and GPU.
+
+
+def batch_width(widths, floor: int = 2) -> int:
+    """The step width of a padded batch: its widest row, and at least `floor` (a DFlash block has
+    the bonus and at least one draft; a width-1 row is computed at `floor` and capped to 1)."""
+    widths = [int(w) for w in widths]
+    return max([floor] + widths)
+
+
+def padded_valid(widths: torch.Tensor, width: int) -> torch.Tensor:
+    """[n, width] bool, True where column < widths[r] (on widths' device)."""
+    return torch.arange(width, device=widths.device)[None, :] < widths[:, None]
+
+
+def pad_rows(values: torch.Tensor, n: int, fill: int) -> torch.Tensor:
+    """`values` [m] cut or padded with `fill` to [n] (a CUDA-graph replay pads the batch to a bucket)."""
+    if values.shape[0] >= n:
+        return values[:n]
+    return torch.cat([values, values.new_full((n - values.shape[0],), fill)])
+
+
+def cap_commits(out_tokens: torch.Tensor, commit_lens: torch.Tensor,
+                widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cap each row's committed run at its own block width.
+
+    `out_tokens` [n, W] holds per row the committed run of a width-W block: the accepted drafts,
+    then the target's token after them (the bonus), then junk; `commit_lens` [n] is its length
+    (accepted drafts + 1). Row r may keep at most `widths[r]` tokens: `widths[r] - 1` drafts and a
+    bonus. The capped run is a prefix of the uncapped one, and its last token is the target's token
+    at column `widths[r] - 1`: exactly what a width-`widths[r]` block would have committed (greedy),
+    because a draft accepted at that column equals the target's token there.
+
+    Returns (accepted drafts [n], commit lengths [n], new bonus tokens [n] int64); the first two
+    keep `commit_lens`' dtype.
+    """
+    capped = torch.minimum(commit_lens.long(), widths.to(commit_lens.device).long())
+    bonus = out_tokens.gather(1, (capped - 1)[:, None]).squeeze(1)
+    return (capped - 1).to(commit_lens.dtype), capped.to(commit_lens.dtype), bonus.to(torch.int64)
+
+
+def proposed_drafts(widths) -> int:
+    """Draft tokens one step proposes for rows of these widths: the sum of (width - 1)."""
+    return sum(max(int(w) - 1, 0) for w in widths)
+
+
+def clamp_block_size(size: int, low: int, high: int) -> int:
+    """`size` moved into [low, high]; 1 (no speculation) stays 1."""
+    size = int(size)
+    return 1 if size == 1 else min(max(size, low), high)
+
+
+def last_token_rows(extend_lens) -> list[int]:
+    """Row of each request's last token in a packed prefill of `extend_lens` tokens per request."""
+    rows, total = [], 0
+    for length in extend_lens:
+        total += int(length)
+        rows.append(total - 1)
+    return rows

@@ -114,7 +114,7 @@ def cmd_bench(args) -> None:
     records = read_prompts(args.prompts) if args.prompts else mtbench_records(limit=args.num_prompts)
     engine = build_engine(_engine_config(args))
     report = run_bench(engine, records, args.block_sizes, repeats=args.repeats, max_new_tokens=args.max_new_tokens,
-                       batch_size=args.batch_size, sampling=_sampling(args))
+                       batch_size=args.batch_size, sampling=_sampling(args), include_auto=args.block_size == "auto")
     out = Path(args.output_dir)
     save_report(report, out / "bench.json", out / "bench.png")
     print(format_table(report))
@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--output-dir", default="runs/bench")
+    p.add_argument("--block-size", type=_block_size, choices=["auto"], help="auto: add the policy as a variant")
+    p.add_argument("--policy", help="policy .onnx for the auto variant (default: the shipped one)")
     _engine_args(p)
     _sampling_args(p)
     p.set_defaults(func=cmd_bench)

@@ -63,3 +63,15 @@ train: {{hidden_size: 16, max_epochs: 30}}
     # the oracle is at least as good as every fixed size, by construction of the labels
     oracle = report["variants"]["oracle-speed"]["projected_tokens_per_s"]
     assert all(oracle >= report["variants"][f"fixed-{s}"]["projected_tokens_per_s"] - 1e-9 for s in (2, 3, 4))
+    # the exported policy runs as a side-by-side variant of `bench`
+    run = subprocess.run([sys.executable, "-m", "blockpilot.runtime.cli", "bench", "--model", str(tiny_pair / "target"),
+                          "--drafter", str(tiny_pair / "drafter"), "--block-size", "auto", "--policy",
+                          str(tmp_path / "policy.onnx"), "--block-sizes", "2-4", "--prompts", str(tmp_path / "test.jsonl"),
+                          "--repeats", "1", "--max-new-tokens", "6", "--output-dir", str(tmp_path / "bench")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    bench = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert [v["block_size"] for v in bench["variants"]] == [1, 2, 3, 4, "auto"]
+    assert bench["greedy_outputs_identical_across_block_sizes"] is True
+    assert {p["block_size"] for p in bench["per_prompt"]["auto"].values()} <= {2, 3, 4}
+    assert "auto" in run.stdout
