@@ -55,7 +55,7 @@ def run_every_size(engine: SpeculativeEngine, records: list[PromptRecord], sizes
                     "id": rid, "block_size": size, "prompt_tokens": s.prompt_tokens,
                     "generated_tokens": s.generated_tokens, "target_forwards": s.target_forwards,
                     "acceptance_length": round(s.acceptance_length, 4), "decode_s": round(s.decode_s, 4),
-                    "batch_size": len(chunk)}) + "\n")
+                    "batch_size": len(chunk), "token_ids": result.token_ids}) + "\n")
         bar.update(len(chunk))
     bar.close()
     return read_rows(out_path)

@@ -225,6 +225,29 @@ def eval_stage(recipe: PolicyRecipe) -> None:
     report["policy_choice_distribution"] = {str(s): sum(1 for p in held_out if choice[p] == s) for s in recipe.sizes}
     recipe.path("eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(format_comparison(report))
+    variation = variation_report(recipe, engine, rows, costs)
+    recipe.path("variation_report.json").write_text(json.dumps(variation, indent=2) + "\n")
+    print(f"within-request variation: {json.dumps(variation['tokens_per_s'])} tokens/s (projected); the per-step "
+          f"oracle's choice equals the request's best size in {variation['per_step_choice_equals_request_best']:.0%} of steps")
+
+
+def variation_report(recipe: PolicyRecipe, engine, rows: list[dict], costs: dict) -> dict:
+    """Replay each held-out greedy output at every candidate size and with a per-step oracle."""
+    from blockpilot.runtime.prompts import encode_prompt
+    from blockpilot.runtime.training.features import Sequence, sequence_features
+
+    from .analysis import acceptance_profile, within_request_variation
+
+    records = {r.id: r for r in _records(recipe.evaluate)}
+    outputs = {r["id"]: r["token_ids"] for r in rows if r["block_size"] == recipe.sizes[0]}
+    profiles = {}
+    for prompt_id, output in outputs.items():
+        tokens = encode_prompt(engine.target.tokenizer, records[prompt_id]) + output
+        layers = list(engine.drafter.config.target_layer_ids)
+        seq = Sequence(prompt_id, np.array(tokens), len(tokens) - len(output),
+                       sequence_features(engine.target, layers, [tokens])[0])
+        profiles[prompt_id] = acceptance_profile(engine.target, engine.drafter, seq, recipe.sizes)
+    return within_request_variation(profiles, recipe.sizes, costs)
 
 
 def format_comparison(report: dict) -> str:

@@ -360,3 +360,44 @@ def test_train_policy_learns_a_separable_rule_and_scores_choices():
     assert variants["oracle-speed"]["acceptance_length"] == 4.0
     assert variants["policy"]["acceptance_length"] > variants[f"fixed-{report['best_fixed_size']}"]["acceptance_length"]
     assert report["gap_closed_to_oracle"] >= 0.8
+
+
+def test_within_request_variation_replays_decoding():
+    from blockpilot.policy_export.analysis import replay, within_request_variation
+    costs = {"target_ms": {2: 10.0, 4: 10.0}, "drafter_ms": {2: 0.0, 4: 0.0}}
+    sizes = [2, 4]
+    # first half: size 4 accepts 3 drafts; second half: nothing is accepted at either size
+    profile = np.array([[1, 3]] * 8 + [[0, 0]] * 8)
+    steps, ms, used = replay(profile, sizes, costs, lambda i: 1)
+    assert steps == 2 + 8 and used[:2] == [4, 4]  # 2 steps of 4 tokens cover the first 8 positions
+    report = within_request_variation({"r": profile}, sizes, costs)
+    assert report["best_fixed_size"] == 4 and report["tokens"] == 16
+    assert report["acceptance_length_fixed"] == {2: round(16 / (4 + 8), 4), 4: 1.6}
+    assert report["tokens_per_s"]["per_step_oracle"] >= report["tokens_per_s"]["per_request_oracle"]
+
+
+def test_acceptance_profile_replays_the_engine_exactly():
+    """Replaying the profile at a fixed size gives the engine's own number of verify steps."""
+    from blockpilot.policy_export.analysis import acceptance_profile, replay
+    from blockpilot.runtime.engine import SpeculativeEngine
+    from blockpilot.runtime.requests import GenerationRequest
+    from blockpilot.runtime.sampling import SamplingParams
+    from blockpilot.runtime.training.features import Sequence, sequence_features
+    from conftest import tiny_drafter, tiny_target
+    target = tiny_target(vocab_size=3, seed=2)  # (seed chosen so this random drafter is often accepted)
+    drafter = tiny_drafter(target, block_size=4)
+    engine = SpeculativeEngine(target, drafter)
+    sizes = [2, 3, 4]
+    prompt = [1, 2, 1, 2]
+    costs = {"target_ms": {s: 1.0 for s in sizes}, "drafter_ms": {s: 0.0 for s in sizes}}
+    accepted_any = False
+    for j, size in enumerate(sizes):
+        result = engine.generate([GenerationRequest(prompt, SamplingParams(max_new_tokens=24), block_size=size)])[0]
+        tokens = prompt + result.token_ids
+        seq = Sequence("s", np.array(tokens), len(prompt),
+                       sequence_features(target, drafter.config.target_layer_ids, [tokens])[0])
+        profile = acceptance_profile(target, drafter, seq, sizes)
+        steps, _, _ = replay(profile, sizes, costs, lambda i, j=j: j)
+        assert steps == result.stats.target_forwards, size
+        accepted_any |= bool(profile[:, j].any())
+    assert accepted_any

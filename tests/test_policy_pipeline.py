@@ -63,6 +63,11 @@ train: {{hidden_size: 16, max_epochs: 30}}
     # the oracle is at least as good as every fixed size, by construction of the labels
     oracle = report["variants"]["oracle-speed"]["projected_tokens_per_s"]
     assert all(oracle >= report["variants"][f"fixed-{s}"]["projected_tokens_per_s"] - 1e-9 for s in (2, 3, 4))
+    variation = json.loads((tmp_path / "work" / "variation_report.json").read_text())
+    assert variation["requests"] == 12
+    assert set(variation["tokens_per_s"]) == {"best_fixed", "per_request_oracle", "per_step_oracle"}
+    # one size per request can only match or beat the best single size for all requests
+    assert variation["tokens_per_s"]["per_request_oracle"] >= variation["tokens_per_s"]["best_fixed"] - 1e-9
     # the exported policy runs as a side-by-side variant of `bench`
     run = subprocess.run([sys.executable, "-m", "blockpilot.runtime.cli", "bench", "--model", str(tiny_pair / "target"),
                           "--drafter", str(tiny_pair / "drafter"), "--block-size", "auto", "--policy",

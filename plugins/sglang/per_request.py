@@ -342,15 +342,20 @@ def _serving_blockpilot() -> bool:
     return algo is not None and str(algo).upper() == "BLOCKPILOT"
 
 
+def _server_width() -> int:
+    """The server's block width (``speculative_num_draft_tokens``, the top of the range)."""
+    from sglang.srt.runtime_context import get_spec
+
+    return int(get_spec().speculative_num_draft_tokens)
+
+
 def hook_sampling_params_verify(result, params, *args, **kwargs):
     """AFTER ``SamplingParams.verify`` (tokenizer process): reject a bad per-request size with a
     ValueError, which SGLang turns into an error response before the request is scheduled."""
     custom = getattr(params, "custom_params", None)
     if not custom or REQUEST_KEY not in custom or not _serving_blockpilot():
         return result
-    from sglang.srt.runtime_context import get_spec
-
-    low, high = config().size_range(int(get_spec().speculative_num_draft_tokens))
+    low, high = config().size_range(_server_width())
     parse_request_size(custom[REQUEST_KEY], low, high, config().allow_request_sizes)
     return result
 
@@ -417,9 +422,7 @@ def hook_resolve_spec_v2_tokens(result, self, gen_result, batch, *args, **kwargs
 
     if not _serving_blockpilot():
         return result
-    from sglang.srt.runtime_context import get_spec
-
-    server = int(get_spec().speculative_num_draft_tokens)
+    server = _server_width()
     widths = [getattr(req, "bp_block_size", None) or server for req in batch.reqs]
     reporter = self.metrics_reporter
     reporter._bp_num_proposed_drafts = getattr(reporter, "_bp_num_proposed_drafts", 0) + proposed_drafts(widths)
@@ -433,10 +436,8 @@ def hook_report_decode_stats(original, self, *args, **kwargs):
     proposed = getattr(self, "_bp_num_proposed_drafts", 0)
     if not proposed or not self.spec_num_forward_ct or not _serving_blockpilot():
         return original(self, *args, **kwargs)
-    from sglang.srt.runtime_context import get_spec
-
     saved = self.spec_num_correct_drafts
-    nominal = self.spec_num_forward_ct * (int(get_spec().speculative_num_draft_tokens) - 1)
+    nominal = self.spec_num_forward_ct * (_server_width() - 1)
     self.spec_num_correct_drafts = saved * nominal / proposed
     try:
         return original(self, *args, **kwargs)

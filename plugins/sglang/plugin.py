@@ -15,8 +15,9 @@ What it does:
 * resolves the server arguments ``_handle_dflash`` would have resolved
   (:func:`handle_server_args`), allowing ``--device cpu`` and the
   ``torch_native`` draft attention backend;
-* uses SGLang's own ``DFlashWorkerV2`` as the worker, at one fixed block size
-  per server (for now; per-request block sizes come later);
+* runs :class:`worker.BlockPilotWorker`, SGLang's ``DFlashWorkerV2`` with a
+  block size per request (chosen after prefill by the request, the policy or
+  the drafter's default; see ``worker.py`` and ``per_request.py``);
 * patches the few places that compare the algorithm *name* with ``"DFLASH"``;
 * on the CPU engine (``SGLANG_USE_CPU_ENGINE=1``) closes the CPU gaps of the
   DFLASH path by monkeypatching at plugin load, without editing SGLang files.
@@ -31,7 +32,7 @@ import logging
 import os
 from typing import Optional
 
-from . import boot
+from . import boot, per_request
 
 logger = logging.getLogger("blockpilot.plugins.sglang")
 
@@ -42,6 +43,9 @@ DEFAULT_MAX_RUNNING_REQUESTS = 48  # what _handle_dflash picks
 # (sglang.srt.arg_groups.choices.DRAFT_ATTENTION_BACKEND_CHOICES) plus, on the
 # CPU engine, torch_native.
 CPU_DRAFT_ATTENTION_BACKENDS = ("torch_native",)
+# Draft attention backends where the per-request draft mask is implemented: torch_native through
+# the forward_extend hook below, flashinfer through BlockPilotDraftBlockInfo.generate_attn_arg_prefill.
+DRAFT_MASK_BACKENDS = ("torch_native", "flashinfer")
 
 # name -> reason, filled as patches are applied in this process.
 PATCHES: dict[str, str] = {}
@@ -126,9 +130,9 @@ def _make_spec_class():
 
 
 def _worker_factory(server_args):
-    from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
+    from .worker import BlockPilotWorker
 
-    return DFlashWorkerV2
+    return BlockPilotWorker
 
 
 def get_algorithm():
@@ -141,21 +145,48 @@ def get_algorithm():
 # --------------------------------------------------------------------------
 # Server arguments (what _handle_dflash does for DFLASH)
 # --------------------------------------------------------------------------
-def _read_draft_block_size(sa) -> Optional[int]:
+def _read_configs(sa):
+    """(drafter HF config, its parsed DFlashDraftConfig, target HF config); None for any that
+    cannot be read here (SGLang reports that itself when it loads the model)."""
     from sglang.srt.speculative.dflash_utils import parse_dflash_draft_config
     from sglang.srt.utils.hf_transformers_utils import get_config
 
+    overrides = json.loads(getattr(sa, "json_model_override_args", None) or "{}")
+    draft_hf = draft_parsed = target_hf = None
     try:
-        draft_hf_config = get_config(
+        draft_hf = get_config(
             sa.speculative_draft_model_path,
             trust_remote_code=sa.trust_remote_code,
             revision=sa.speculative_draft_model_revision,
-            model_override_args=json.loads(sa.json_model_override_args or "{}"),
+            model_override_args=overrides,
         )
-        return parse_dflash_draft_config(draft_hf_config=draft_hf_config).resolve_block_size(default=None)
+        draft_parsed = parse_dflash_draft_config(draft_hf_config=draft_hf)
     except Exception as exc:  # same leniency as _handle_dflash
-        logger.warning("BLOCKPILOT: could not read block_size from the draft config (%s); using %d.", exc, DEFAULT_BLOCK_SIZE)
-        return None
+        logger.warning("BLOCKPILOT: could not read the draft config (%s); block size %d.", exc, DEFAULT_BLOCK_SIZE)
+    model_path = getattr(sa, "model_path", None)
+    if model_path is not None:
+        try:
+            target_hf = get_config(model_path, trust_remote_code=sa.trust_remote_code,
+                                   revision=getattr(sa, "revision", None), model_override_args=overrides)
+        except Exception as exc:
+            logger.warning("BLOCKPILOT: could not read the target config (%s); drafter fit not checked.", exc)
+    return draft_hf, draft_parsed, target_hf
+
+
+def _explicit_block_size(sa) -> Optional[int]:
+    """--speculative-dflash-block-size, else --speculative-num-draft-tokens (they must agree)."""
+    flag_block = sa.speculative_dflash_block_size
+    num_draft = sa.speculative_num_draft_tokens
+    if flag_block is not None:
+        if int(flag_block) <= 0:
+            raise ValueError(f"--speculative-dflash-block-size must be positive, got {flag_block}.")
+        if num_draft is not None and int(num_draft) != int(flag_block):
+            raise ValueError(
+                "--speculative-num-draft-tokens and --speculative-dflash-block-size differ "
+                f"({num_draft} vs {flag_block}); for BLOCKPILOT they must match."
+            )
+        return int(flag_block)
+    return int(num_draft) if num_draft is not None else None
 
 
 def _resolve_draft_attention_backend(sa) -> str:
@@ -222,34 +253,62 @@ def handle_server_args(sa) -> None:
             logger.warning("BLOCKPILOT only supports %s == 1; overriding %s.", field, value)
         setattr(sa, field, 1)
 
-    # One fixed block size per server for now: --speculative-dflash-block-size,
-    # else --speculative-num-draft-tokens, else the drafter's block_size, else 16.
-    flag_block = sa.speculative_dflash_block_size
-    num_draft = sa.speculative_num_draft_tokens
-    if flag_block is not None:
-        if int(flag_block) <= 0:
-            raise ValueError(f"--speculative-dflash-block-size must be positive, got {flag_block}.")
-        if num_draft is not None and int(num_draft) != int(flag_block):
-            raise ValueError(
-                "--speculative-num-draft-tokens and --speculative-dflash-block-size differ "
-                f"({num_draft} vs {flag_block}); for BLOCKPILOT they must match."
-            )
-        block_size = int(flag_block)
-    elif num_draft is not None:
-        block_size = int(num_draft)
+    # Refusals of the per-request design (docs/sglang-per-request-design.md 4.1).
+    if int(getattr(sa, "tp_size", 1) or 1) != 1:
+        raise ValueError("BLOCKPILOT per-request block sizes need --tp-size 1 for now.")
+    if getattr(sa, "enable_dp_attention", False):
+        raise ValueError("BLOCKPILOT per-request block sizes do not support --enable-dp-attention.")
+    if getattr(sa, "speculative_use_block_verification", False):
+        raise ValueError("BLOCKPILOT per-request block sizes need token-wise verification "
+                         "(not --speculative-use-block-verification).")
+
+    # The drafter must fit the target, and so must a policy: refuse now, with what differs.
+    cfg = per_request.PerRequestConfig.load()
+    draft_hf, draft_parsed, target_hf = _read_configs(sa)
+    if draft_parsed is not None and target_hf is not None:
+        problems = per_request.drafter_fit_problems(target_hf, draft_hf, draft_parsed)
+        if problems:
+            raise ValueError(f"BLOCKPILOT: the drafter {sa.speculative_draft_model_path!r} does not fit the target "
+                             f"{sa.model_path!r}: " + "; ".join(problems))
+    if draft_parsed is not None:
+        unsupported = per_request.unsupported_drafter_features(draft_parsed)
+        if unsupported:
+            raise ValueError("BLOCKPILOT per-request block sizes do not support drafters with " + ", ".join(unsupported))
+    policy_path = per_request.resolve_policy_path(cfg, sa.speculative_draft_model_path)
+    policy = (per_request.load_policy(policy_path, sa.model_path, sa.speculative_draft_model_path, target_hf)
+              if policy_path is not None else None)
+    trained = draft_parsed.resolve_block_size(default=None) if draft_parsed is not None else None
+
+    # The server's width = the top of the candidate range: --speculative-dflash-block-size /
+    # --speculative-num-draft-tokens, else the configured range's top, else the largest of the
+    # drafter's block_size (16 if unknown) and the policy's candidates. It sizes the KV reserve,
+    # the buffers and captured graphs; every request runs at most that wide.
+    block_size = _explicit_block_size(sa)
+    if block_size is not None:
+        if cfg.max_size is not None and cfg.max_size != block_size:
+            raise ValueError(f"BLOCKPILOT: the block size range's top {cfg.max_size} differs from "
+                             f"--speculative-num-draft-tokens {block_size}; give one of them.")
+    elif cfg.max_size is not None:
+        block_size = cfg.max_size
     else:
-        block_size = _read_draft_block_size(sa) or DEFAULT_BLOCK_SIZE
+        block_size = max([trained or DEFAULT_BLOCK_SIZE] + (policy.candidate_sizes if policy is not None else []))
     if block_size < 2:
         raise ValueError(f"BLOCKPILOT needs a block size >= 2, got {block_size}.")
     sa.speculative_num_draft_tokens = block_size
-
-    if sa.speculative_draft_window_size is not None and int(sa.speculative_draft_window_size) < block_size:
-        raise ValueError(
-            "--speculative-draft-window-size must be >= the block size "
-            f"(window={sa.speculative_draft_window_size}, block={block_size})."
-        )
+    low, high = cfg.size_range(block_size)
+    if policy is not None:
+        outside = [c for c in policy.candidate_sizes if c != 1 and not low <= c <= high]
+        if outside:
+            logger.warning("BLOCKPILOT: policy candidates %s lie outside the range %d-%d; they are clamped into it.",
+                           outside, low, high)
 
     sa.speculative_draft_attention_backend = _resolve_draft_attention_backend(sa)
+    if cfg.draft_mask and sa.speculative_draft_attention_backend not in DRAFT_MASK_BACKENDS:
+        raise ValueError(
+            f"BLOCKPILOT per-request block sizes mask the draft block per request, which is implemented for the "
+            f"draft attention backends {list(DRAFT_MASK_BACKENDS)}, not {sa.speculative_draft_attention_backend!r} "
+            "(set draft_mask: false in the BLOCKPILOT_SGLANG_CONFIG file to run unmasked drafts)."
+        )
 
     if sa.max_running_requests is None:
         sa.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
@@ -258,8 +317,11 @@ def handle_server_args(sa) -> None:
         # (speculative_hook._disable_overlap_schedule_for_cpu).
         sa.disable_overlap_schedule = True
     logger.info(
-        "BLOCKPILOT: block_size=%d, draft attention backend=%s, device=%s",
+        "BLOCKPILOT: block sizes %d-%d (server width %d), policy %s, draft attention backend=%s, device=%s",
+        low,
+        high,
         block_size,
+        policy_path if policy_path is not None else "none",
         sa.speculative_draft_attention_backend,
         device,
     )
@@ -297,6 +359,13 @@ def _hook_torch_native_forward_extend(original_fn, self, q, k, v, layer, forward
     width W after its committed prefix (``seq_lens``), so: prefix = seq_lens,
     extend = W, kv length = seq_lens + W. The backend's SDPA code is then
     right for both the causal verify and the non-causal (ENCODER_ONLY) draft.
+
+    The per-request draft mask: when the draft's spec info carries block
+    widths (``BlockPilotDraftBlockInfo.bp_widths``, a mixed step), a
+    non-causal draft layer runs only the real rows: row r's first B_r queries,
+    extend = B_r, kv length = seq_lens + B_r (its context and its own B_r
+    block keys). K/V of all W block tokens is still saved; the tail rows'
+    outputs are zeros (their drafts are never accepted).
     """
     fb = forward_batch
     if fb.forward_mode.is_target_verify() and fb.extend_seq_lens is None and fb.seq_lens is not None:
@@ -307,6 +376,22 @@ def _hook_torch_native_forward_extend(original_fn, self, q, k, v, layer, forward
             width = q.shape[0] // bs
             saved = (fb.seq_lens, fb.extend_prefix_lens, fb.extend_seq_lens)
             prefix = fb.seq_lens
+            widths = getattr(fb.spec_info, "bp_widths", None)  # only the draft's spec info has it
+            if widths is not None and _is_noncausal(layer):
+                from blockpilot.runtime import blocks
+
+                widths = blocks.pad_rows(widths.to(prefix.device), bs, fill=width).to(prefix.dtype)
+                keep = blocks.padded_valid(widths, width).reshape(-1)
+                fb.extend_prefix_lens = prefix
+                fb.extend_seq_lens = widths
+                fb.seq_lens = prefix + widths
+                try:
+                    real = original_fn(self, q[keep], k, v, layer, fb, *args, **kwargs)
+                finally:
+                    fb.seq_lens, fb.extend_prefix_lens, fb.extend_seq_lens = saved
+                out = real.new_zeros((q.shape[0],) + tuple(real.shape[1:]))
+                out[keep] = real
+                return out
             fb.extend_prefix_lens = prefix
             fb.extend_seq_lens = torch.full_like(prefix, width)
             fb.seq_lens = prefix + width
@@ -315,6 +400,35 @@ def _hook_torch_native_forward_extend(original_fn, self, q, k, v, layer, forward
             finally:
                 fb.seq_lens, fb.extend_prefix_lens, fb.extend_seq_lens = saved
     return original_fn(self, q, k, v, layer, forward_batch, *args, **kwargs)
+
+
+def _is_noncausal(layer) -> bool:
+    """A DFlash draft layer attending over its whole block (causal sliding-window draft layers
+    need no mask: causality already hides the tail)."""
+    from sglang.srt.layers.radix_attention import AttentionType
+
+    return getattr(layer, "attn_type", None) == AttentionType.ENCODER_ONLY and not getattr(
+        layer, "is_cross_attention", False)
+
+
+def _hook_flashinfer_call_begin_forward(original_fn, self, *args, **kwargs):
+    """FlashInferIndicesUpdaterPrefill.call_begin_forward: when a DFLASH draft graph replays,
+    ``fast_prefill_plan`` builds the kv layout from the host ``seq_lens_cpu`` (= prefix + W) and
+    assumes it equals the device lengths; with per-request widths those are prefix + B_r. Give the
+    host the same lengths (GPU only; unverified on this CPU machine)."""
+    import inspect
+
+    bound = inspect.signature(original_fn).bind(self, *args, **kwargs)
+    spec_info = bound.arguments.get("spec_info")
+    host_widths = getattr(spec_info, "bp_widths_host", None)
+    seq_lens_cpu = bound.arguments.get("seq_lens_cpu")
+    if host_widths is not None and getattr(spec_info, "bp_widths", None) is not None and seq_lens_cpu is not None:
+        from blockpilot.runtime import blocks
+
+        width = int(spec_info.draft_token_num)
+        padded = blocks.pad_rows(host_widths.to(seq_lens_cpu.device), int(seq_lens_cpu.shape[0]), fill=width)
+        bound.arguments["seq_lens_cpu"] = seq_lens_cpu - width + padded.to(seq_lens_cpu.dtype)
+    return original_fn(*bound.args, **bound.kwargs)
 
 
 def _hook_extend_forward_kwargs(result, self, forward_batch, *args, **kwargs):
@@ -405,7 +519,41 @@ def _register_hooks() -> None:
             _hook_torch_native_forward_extend,
             HookType.AROUND,
         )
-        PATCHES["TorchNativeAttnBackend.forward_extend"] = "derive extend lengths for TARGET_VERIFY (draft block and verify)"
+        PATCHES["TorchNativeAttnBackend.forward_extend"] = (
+            "derive extend lengths for TARGET_VERIFY (draft block and verify); per-request draft mask")
+    else:
+        HookRegistry.register(
+            "sglang.srt.layers.attention.flashinfer_backend.FlashInferIndicesUpdaterPrefill.call_begin_forward",
+            _hook_flashinfer_call_begin_forward,
+            HookType.AROUND,
+        )
+        PATCHES["FlashInferIndicesUpdaterPrefill.call_begin_forward"] = "host kv lengths = prefix + B_r in draft replays"
+    _register_per_request_hooks(HookRegistry, HookType)
+
+
+def _register_per_request_hooks(HookRegistry, HookType) -> None:
+    """Request validation, the per-request meta_info fields and the server accept rate."""
+    hooks = [
+        ("sglang.srt.sampling.sampling_params.SamplingParams.verify", per_request.hook_sampling_params_verify,
+         HookType.AFTER, "refuse a bad custom_params['blockpilot_block_size'] (HTTP 400)"),
+        ("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer."
+         "is_request_level_customized_info_key", per_request.hook_is_request_level_key,
+         HookType.AROUND, "blockpilot_* customized_info keys are sent once per request"),
+        ("sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info",
+         per_request.hook_update_request_meta_info, HookType.AROUND, "blockpilot_* fields as scalars in meta_info"),
+        ("sglang.srt.managers.tokenizer_manager.TokenizerManager._calculate_spec_decoding_metrics",
+         per_request.hook_spec_decoding_metrics, HookType.AROUND,
+         "accept rate / proposed drafts relative to the request's own block size"),
+        ("sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor."
+         "_resolve_spec_v2_tokens", per_request.hook_resolve_spec_v2_tokens, HookType.AFTER,
+         "count proposed drafts per step as the sum of (B_r - 1)"),
+        ("sglang.srt.managers.scheduler_components.metrics_reporter.SchedulerMetricsReporter.report_decode_stats",
+         per_request.hook_report_decode_stats, HookType.AROUND,
+         "server accept rate = accepted / sum of (B_r - 1)"),
+    ]
+    for target, hook, kind, reason in hooks:
+        HookRegistry.register(target, hook, kind)
+        PATCHES[target.rsplit(".", 2)[-2] + "." + target.rsplit(".", 1)[-1]] = reason
 
 
 def _allow_torch_native_draft_backend() -> None:

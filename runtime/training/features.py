@@ -33,7 +33,23 @@ def feature_dir(data_dir: Path, layer_ids: list[int]) -> Path:
 
 
 @torch.inference_mode()
+def sequence_features(target: TargetModel, layer_ids: list[int], sequences: list[list[int]],
+                      batch_tokens: int = 4096) -> list[np.ndarray]:
+    """float16 `[len(seq), k * hidden]` target features of each token sequence, in the given order."""
+    out: list[np.ndarray | None] = [None] * len(sequences)
+    for group in _groups_by_tokens(sequences, batch_tokens):
+        lengths = torch.tensor([len(sequences[i]) for i in group])
+        layout = blocks.RaggedLayout.build(lengths, torch.zeros(len(group), dtype=torch.long))
+        cache = target.new_cache(len(group), int(lengths.max()))
+        tokens = torch.tensor([t for i in group for t in sequences[i]])
+        _, features = target.forward(tokens, layout, cache, 0, tuple(layer_ids))
+        for r, i in enumerate(group):
+            out[i] = features[int(layout.offsets[r]): int(layout.offsets[r + 1])].to(torch.float16).numpy()
+    return out
+
+
 def compute_features(target: TargetModel, data_dir: Path, layer_ids: list[int], batch_tokens: int = 4096) -> Path:
+    """Features of every response shard not done yet; the shard's index file marks it complete."""
     out_dir = feature_dir(data_dir, layer_ids)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = sorted(data_dir.glob("responses-*.jsonl"))
@@ -41,23 +57,16 @@ def compute_features(target: TargetModel, data_dir: Path, layer_ids: list[int], 
     for shard in tqdm(todo, desc="target features", unit="shard"):
         rows = [json.loads(line) for line in shard.read_text().splitlines()]
         sequences = [r["prompt_ids"] + r["response_ids"] for r in rows]
-        arrays, index, offset = [], [], 0
-        for group in _groups_by_tokens(sequences, batch_tokens):
-            lengths = torch.tensor([len(sequences[i]) for i in group])
-            layout = blocks.RaggedLayout.build(lengths, torch.zeros(len(group), dtype=torch.long))
-            cache = target.new_cache(len(group), int(lengths.max()))
-            tokens = torch.tensor([t for i in group for t in sequences[i]])
-            _, features = target.forward(tokens, layout, cache, 0, tuple(layer_ids))
-            for r, i in enumerate(group):
-                start, end = int(layout.offsets[r]), int(layout.offsets[r + 1])
-                arrays.append(features[start:end].to(torch.float16).numpy())
-                index.append({"id": rows[i]["id"], "offset": offset, "length": end - start,
-                              "prompt_len": len(rows[i]["prompt_ids"]), "tokens": sequences[i]})
-                offset += end - start
+        arrays = sequence_features(target, layer_ids, sequences, batch_tokens)
+        index, offset = [], 0
+        for row, tokens, array in zip(rows, sequences, arrays):
+            index.append({"id": row["id"], "offset": offset, "length": len(tokens),
+                          "prompt_len": len(row["prompt_ids"]), "tokens": tokens})
+            offset += len(tokens)
         stem = shard.stem.replace("responses", "features")
         np.save(out_dir / f"{stem}.npy", np.concatenate(arrays))
         (out_dir / f"{stem}.json.part").write_text(json.dumps(index))
-        (out_dir / f"{stem}.json.part").rename(out_dir / f"{stem}.json")  # the index marks the shard complete
+        (out_dir / f"{stem}.json.part").rename(out_dir / f"{stem}.json")
     return out_dir
 
 

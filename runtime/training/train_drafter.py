@@ -37,12 +37,19 @@ def split_by_part(sequences: list[Sequence]) -> tuple[list[Sequence], list[Seque
 
 
 def make_batch(sequences: list[Sequence], rng: random.Random, anchors: int, block_size: int, mask_token_id: int):
-    """Tensors for one step: context features, blocks, positions, labels, loss weights mask."""
-    batch_size = len(sequences)
+    """Tensors for one training step, at `anchors` random positions inside each response."""
     chosen = []
     for s in sequences:
         candidates = range(s.prompt_len, len(s.tokens) - 1)  # the anchor needs at least one label after it
         chosen.append(sorted(rng.sample(candidates, min(anchors, len(candidates)))) if len(candidates) else [])
+    return batch_for_anchors(sequences, chosen, anchors, block_size, mask_token_id)
+
+
+def batch_for_anchors(sequences: list[Sequence], chosen: list[list[int]], anchors: int, block_size: int,
+                      mask_token_id: int):
+    """Context features, blocks, positions, labels and attention mask for blocks starting at the given
+    anchor positions (at most `anchors` per sequence; unused slots are inert)."""
+    batch_size = len(sequences)
     context_len = max(max(a) if a else 1 for a in chosen)
     width = anchors * block_size
     features = torch.zeros(batch_size, context_len, sequences[0].features.shape[1])
