@@ -376,7 +376,7 @@ def _hook_torch_native_forward_extend(original_fn, self, q, k, v, layer, forward
             width = q.shape[0] // bs
             saved = (fb.seq_lens, fb.extend_prefix_lens, fb.extend_seq_lens)
             prefix = fb.seq_lens
-            widths = getattr(fb.spec_info, "bp_widths", None)  # only the draft's spec info has it
+            widths = getattr(getattr(fb, "spec_info", None), "bp_widths", None)  # only the draft's spec info
             if widths is not None and _is_noncausal(layer):
                 from blockpilot.runtime import blocks
 

@@ -45,8 +45,11 @@ def test_methods_customspecalgo_lacks(algo):
 def test_worker_is_dflash_worker(algo):
     from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
 
+    from blockpilot.plugins.sglang.worker import BlockPilotWorker
+
     args = SimpleNamespace(disable_overlap_schedule=True)
-    assert plugin._worker_factory(args) is DFlashWorkerV2
+    assert plugin._worker_factory(args) is BlockPilotWorker
+    assert issubclass(BlockPilotWorker, DFlashWorkerV2)
 
 
 def _args(tmp_path, **over):

@@ -1,0 +1,475 @@
+"""End to end: a real SGLang server on 127.0.0.1 with ``--speculative-algorithm blockpilot`` and
+per-request block sizes, on CPU. Skipped when sglang is not importable (or the default model is
+not prepared); slow (several minutes on 2 cores: two BLOCKPILOT servers, one plain server, one
+launch that must fail, one at a time).
+
+What it proves:
+* greedy outputs equal transformers' greedy tokens (and the plain server's) for several prompts
+  whose requests run with DIFFERENT block sizes in one batch (the policy's choices plus
+  per-request overrides 1/"off", 3, 7, 16, sent concurrently), also in a batch narrower than the
+  server width (the width-scope path);
+* 32 concurrent requests all complete; a sampling and a streaming request run;
+* the per-request ``meta_info`` fields are present and consistent with SGLang's counters;
+* the policy's choices equal the runtime's for the same prompts (the features agree);
+* with every draft accepted (SGLang's SGLANG_SIMULATE_ACC_LEN knob) each request commits
+  exactly its own B_r tokens per verify in a mixed batch, and the per-request and server accept
+  rates count each request's own drafts;
+* a bad per-request size is refused with HTTP 400; a bad policy file (random bytes) makes the
+  server refuse to start with a clear message.
+
+The drafter is a fresh ``DFlashDraftModel.for_target`` (untrained: acceptance is about 1; the
+accept/cap logic with partly correct drafts is covered in process by test_worker.py) and the
+policy a random MLP exported for the real target + drafter fingerprints.
+
+Run: python -m pytest plugins/sglang/tests/test_server.py -q -s
+Knobs: BLOCKPILOT_SGLANG_TEST_PLAIN=0 skips the plain-server comparison (one launch fewer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sglang")
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+pytestmark = pytest.mark.slow
+
+MAX_NEW_TOKENS = 16
+NEAR_TIE_MARGIN = 1e-2  # as tests/conftest.py: a greedy mismatch is excused only at a near tie
+POLICY_MARGIN = 0.05  # the policy's choice is compared only where its own top-2 logits differ by more
+CANDIDATES = [3, 6, 10, 16]
+OVERRIDES = [None, 1, 3, 7, 16]  # None: the policy decides
+TEXTS = [
+    "Write a Python function that returns the factorial of n.",
+    "What is the capital of France?",
+    "Explain in two sentences why the sky is blue.",
+    "Give me three tips for writing clear emails.",
+    "List the planets of the solar system in order.",
+    "Translate 'good morning' into Spanish, French and German.",
+]
+READY = "The server is fired up and ready to roll"
+START_TIMEOUT = 900  # s, two busy cores
+REQUEST_TIMEOUT = 1800
+
+
+# ---- reference: the runtime / transformers ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def target():
+    from blockpilot.runtime.assets import default_model_dir
+    from blockpilot.runtime.target import TargetModel
+
+    path = default_model_dir()
+    if not (path / "config.json").is_file():
+        pytest.skip("the default model is not prepared (blockpilot prepare)")
+    return TargetModel.load(path, "float32")
+
+
+@pytest.fixture(scope="module")
+def prompts(target):
+    from blockpilot.runtime.prompts import encode_prompt
+
+    return [encode_prompt(target.tokenizer, text) for text in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def reference(target, prompts):
+    """transformers' greedy tokens for each prompt, with the top-2 logit margin at each step."""
+    model = target.hf_model
+    out = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            step = model(torch.tensor([prompt]), use_cache=True)
+            tokens, margins = [], []
+            for _ in range(MAX_NEW_TOKENS):
+                logits = step.logits[0, -1].float()
+                top = logits.topk(2)
+                tokens.append(int(top.indices[0]))
+                margins.append(float(top.values[0] - top.values[1]))
+                step = model(torch.tensor([[tokens[-1]]]), past_key_values=step.past_key_values, use_cache=True)
+            out.append((tokens, margins))
+    return out
+
+
+@pytest.fixture(scope="module")
+def drafter_dir(target, tmp_path_factory):
+    """A fresh untrained drafter for the default target, saved as the plugin serves it, with a random
+    policy beside it (``blockpilot_policy.onnx``, the default the plugin looks for). Returns the dir
+    and the runtime's policy choice + logit margin for each prompt."""
+    from blockpilot.runtime.drafter import DFlashDraftModel
+
+    directory = tmp_path_factory.mktemp("drafter")
+    drafter = DFlashDraftModel.for_target(target, num_layers=1, num_target_features=4, block_size=16, seed=0)
+    drafter.save(directory)
+    return directory, drafter
+
+
+@pytest.fixture(scope="module")
+def policy(target, drafter_dir, prompts):
+    from blockpilot.policy_export.export import export_policy
+    from blockpilot.policy_export.model import PolicyMLP
+    from blockpilot.runtime import blocks
+    from blockpilot.runtime.policy import PolicyFeatureSpec, drafter_fingerprint, prefill_features
+
+    directory, drafter = drafter_dir
+    layers = tuple(drafter.config.target_layer_ids)
+    rows = []
+    for prompt in prompts:  # the runtime's prefill features of each prompt, computed alone
+        layout = blocks.RaggedLayout.build(torch.tensor([len(prompt)]), torch.zeros(1, dtype=torch.long))
+        _, aux = target.forward(torch.tensor(prompt), layout, target.new_cache(1, len(prompt)), 0, layers)
+        rows.append(aux[-1])
+    raw = prefill_features(torch.stack(rows), [len(p) for p in prompts])
+    spec = PolicyFeatureSpec.for_drafter(drafter).with_normalisation(raw)
+    for seed in range(100):  # a random policy that gives these prompts different sizes, clearly
+        torch.manual_seed(seed)
+        model = PolicyMLP.for_spec(spec, len(CANDIDATES), hidden_size=16).eval()
+        with torch.no_grad():
+            model.output.weight.mul_(20)  # spread the logits: clear choices, robust to float noise
+            logits = model(torch.from_numpy(raw))
+        top = logits.topk(2, dim=1)
+        choices = [CANDIDATES[i] for i in top.indices[:, 0].tolist()]
+        margins = (top.values[:, 0] - top.values[:, 1]).tolist()
+        if len(set(choices)) >= 3 and min(margins) > 4 * POLICY_MARGIN:
+            break
+    else:
+        pytest.fail("no random policy with distinct, clear choices for the test prompts")
+    export_policy(model, spec, CANDIDATES, target.fingerprint(), drafter_fingerprint(drafter),
+                  {"note": "random test policy"}, directory / "blockpilot_policy.onnx", num_checks=8, latency_calls=1)
+    return choices, margins
+
+
+# ---- servers ----------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One SGLang server process group on 127.0.0.1, its output in a log file; always killed."""
+
+    def __init__(self, log_path: Path, extra_args: list[str], env: dict | None = None):
+        from blockpilot.runtime.assets import default_model_dir
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        args = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(default_model_dir()),
+                "--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32",
+                "--host", "127.0.0.1", "--port", str(self.port), "--max-total-tokens", "8192",
+                "--mem-fraction-static", "0.05", "--sleep-on-idle", *extra_args]
+        full_env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", **(env or {})}
+        for name in ("BLOCKPILOT_POLICY", "BLOCKPILOT_BLOCK_SIZES", "BLOCKPILOT_PAD_TO", "BLOCKPILOT_SGLANG_CONFIG"):
+            if name not in (env or {}):
+                full_env.pop(name, None)
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=full_env,
+                                     start_new_session=True)
+
+    def text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        for _ in range(START_TIMEOUT):
+            if READY in self.text():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited ({self.proc.returncode}):\n{self.text()[-4000:]}")
+            time.sleep(1)
+        raise AssertionError(f"server not ready after {START_TIMEOUT} s:\n{self.text()[-4000:]}")
+
+    def wait_exit(self) -> int:
+        return self.proc.wait(timeout=START_TIMEOUT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=60)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:  # the scheduler/detokenizer children share the group
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.log.close()
+
+    def post(self, path: str, body: dict) -> tuple[int, dict | str]:
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode(errors="replace")
+
+    def stream(self, body: dict) -> list[dict]:
+        request = urllib.request.Request(self.url + "/generate", data=json.dumps({**body, "stream": True}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        chunks = []
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
+            for line in response:
+                line = line.decode().strip()
+                if line.startswith("data:") and line != "data: [DONE]":
+                    chunks.append(json.loads(line[len("data:"):]))
+        return chunks
+
+
+def greedy(prompt, size=None, **extra):
+    params = {"temperature": 0, "max_new_tokens": MAX_NEW_TOKENS, "ignore_eos": True}
+    if size is not None:
+        params["custom_params"] = {"blockpilot_block_size": size}
+    params.update(extra)
+    return {"input_ids": prompt, "sampling_params": params}
+
+
+def run_concurrently(server, bodies):
+    with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+        return list(pool.map(lambda body: server.post("/generate", body), bodies))
+
+
+@pytest.fixture(scope="module")
+def blockpilot_run(drafter_dir, policy, prompts, tmp_path_factory):
+    """Everything the BLOCKPILOT server is asked, collected; the server is stopped before the tests look."""
+    directory, _ = drafter_dir
+    log = tmp_path_factory.mktemp("logs") / "blockpilot.log"
+    server = Server(log, ["--speculative-algorithm", "blockpilot", "--speculative-draft-model-path", str(directory)])
+    try:
+        server.wait_ready()
+        mixed = [(i, size) for i in range(len(prompts)) for size in OVERRIDES]  # 30 greedy requests
+        sampling = {"input_ids": prompts[0], "sampling_params": {
+            "temperature": 0.8, "top_p": 0.9, "max_new_tokens": MAX_NEW_TOKENS, "ignore_eos": True,
+            "custom_params": {"blockpilot_block_size": 6}}}
+        auto = greedy(prompts[1], "auto")
+        bodies = [greedy(prompts[i], size) for i, size in mixed] + [sampling, auto]
+        results = run_concurrently(server, bodies)  # 32 concurrent requests
+        narrow = [(0, 3), (1, "off"), (2, 7), (3, 7)]  # a batch narrower than the server: width 7
+        narrow_results = run_concurrently(server, [greedy(prompts[i], size) for i, size in narrow])
+        streamed = server.stream(greedy(prompts[4], 5))
+        bad = {value: server.post("/generate", greedy(prompts[0], value)) for value in (17, 0, "big", 2.5)}
+        run = dict(mixed=list(zip(mixed, results[:len(mixed)])), sampling=results[len(mixed)],
+                   auto=results[len(mixed) + 1], narrow=list(zip(narrow, narrow_results)), streamed=streamed,
+                   bad=bad, log=server.text())
+    finally:
+        server.stop()
+    write_summary(run, log.with_name("run.json"))
+    return run
+
+
+SUMMARY_KEYS = ("blockpilot_block_size", "blockpilot_block_source", "spec_verify_ct", "spec_num_correct_drafts",
+                "completion_tokens", "spec_accept_length", "blockpilot_accept_length", "blockpilot_accept_rate",
+                "spec_accept_rate", "spec_num_proposed_drafts")
+
+
+def write_summary(run, path):
+    """What each request got, for reading after the run (beside the server log)."""
+    def row(batch, prompt, size, result):
+        status, out = result
+        meta = out.get("meta_info", {}) if isinstance(out, dict) else {}
+        return {"batch": batch, "prompt": prompt, "requested": size, "status": status,
+                **{key: meta.get(key) for key in SUMMARY_KEYS},
+                "output_ids": out.get("output_ids") if isinstance(out, dict) else out}
+
+    rows = [row("mixed", i, size, result) for (i, size), result in run["mixed"]]
+    rows += [row("mixed", 0, "sampling 6", run["sampling"]), row("mixed", 1, "auto", run["auto"])]
+    rows += [row("narrow", i, size, result) for (i, size), result in run["narrow"]]
+    rows += [row("bad", 0, value, result) for value, result in run["bad"].items()]
+    path.write_text(json.dumps(rows, indent=1))
+
+
+@pytest.fixture(scope="module")
+def plain_run(prompts, tmp_path_factory, blockpilot_run):  # after the BLOCKPILOT server is gone
+    if os.environ.get("BLOCKPILOT_SGLANG_TEST_PLAIN", "1") == "0":
+        pytest.skip("BLOCKPILOT_SGLANG_TEST_PLAIN=0")
+    server = Server(tmp_path_factory.mktemp("logs") / "plain.log", [])
+    try:
+        server.wait_ready()
+        return run_concurrently(server, [greedy(p) for p in prompts])
+    finally:
+        server.stop()
+
+
+# ---- checks -----------------------------------------------------------------------------------------
+def assert_greedy_equal(got, ref_tokens, ref_margins, what):
+    """Equal to the reference, except after a first mismatch where the reference itself was at a near tie."""
+    for j, (a, b) in enumerate(zip(got, ref_tokens)):
+        if a != b:
+            assert ref_margins[j] < NEAR_TIE_MARGIN, (
+                f"{what}: token {j} is {a}, transformers' greedy is {b} (margin {ref_margins[j]:.4f})\n"
+                f"got {got}\nref {ref_tokens}")
+            return
+    assert len(got) == len(ref_tokens), f"{what}: {len(got)} tokens, expected {len(ref_tokens)}"
+
+
+def check_meta(meta, size, source, what):
+    for key in ("blockpilot_block_size", "blockpilot_block_source", "blockpilot_accept_length",
+                "blockpilot_accept_rate", "spec_verify_ct", "spec_num_correct_drafts", "spec_accept_length",
+                "spec_num_proposed_drafts", "completion_tokens"):
+        assert key in meta, f"{what}: meta_info lacks {key}: {meta}"
+    assert meta["blockpilot_block_size"] == size and meta["blockpilot_block_source"] == source, (what, meta)
+    ct, correct, tokens = meta["spec_verify_ct"], meta["spec_num_correct_drafts"], meta["completion_tokens"]
+    assert ct > 0 and tokens == MAX_NEW_TOKENS, (what, meta)
+    assert meta["spec_accept_length"] == pytest.approx(tokens / ct), (what, meta)  # SGLang's definition
+    assert meta["blockpilot_accept_length"] == pytest.approx(1 + correct / ct), (what, meta)
+    assert meta["spec_num_proposed_drafts"] == ct * (size - 1), (what, meta)
+    # the prefill gives the first token; each verify commits 1 + its accepted drafts (the last one may
+    # be cut at max_new_tokens by at most size - 1 tokens)
+    assert 0 <= 1 + ct + correct - tokens < max(size, 1), (what, meta)
+    if size == 1:
+        assert ct == MAX_NEW_TOKENS - 1 and correct == 0, (what, meta)  # one token per verify: the cap held
+        assert meta["blockpilot_accept_rate"] is None and "spec_accept_rate" not in meta, (what, meta)
+    else:
+        rate = correct / (ct * (size - 1))
+        assert meta["blockpilot_accept_rate"] == pytest.approx(rate), (what, meta)
+        assert meta["spec_accept_rate"] == pytest.approx(rate), (what, meta)
+
+
+def test_mixed_block_sizes_in_one_batch_are_lossless(blockpilot_run, reference, policy):
+    choices, _ = policy
+    sizes_per_prompt = {}
+    for (i, size), (status, out) in blockpilot_run["mixed"]:
+        assert status == 200, out
+        tokens, margins = reference[i]
+        assert_greedy_equal(out["output_ids"], tokens, margins, f"prompt {i} at block size {size}")
+        sizes_per_prompt.setdefault(i, set()).add(out["meta_info"]["blockpilot_block_size"])
+    assert all(len(s) >= 4 for s in sizes_per_prompt.values()), sizes_per_prompt
+    all_sizes = set().union(*sizes_per_prompt.values())
+    assert {1, 3, 7, 16} <= all_sizes and len(all_sizes - {1, 3, 7, 16}) >= 1, all_sizes  # policy sizes too
+    for (i, size), (status, out) in blockpilot_run["narrow"]:
+        assert status == 200, out
+        assert_greedy_equal(out["output_ids"], *reference[i], f"prompt {i} at block size {size} (width-7 batch)")
+
+
+def test_thirty_two_concurrent_requests_complete(blockpilot_run):
+    results = [r for _, r in blockpilot_run["mixed"]] + [blockpilot_run["sampling"], blockpilot_run["auto"]]
+    assert len(results) == 32
+    assert all(status == 200 and len(out["output_ids"]) == MAX_NEW_TOKENS for status, out in results)
+
+
+def test_meta_info_per_request(blockpilot_run, policy):
+    choices, margins = policy
+    for (i, size), (status, out) in blockpilot_run["mixed"] + blockpilot_run["narrow"]:
+        meta = out["meta_info"]
+        if size is None:
+            expected, source = meta["blockpilot_block_size"], "policy"
+            assert expected in CANDIDATES, meta
+        else:
+            expected, source = (1 if size == "off" else size), "request"
+        check_meta(meta, expected, source, f"prompt {i} size {size}")
+        if size is None and margins[i] > POLICY_MARGIN:
+            # the server's features (SGLang's captured prefill states) give the runtime's choice
+            assert meta["blockpilot_block_size"] == choices[i], (i, meta, choices)
+    status, out = blockpilot_run["auto"]
+    check_meta(out["meta_info"], choices[1], "policy", "auto")
+
+
+def test_sampling_request_runs(blockpilot_run):
+    status, out = blockpilot_run["sampling"]
+    assert status == 200, out
+    assert len(out["output_ids"]) == MAX_NEW_TOKENS
+    check_meta(out["meta_info"], 6, "request", "sampling")
+
+
+def test_streaming_request_carries_the_fields(blockpilot_run):
+    chunks = blockpilot_run["streamed"]
+    assert chunks, "no chunk"
+    first, last = chunks[0]["meta_info"], chunks[-1]["meta_info"]
+    assert first["blockpilot_block_size"] == 5 and first["blockpilot_block_source"] == "request"
+    check_meta(last, 5, "request", "streamed")
+
+
+def test_bad_request_sizes_are_refused(blockpilot_run):
+    for value, (status, body) in blockpilot_run["bad"].items():
+        assert status == 400, (value, status, body)
+        assert "blockpilot_block_size must be 1 or 'off'" in str(body), (value, body)
+
+
+def test_server_log_names_the_plugin_and_policy(blockpilot_run, drafter_dir):
+    log = blockpilot_run["log"]
+    assert "BLOCKPILOT per-request block sizes: range 2-16" in log
+    assert str(drafter_dir[0] / "blockpilot_policy.onnx") in log
+
+
+def test_plain_server_gives_the_same_tokens(plain_run, blockpilot_run, reference):
+    policy_rows = {i: out for (i, size), (_, out) in blockpilot_run["mixed"] if size is None}
+    for i, (status, out) in enumerate(plain_run):
+        assert status == 200, out
+        assert_greedy_equal(out["output_ids"], *reference[i], f"plain server, prompt {i}")
+        assert_greedy_equal(policy_rows[i]["output_ids"], out["output_ids"], reference[i][1],
+                            f"BLOCKPILOT vs plain server, prompt {i}")
+
+
+SIMULATED_SIZES = [1, 2, 3, 7, 16, None]  # None: no policy here, so the drafter's 16 ("default")
+
+
+@pytest.fixture(scope="module")
+def simulated_run(drafter_dir, prompts, tmp_path_factory):
+    """A BLOCKPILOT server where every draft is accepted (SGLang's SGLANG_SIMULATE_ACC_LEN knob forces
+    the commit length to the step width; outputs are junk, the counters are what matter): the cap
+    must hold each request to its own B_r tokens per verify, in mixed batches."""
+    log = tmp_path_factory.mktemp("logs") / "simulated.log"
+    server = Server(log, ["--speculative-algorithm", "blockpilot", "--speculative-draft-model-path",
+                          str(drafter_dir[0]), "--decode-log-interval", "1"],
+                    env={"SGLANG_SIMULATE_ACC_LEN": "64", "BLOCKPILOT_POLICY": "none"})
+    try:
+        server.wait_ready()
+        results = run_concurrently(server, [greedy(prompts[i], size) for i, size in enumerate(SIMULATED_SIZES)])
+        return results, server.text()
+    finally:
+        server.stop()
+
+
+def test_cap_and_accept_rate_with_every_draft_accepted(simulated_run):
+    results, log = simulated_run
+    for size, (status, out) in zip(SIMULATED_SIZES, results):
+        assert status == 200, out
+        meta = out["meta_info"]
+        width = size or 16
+        assert meta["blockpilot_block_source"] == ("request" if size else "default"), meta
+        assert meta["blockpilot_block_size"] == width and meta["completion_tokens"] == MAX_NEW_TOKENS, meta
+        ct = -(-(MAX_NEW_TOKENS - 1) // width)  # the prefill gives 1 token, each verify exactly B_r
+        assert meta["spec_verify_ct"] == ct and meta["spec_num_correct_drafts"] == ct * (width - 1), (size, meta)
+        assert meta["blockpilot_accept_length"] == width, (size, meta)
+        assert meta["spec_num_proposed_drafts"] == ct * (width - 1), (size, meta)
+        if width == 1:
+            assert meta["blockpilot_accept_rate"] is None and "spec_accept_rate" not in meta, meta
+        else:
+            assert meta["blockpilot_accept_rate"] == 1.0 and meta["spec_accept_rate"] == 1.0, meta
+    # The server's accept rate per decode step (logged every step here): every proposed draft was
+    # accepted, so 1.00 whenever a request proposed any (0.00: only opted-out requests were left).
+    # SGLang's own formula, correct / (steps x 15), would log values in between for mixed batches.
+    import re
+
+    rates = [float(r) for r in re.findall(r"Decode batch.*?accept rate: ([0-9.]+)", log)]
+    assert rates and 1.0 in rates and set(rates) <= {0.0, 1.0}, rates
+
+
+def test_a_bad_policy_file_stops_the_server_at_start_up(drafter_dir, tmp_path):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(os.urandom(4096))
+    server = Server(tmp_path / "bad.log", ["--speculative-algorithm", "blockpilot",
+                                           "--speculative-draft-model-path", str(drafter_dir[0])],
+                    env={"BLOCKPILOT_POLICY": str(garbage)})
+    try:
+        code = server.wait_exit()
+        text = server.text()
+    finally:
+        server.stop()
+    assert code != 0 and READY not in text
+    message = (f"BlockPilot policy {str(garbage)!r} cannot be used with this server: "
+               f"policy file {str(garbage)!r} is not a readable ONNX model")
+    assert message in text, text[-3000:]
