@@ -85,6 +85,16 @@ def _ragged(req_pool_indices, start_offset, end_offset):
     return rows, cols, total
 
 
+def _pool_ranges(req_pool_indices, req_to_token, start_offset, end_offset, out_cache_loc, pool_len):
+    """Check the arguments both pool-range ops share; return the (row, col) pairs and their count."""
+    _check(req_to_token.dim() == 2 and req_to_token.dtype == torch.int32, "req_to_token must be 2-D int32")
+    _check(out_cache_loc.dtype == torch.int64, "out_cache_loc must be int64")
+    _check(req_to_token.shape[1] == pool_len, "pool_len must equal req_to_token.shape[1]")
+    rows, cols, total = _ragged(req_pool_indices, start_offset, end_offset)
+    _check(total <= out_cache_loc.numel(), "out_cache_loc is shorter than the ranges")
+    return rows, cols, total
+
+
 @_counted
 def assign_req_to_token_pool_cpu(
     req_pool_indices: torch.Tensor,
@@ -97,21 +107,13 @@ def assign_req_to_token_pool_cpu(
     """``req_to_token[req_pool_indices[i], start[i]:end[i]] =
     out_cache_loc[prefix[i]:prefix[i+1]]`` with ``prefix`` the exclusive
     cumulative sum of ``end - start``. In place."""
-    _check(req_to_token.dim() == 2 and req_to_token.dtype == torch.int32, "req_to_token must be 2-D int32")
-    _check(out_cache_loc.dtype == torch.int64, "out_cache_loc must be int64")
-    _check(req_to_token.shape[1] == pool_len, "pool_len must equal req_to_token.shape[1]")
-    rows, cols, total = _ragged(req_pool_indices, start_offset, end_offset)
-    _check(total <= out_cache_loc.numel(), "out_cache_loc is shorter than the ranges")
+    rows, cols, total = _pool_ranges(req_pool_indices, req_to_token, start_offset, end_offset, out_cache_loc, pool_len)
     if total:
         req_to_token[rows, cols] = out_cache_loc.reshape(-1)[:total].to(torch.int32)
 
 
 def _gather_ranges(req_pool_indices, req_to_token, start_offset, end_offset, out_cache_loc, pool_len) -> None:
-    _check(req_to_token.dim() == 2 and req_to_token.dtype == torch.int32, "req_to_token must be 2-D int32")
-    _check(out_cache_loc.dtype == torch.int64, "out_cache_loc must be int64")
-    _check(req_to_token.shape[1] == pool_len, "pool_len must equal req_to_token.shape[1]")
-    rows, cols, total = _ragged(req_pool_indices, start_offset, end_offset)
-    _check(total <= out_cache_loc.numel(), "out_cache_loc is shorter than the ranges")
+    rows, cols, total = _pool_ranges(req_pool_indices, req_to_token, start_offset, end_offset, out_cache_loc, pool_len)
     if total:
         out_cache_loc.view(-1)[:total] = req_to_token[rows, cols].to(torch.int64)
 
