@@ -1,7 +1,7 @@
 """How much does the best block size vary *within* one request? (the reviewer's question)
 
 For a request's greedy output, the accepted length of a block starting at any position p is fixed
-by the drafter and the known continuation: `acc(p, B)`. With that profile, decoding at a fixed
+by the drafter and the known continuation: `acc(p, B)` (`runtime/replay.acceptance_profile`). With that profile, decoding at a fixed
 size B is replayed exactly (start at the prompt's end, accept acc(p, B), move on by acc + 1), and
 so is an idealised per-step oracle that picks, at every step, the size with the most tokens per
 millisecond for that step. Comparing the per-request oracle (one size per request, what
@@ -14,30 +14,8 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-import torch
 
 from blockpilot.runtime.step_cost import step_ms
-from blockpilot.runtime.training.features import Sequence
-from blockpilot.runtime.training.train_drafter import batch_for_anchors, drafter_hidden
-
-
-@torch.no_grad()
-def acceptance_profile(target, drafter, sequence: Sequence, sizes: list[int], anchors_per_call: int = 64) -> np.ndarray:
-    """`acc[i, j]`: drafts accepted by a block of size `sizes[j]` whose bonus token sits at position
-    `sequence.prompt_len + i` (greedy; capped by the tokens the output still has)."""
-    positions = list(range(sequence.prompt_len, len(sequence.tokens) - 1))
-    profile = np.zeros((len(positions), len(sizes)), dtype=np.int64)
-    mask_id = drafter.config.mask_token_id
-    for j, size in enumerate(sizes):
-        for start in range(0, len(positions), anchors_per_call):
-            chunk = positions[start:start + anchors_per_call]
-            features, tokens, where, labels, visible = batch_for_anchors([sequence], [chunk], len(chunk), size, mask_id)
-            predictions = target.lm_head(drafter_hidden(drafter, target, features, tokens, where, visible)).argmax(-1)
-            grid_pred = predictions.view(len(chunk), size)[:, 1:]
-            grid_label = labels.view(len(chunk), size)[:, 1:]
-            accepted = torch.cumprod((grid_pred == grid_label).long(), dim=1).sum(1)
-            profile[start:start + len(chunk), j] = accepted.numpy()
-    return profile
 
 
 def replay(profile: np.ndarray, sizes: list[int], costs: dict, choose) -> tuple[int, float, list[int]]:

@@ -378,11 +378,12 @@ def test_within_request_variation_replays_decoding():
 
 def test_acceptance_profile_replays_the_engine_exactly():
     """Replaying the profile at a fixed size gives the engine's own number of verify steps."""
-    from blockpilot.policy_export.analysis import acceptance_profile, replay
+    from blockpilot.policy_export.analysis import replay
+    from blockpilot.runtime.replay import acceptance_profile, prepare
     from blockpilot.runtime.engine import SpeculativeEngine
     from blockpilot.runtime.requests import GenerationRequest
     from blockpilot.runtime.sampling import SamplingParams
-    from blockpilot.runtime.training.features import Sequence, sequence_features
+    from blockpilot.runtime.training.features import sequence_features
     from conftest import tiny_drafter, tiny_target
     target = tiny_target(vocab_size=3, seed=2)  # (seed chosen so this random drafter is often accepted)
     drafter = tiny_drafter(target, block_size=4)
@@ -394,8 +395,8 @@ def test_acceptance_profile_replays_the_engine_exactly():
     for j, size in enumerate(sizes):
         result = engine.generate([GenerationRequest(prompt, SamplingParams(max_new_tokens=24), block_size=size)])[0]
         tokens = prompt + result.token_ids
-        seq = Sequence("s", np.array(tokens), len(prompt),
-                       sequence_features(target, drafter.config.target_layer_ids, [tokens])[0])
+        seq = prepare(drafter, "s", tokens, len(prompt),
+                      sequence_features(target, drafter.config.target_layer_ids, [tokens])[0], 24)
         profile = acceptance_profile(target, drafter, seq, sizes)
         steps, _, _ = replay(profile, sizes, costs, lambda i, j=j: j)
         assert steps == result.stats.target_forwards, size

@@ -140,25 +140,36 @@ def run_train_stage(recipe: DrafterRecipe) -> None:
 
 
 def run_eval_stage(recipe: DrafterRecipe) -> None:
-    """Acceptance and projected speed at every block size on held-out MT-Bench prompts -> model card."""
-    import json
+    """Acceptance and projected speed at every block size on held-out MT-Bench prompts -> model card.
 
-    from blockpilot.policy_export.collect import run_every_size
+    The target's greedy output is generated once (plain, batched); every block size is then replayed
+    on it (runtime/replay.py: the engine's exact counts, drafter forwards only)."""
+    import json
 
     from ..cli import parse_sizes
     from ..config import EngineConfig, build_engine
     from ..prompts import mtbench_records
+    from ..replay import replay_every_size
     from ..step_cost import measure_step_costs
+    from .datagen import generate_responses, read_responses
     from .model_card import summarise_curve, write_model_card
 
-    sizes = parse_sizes(recipe.eval.block_sizes)
+    sizes = sorted({1, *parse_sizes(recipe.eval.block_sizes)})
     engine = build_engine(EngineConfig(model=recipe.model, drafter=recipe.output_dir, dtype=recipe.dtype,
                                        max_batch_size=recipe.eval.batch_size, max_block_size=max(sizes)))
     records = mtbench_records(limit=recipe.eval.num_prompts)
-    rows = run_every_size(engine, records, sorted({1, *sizes}), Path(recipe.work_dir) / "eval_runs.jsonl",
-                          max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size)
-    costs = measure_step_costs(engine.target, engine.drafter, sorted({1, *sizes}))
+    reference_dir = Path(recipe.work_dir) / "eval-reference"
+    generate_responses(engine, records, reference_dir, max_new_tokens=recipe.eval.max_new_tokens,
+                       shard_size=recipe.eval.batch_size)
+    rows = replay_every_size(engine.target, engine.drafter, read_responses(reference_dir), sizes,
+                             recipe.eval.max_new_tokens)
+    runs = Path(recipe.work_dir) / "eval_runs.jsonl"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    costs = measure_step_costs(engine.target, engine.drafter, sizes)
     summary = summarise_curve(rows, costs)
     (Path(recipe.output_dir) / "eval_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_model_card(recipe, summary)
+    for c in summary["curve"]:
+        print(f"block {c['block_size']:>2}: acceptance {c['acceptance_length']:.2f} tokens/forward, "
+              f"projected {c['projected_tokens_per_s']:.1f} tok/s ({c['projected_speedup']:.2f}x plain)")
     print(f"eval: model card written to {recipe.output_dir}/README.md")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..drafter import DFlashDraftModel
+from ..replay import accepted_prefix
 from ..target import TargetModel
 from .features import Sequence
 from .prompt_sets import prompt_part
@@ -142,7 +143,7 @@ def expected_acceptance(drafter, target, sequences, block_size, mask_token_id, a
         grid_pred = predictions.view(len(features), anchors, block_size)[..., 1:]
         grid_label = labels.view(len(features), anchors, block_size)[..., 1:]
         used = grid_label[..., 0] >= 0
-        accepted = torch.cumprod((grid_pred == grid_label).long(), dim=-1).sum(-1)
+        accepted = accepted_prefix(grid_pred, grid_label)
         total += float((accepted + 1)[used].sum())
         count += int(used.sum())
     return total / max(count, 1)

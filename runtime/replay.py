@@ -1,0 +1,185 @@
+"""Replayed greedy decoding: what speculative decoding at block size B does to a known greedy output,
+at a fraction of the cost of running it.
+
+With greedy decoding the output does not depend on the block size (losslessness), so the target's
+own greedy continuation is known after one plain run. A decode step whose bonus token sits at
+position p drafts `[token_p, MASK x (B - 1)]` against the drafter's context (target features of
+tokens 0..p-1), accepts the longest prefix of drafts equal to the known continuation, and moves
+on by accepted + 1. Replaying that needs the drafter only, never the target's verify pass (5x the
+drafter's FLOPs here), and the lm_head only up to the first mismatch. The counts it gives are the
+runtime's (`tests/test_replay.py` checks them against `SpeculativeEngine`); speed follows from
+counts x the machine's step-cost table.
+
+Used by the drafter's evaluation curve, by `blockpilot collect` (policy labels) and by the
+within-request analysis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .drafter import DFlashDraftModel
+from .target import TargetModel
+
+
+def accepted_prefix(predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row `[..., n]`: how many leading predictions equal their labels (labels < 0 never match)."""
+    return torch.cumprod((predictions == labels).long(), dim=-1).sum(-1)
+
+
+@dataclass
+class ReplaySequence:
+    """One greedy output ready for replay: tokens, where the response starts, and the drafter's
+    context K/V for every token (per drafter layer, `[kv_heads, len, head_dim]`)."""
+    id: str
+    tokens: torch.Tensor
+    prompt_len: int
+    max_new_tokens: int
+    context: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def response_len(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+@torch.inference_mode()
+def prepare(drafter: DFlashDraftModel, sequence_id: str, tokens, prompt_len: int, features,
+            max_new_tokens: int) -> ReplaySequence:
+    """Context K/V of a whole greedy output from its target features `[len, k * hidden]`."""
+    dtype = drafter.fc.weight.dtype
+    context = drafter.project_context(torch.as_tensor(np.asarray(features)).to(dtype))
+    cos, sin = drafter.rotary(torch.arange(len(context)), dtype)
+    kv = []
+    for layer in drafter.layers:
+        k, v = layer.self_attn.key_value(context, cos, sin)  # [len, heads, dim]
+        kv.append((k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()))
+    return ReplaySequence(sequence_id, torch.as_tensor(np.asarray(tokens), dtype=torch.long), prompt_len,
+                          max_new_tokens, kv)
+
+
+@torch.inference_mode()
+def accepted_at(target: TargetModel, drafter: DFlashDraftModel, sequences: list[ReplaySequence],
+                positions: list[int], width: int, lm_head_chunk: int = 4) -> torch.Tensor:
+    """Drafts accepted by a `width`-wide block whose bonus token sits at `positions[i]` of
+    `sequences[i]` (one row per pair). The lm_head runs chunk by chunk and only for rows whose
+    drafts still all match: acceptance is decided by the first mismatch."""
+    n = len(sequences)
+    context_len = max(int(p) for p in positions)
+    kv_heads, head_dim = sequences[0].context[0][0].shape[0], sequences[0].context[0][0].shape[2]
+    dtype = sequences[0].context[0][0].dtype
+    context = []
+    for layer in range(len(drafter.layers)):
+        keys = torch.zeros(n, kv_heads, max(context_len, 1), head_dim, dtype=dtype)
+        values = torch.zeros_like(keys)
+        for i, (s, p) in enumerate(zip(sequences, positions)):
+            keys[i, :, :p], values[i, :, :p] = s.context[layer][0][:, :p], s.context[layer][1][:, :p]
+        context.append((keys, values))
+    p = torch.tensor(positions)
+    offsets = torch.arange(width)
+    block = torch.full((n, width), drafter.config.mask_token_id, dtype=torch.long)
+    block[:, 0] = torch.stack([s.tokens[q] for s, q in zip(sequences, positions)])
+    labels = torch.full((n, width - 1), -1, dtype=torch.long)
+    for i, (s, q) in enumerate(zip(sequences, positions)):
+        known = s.tokens[q + 1: q + width]
+        labels[i, : len(known)] = known
+    visible = torch.zeros(n, 1, width, max(context_len, 1) + width, dtype=torch.bool)
+    visible[..., : max(context_len, 1)] = (torch.arange(max(context_len, 1))[None, :] < p[:, None])[:, None, None, :]
+    visible[..., max(context_len, 1):] = True
+    hidden = drafter.forward_block(target.embed_tokens(block), p[:, None] + offsets[None, :], context, visible)
+    accepted = torch.zeros(n, dtype=torch.long)
+    alive = torch.ones(n, dtype=torch.bool)
+    for start in range(1, width, lm_head_chunk):
+        rows = alive.nonzero().squeeze(1)
+        if len(rows) == 0:
+            break
+        stop = min(start + lm_head_chunk, width)
+        predictions = target.lm_head(hidden[rows, start:stop]).argmax(-1)
+        run = accepted_prefix(predictions, labels[rows, start - 1: stop - 1])
+        accepted[rows] += run
+        alive[rows] = run == stop - start
+    return accepted
+
+
+@dataclass
+class ReplayResult:
+    id: str
+    block_size: int
+    generated_tokens: int  # the first comes from prefill, the rest from decode steps
+    target_forwards: int  # decode steps
+    accepted: list[int]  # drafts accepted at each step
+
+    @property
+    def acceptance_length(self) -> float:
+        """Tokens committed per target forward, bonus included (the runtime's definition)."""
+        return (self.generated_tokens - 1) / self.target_forwards if self.target_forwards else 0.0
+
+
+@torch.inference_mode()
+def replay_fixed_size(target: TargetModel, drafter: DFlashDraftModel, sequences: list[ReplaySequence],
+                      block_size: int, rows_per_call: int = 32) -> list[ReplayResult]:
+    """Greedy decoding at one block size, replayed for every sequence (batched across sequences).
+    Mirrors `SpeculativeEngine._decode_step`: a step's width is min(block size, tokens still
+    allowed), and tokens past the known output (after eos) never match."""
+    committed = [1] * len(sequences)  # the prefill's token
+    steps: list[list[int]] = [[] for _ in sequences]
+    active = [i for i, s in enumerate(sequences) if s.response_len > 1 and s.max_new_tokens > 1]
+    while active:
+        by_width: dict[int, list[int]] = {}
+        for i in active:
+            width = max(1, min(block_size, sequences[i].max_new_tokens - committed[i]))
+            by_width.setdefault(width, []).append(i)
+        for width, rows in by_width.items():
+            for start in range(0, len(rows), rows_per_call):
+                chunk = rows[start:start + rows_per_call]
+                if width == 1:
+                    accepted = [0] * len(chunk)
+                else:
+                    positions = [sequences[i].prompt_len + committed[i] - 1 for i in chunk]
+                    accepted = accepted_at(target, drafter, [sequences[i] for i in chunk], positions, width).tolist()
+                for i, a in zip(chunk, accepted):
+                    a = min(a, sequences[i].response_len - committed[i] - 1)
+                    steps[i].append(a)
+                    committed[i] += a + 1
+        active = [i for i in active if committed[i] < sequences[i].response_len]
+    return [ReplayResult(s.id, block_size, committed[i], len(steps[i]), steps[i]) for i, s in enumerate(sequences)]
+
+
+@torch.inference_mode()
+def acceptance_profile(target: TargetModel, drafter: DFlashDraftModel, sequence: ReplaySequence, sizes: list[int],
+                       rows_per_call: int = 64) -> np.ndarray:
+    """`acc[i, j]`: drafts accepted by a block of size `sizes[j]` whose bonus token sits at
+    `sequence.prompt_len + i` (every position of the output, for the within-request analysis)."""
+    positions = list(range(sequence.prompt_len, len(sequence.tokens) - 1))
+    profile = np.zeros((len(positions), len(sizes)), dtype=np.int64)
+    for j, size in enumerate(sizes):
+        for start in range(0, len(positions), rows_per_call):
+            chunk = positions[start:start + rows_per_call]
+            profile[start:start + len(chunk), j] = accepted_at(target, drafter, [sequence] * len(chunk), chunk,
+                                                               size).numpy()
+    return profile
+
+
+def replay_every_size(target: TargetModel, drafter: DFlashDraftModel, outputs: list[dict], sizes: list[int],
+                      max_new_tokens: int, show_progress: bool = True) -> list[dict]:
+    """Rows like `blockpilot collect`'s (id, block_size, generated_tokens, target_forwards,
+    acceptance_length) for every greedy output (`id`, `prompt_ids`, `response_ids`) at every size."""
+    from tqdm import tqdm
+
+    from .training.features import sequence_features
+
+    layer_ids = list(drafter.config.target_layer_ids)
+    token_lists = [o["prompt_ids"] + o["response_ids"] for o in outputs]
+    features = sequence_features(target, layer_ids, token_lists)
+    sequences = [prepare(drafter, o["id"], tokens, len(o["prompt_ids"]), f, max_new_tokens)
+                 for o, tokens, f in zip(outputs, token_lists, features)]
+    rows = []
+    for size in tqdm(sizes, desc="replay block sizes", unit="size", disable=not show_progress):
+        for s, result in zip(sequences, replay_fixed_size(target, drafter, sequences, size)):
+            rows.append({"id": s.id, "block_size": size, "prompt_tokens": s.prompt_len,
+                         "generated_tokens": result.generated_tokens, "target_forwards": result.target_forwards,
+                         "acceptance_length": round(result.acceptance_length, 4), "decode_s": None,
+                         "replayed": True, "accepted_per_step": result.accepted})
+    return rows

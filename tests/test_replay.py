@@ -1,0 +1,65 @@
+"""Replayed greedy decoding (runtime/replay.py) must count exactly what the engine does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blockpilot.runtime.drafter import DFlashDraftModel
+from blockpilot.runtime.engine import SpeculativeEngine
+from blockpilot.runtime.replay import accepted_prefix, replay_every_size
+from blockpilot.runtime.requests import GenerationRequest
+from blockpilot.runtime.sampling import SamplingParams
+
+from conftest import tiny_drafter, tiny_target
+
+
+def engine_and_replay(target, drafter, prompts, size, max_new_tokens):
+    engine = SpeculativeEngine(target, drafter, max_batch_size=len(prompts), max_block_size=max(size, drafter.config.block_size))
+    results = engine.generate([GenerationRequest(p, SamplingParams(max_new_tokens=max_new_tokens), str(i),
+                                                 block_size=size) for i, p in enumerate(prompts)])
+    outputs = [{"id": str(i), "prompt_ids": list(p), "response_ids": r.token_ids}
+               for i, (p, r) in enumerate(zip(prompts, results))]
+    rows = replay_every_size(target, drafter, outputs, [size], max_new_tokens, show_progress=False)
+    return results, rows
+
+
+def assert_same_counts(results, rows):
+    for result, row in zip(results, rows):
+        committed = {}
+        for accepted in row["accepted_per_step"]:
+            committed[accepted + 1] = committed.get(accepted + 1, 0) + 1
+        assert row["generated_tokens"] == result.stats.generated_tokens
+        assert row["target_forwards"] == result.stats.target_forwards, (row["id"], row["block_size"])
+        assert committed == {k: v for k, v in result.stats.committed_per_step.items() if v}
+
+
+def test_accepted_prefix_stops_at_first_mismatch():
+    predictions = torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4], [7, 2, 3, 4]])
+    labels = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, -1]])
+    assert accepted_prefix(predictions, labels).tolist() == [4, 1, 0]
+
+
+@pytest.mark.parametrize("size", [2, 5, 8])
+def test_replay_counts_equal_the_engine_on_a_tiny_pair(size):
+    # A 6-token vocabulary makes random drafts right often enough to exercise multi-token acceptance.
+    target = tiny_target(vocab_size=6, seed=3)
+    drafter = tiny_drafter(target, block_size=8)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 6, (n,), generator=generator).tolist() for n in (5, 9, 13, 7)]
+    results, rows = engine_and_replay(target, drafter, prompts, size, max_new_tokens=30)
+    assert sum(sum(r["accepted_per_step"]) for r in rows) > 0, "the test needs some accepted drafts"
+    assert_same_counts(results, rows)
+
+
+@pytest.mark.slow
+def test_replay_counts_equal_the_engine_with_the_shipped_drafter(default_target, chat_prompts):
+    from blockpilot.runtime.assets import DEFAULT_DRAFTER_DIR
+
+    if not (DEFAULT_DRAFTER_DIR / "config.json").exists():
+        pytest.skip("no trained drafter is shipped yet")
+    drafter = DFlashDraftModel.load(DEFAULT_DRAFTER_DIR)
+    for size in (6, 16):
+        results, rows = engine_and_replay(default_target, drafter, chat_prompts, size, max_new_tokens=96)
+        assert sum(sum(r["accepted_per_step"]) for r in rows) > len(rows) * 10
+        assert_same_counts(results, rows)
