@@ -8,7 +8,13 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench step-costs clean
+# The SGLang plugin is tested in its own virtualenv: SGLang's CPU install pins and patches things
+# (.ci/install_sglang_cpu.sh) that the core runtime must not depend on.
+SGL_VENV := .venv-sglang
+SGL_BIN := $(SGL_VENV)/bin
+SGL_STAMP := $(SGL_VENV)/.installed
+
+.PHONY: install install-sglang demo test test-core test-sglang test-fast bench step-costs clean
 
 install: $(STAMP)
 
@@ -23,9 +29,26 @@ demo: install
 	$(BIN)/blockpilot prepare
 	$(BIN)/blockpilot demo
 
-test: install
+install-sglang: $(SGL_STAMP)
+
+$(SGL_STAMP): pyproject.toml .ci/install_sglang_cpu.sh plugins/sglang/boot.py
+	test -x $(SGL_BIN)/python || $(PYTHON) -m venv $(SGL_VENV)
+	$(SGL_BIN)/python -m pip install --quiet --upgrade pip
+	$(SGL_BIN)/python -c "import torch" 2>/dev/null || $(SGL_BIN)/pip install --quiet "$(TORCH_SPEC)"
+	bash .ci/install_sglang_cpu.sh $(SGL_BIN)/python
+	$(SGL_BIN)/pip install --quiet -e ".[dev]" openai -c .ci/sglang-constraints.txt
+	touch $(SGL_STAMP)
+
+# Everything: the runtime, policy and training tests, then the SGLang plugin against real servers.
+test: test-core test-sglang
+
+test-core: install
 	$(BIN)/blockpilot prepare
 	$(BIN)/python -m pytest -q tests
+
+test-sglang: install install-sglang
+	$(BIN)/blockpilot prepare
+	SGLANG_USE_CPU_ENGINE=1 $(SGL_BIN)/python -m pytest -q plugins/sglang/tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
@@ -37,4 +60,4 @@ step-costs: install
 	$(BIN)/blockpilot step-costs --dtypes float32 bfloat16 --widths 1,2,4,8,16,24,32 --output runs/step_costs.json
 
 clean:
-	rm -rf $(VENV) runs *.egg-info
+	rm -rf $(VENV) $(SGL_VENV) runs *.egg-info
