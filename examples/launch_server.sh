@@ -2,7 +2,7 @@
 # An SGLang server with BlockPilot per-request block sizes (`--speculative-algorithm blockpilot`).
 #
 #   examples/launch_server.sh                      # default model + shipped drafter, GPU if visible else CPU
-#   MODEL=~/models/Qwen3-4B DRAFTER=~/models/Qwen3-4B-DFlash-b16 examples/launch_server.sh --port 30001
+#   MODEL=~/models/Qwen3-4B DRAFTER=~/models/Qwen3-4B-DFlash-b16 examples/launch_server.sh --max-running-requests 16
 #
 # Settings (environment; extra arguments go to sglang.launch_server unchanged):
 #   MODEL     target HF directory          (default: the default model, converted once: `blockpilot prepare`)
@@ -14,6 +14,7 @@
 #                      default --max-running-requests)
 #   BLOCKPILOT_POLICY       policy .onnx, or "none" (default: blockpilot_policy.onnx beside the drafter, if there)
 #   BLOCKPILOT_BLOCK_SIZES  candidate range, e.g. 12-20 (default: 2 up to the drafter's / policy's largest size)
+#   BLOCKPILOT_PAD_TO       batch | server (default: batch on CPU, server on GPU, see below)
 # The plugin reads the BLOCKPILOT_* variables itself, in every SGLang process (plugins/sglang/per_request.py).
 #
 # CPU needs the venv prepared by .ci/install_sglang_cpu.sh (torchvision and sgl_kernel start-up fixes);
@@ -24,8 +25,9 @@ set -euo pipefail
 PYTHON=${PYTHON:-python}
 HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-30000}
-MODEL=${MODEL:-$("$PYTHON" -c "from blockpilot.runtime.assets import ensure_default_model; print(ensure_default_model())")}
-DRAFTER=${DRAFTER:-$("$PYTHON" -c "from blockpilot.runtime.assets import DEFAULT_DRAFTER_DIR; print(DEFAULT_DRAFTER_DIR)")}
+assets() { "$PYTHON" -c "from blockpilot.runtime import assets; print($1)"; }
+MODEL=${MODEL:-$(assets "assets.ensure_default_model()")}
+DRAFTER=${DRAFTER:-$(assets "assets.DEFAULT_DRAFTER_DIR")}
 DEVICE=${DEVICE:-$("$PYTHON" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
 
 if [[ ! -f "$DRAFTER/config.json" ]]; then
@@ -49,8 +51,9 @@ if [[ "$DEVICE" == cpu ]]; then
                  --max-total-tokens 8192 --mem-fraction-static 0.05 --sleep-on-idle)
 else
     # FlashInfer for the target and (resolved from it by the plugin) the draft. CUDA graphs are on by
-    # default and captured at the server's width, the top of the block-size range; requests narrower
-    # than that run inside the same graphs (pad_to: server, the default with graphs).
+    # default and captured at the server's width, the top of the block-size range; the plugin then pads
+    # every step to that width (pad_to server, chosen when decode graphs are on, as DFlashWorkerV2
+    # decides to capture them), so narrower requests run inside the same graphs.
     device_args=(--attention-backend flashinfer --cuda-graph-max-bs-decode "${CUDA_GRAPH_MAX_BS:-48}")
 fi
 

@@ -28,7 +28,8 @@ from typing import Optional
 import torch
 from sglang.srt.mem_cache.kv_loc_plan import IdSpaceKind
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
-from sglang.srt.runtime_context import get_parallel
+from sglang.srt.model_executor.cuda_graph_config import Backend
+from sglang.srt.runtime_context import get_exec, get_parallel
 from sglang.srt.speculative.dflash_info import DFlashVerifyInput
 from sglang.srt.speculative.dflash_utils import parse_dflash_draft_config
 from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
@@ -141,7 +142,9 @@ class BlockPilotWorker(DFlashWorkerV2):
         self._bp_policy = (per_request.load_policy(path, server_args.model_path,
                                                    server_args.speculative_draft_model_path)
                            if path is not None else None)
-        graphs = str(self.device).startswith("cuda") and not getattr(server_args, "disable_cuda_graph", True)
+        # The same question DFlashWorkerV2.init_cuda_graphs asks: are decode steps captured in graphs?
+        graphs = (str(self.device).startswith("cuda")
+                  and get_exec().graph.cuda_graph_config.decode.backend != Backend.DISABLED)
         self._bp_pad_to = cfg.pad_to or ("server" if graphs else "batch")
         self._draft_block_spec_info = BlockPilotDraftBlockInfo.for_width(self._bp_max, self.device)
         self._bp_states: dict[int, dict] = {}  # width -> its WIDTH_ATTRS (pad_to: batch)

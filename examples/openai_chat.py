@@ -1,0 +1,63 @@
+"""A chat completion through the ``openai`` client against a BlockPilot server, naming its block size.
+
+    examples/launch_server.sh &
+    python examples/openai_chat.py [--base-url http://127.0.0.1:30000/v1] [--block-size 8 | off | auto]
+
+SGLang's chat endpoint takes ``custom_params`` as a top-level field of the request body and puts it into
+the request's sampling params (``ChatCompletionRequest.custom_params`` and ``to_sampling_params`` in
+sglang/srt/entrypoints/openai/protocol.py), where BlockPilot reads ``blockpilot_block_size``. The
+``openai`` client sends fields it does not know through ``extra_body``. So does SGLang's
+``return_meta_info``, which adds the /generate ``meta_info`` (with the block-size fields) to each choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+PROMPT = "Write a Python function that returns the factorial of n."
+
+
+def chat(base_url: str, messages: list[dict], block_size=None, max_tokens: int = 128, model: str = "default",
+         extra_body: dict | None = None, timeout: float = 600) -> dict:
+    """One greedy chat completion; `block_size`: an int, "off" (no speculation), "auto" or None (the
+    server's choice). Returns the response as a dict (SGLang's extra fields included)."""
+    from openai import OpenAI
+
+    # SGLang ignores the key unless started with --api-key. No retries: a retry reruns the whole generation.
+    client = OpenAI(base_url=base_url, api_key="EMPTY", timeout=timeout, max_retries=0)
+    body = {"return_meta_info": True, **(extra_body or {})}
+    if block_size is not None:
+        body["custom_params"] = {"blockpilot_block_size": block_size}
+    response = client.chat.completions.create(model=model, messages=messages, temperature=0,
+                                              max_completion_tokens=max_tokens, extra_body=body)
+    return response.model_dump()
+
+
+def block_size_arg(text: str):
+    return text if text in ("off", "auto") else int(text)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base-url", default="http://127.0.0.1:30000/v1")
+    parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--block-size", type=block_size_arg, default=8,
+                        help="this request's block size: an integer in the server's range, 'off' or 'auto'")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    response = chat(args.base_url, [{"role": "user", "content": args.prompt}], args.block_size, args.max_tokens)
+    choice = response["choices"][0]
+    meta = choice.get("meta_info") or {}
+    print(choice["message"]["content"])
+    print(f"--- block size {meta.get('blockpilot_block_size')} ({meta.get('blockpilot_block_source')}), "
+          f"accept length {meta.get('blockpilot_accept_length')}, {response['usage']['completion_tokens']} tokens, "
+          f"finish reason {choice['finish_reason']}")
+    return response
+
+
+if __name__ == "__main__":
+    main()
