@@ -97,6 +97,9 @@ mask token `<empty_output>` (id 16).
   (no GPU); final loss {training.get('final_loss', '?')}; held-out expected acceptance
   {training.get('val_acceptance_length', '?')} at block size {recipe.drafter.block_size}.
 
+## How this recipe was chosen
+{recipe.notes.strip() or "(no notes in the recipe)"}
+
 ## Acceptance curve (held out: {summary['prompts']} MT-Bench first turns, greedy, {recipe.eval.max_new_tokens} new tokens)
 Step costs measured on this machine ({costs['dtype']}, {costs['threads']} threads, KV cache of
 {costs['context_tokens']} tokens); projected speed = tokens / (target forwards x step cost).

@@ -60,6 +60,7 @@ class DrafterRecipe:
     drafter: DrafterShape = field(default_factory=DrafterShape)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    notes: str = ""  # how the recipe was chosen; copied into the model card
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "DrafterRecipe":

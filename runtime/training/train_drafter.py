@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from ..drafter import DFlashDraftModel
@@ -149,6 +150,33 @@ def expected_acceptance(drafter, target, sequences, block_size, mask_token_id, a
     return total / max(count, 1)
 
 
+def feature_scale(sequences: list[Sequence], sample_tokens: int = 50_000, seed: int = 0) -> torch.Tensor:
+    """Per-dimension RMS of the target features over a sample of training tokens."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in rng.permutation(len(sequences))[: max(1, sample_tokens // 200)]:
+        rows.append(np.asarray(sequences[s].features, dtype=np.float32))
+    sample = np.concatenate(rows)[:sample_tokens]
+    return torch.from_numpy(np.sqrt((sample ** 2).mean(0))).clamp_min(1e-2)
+
+
+class DivideColumns(torch.nn.Module):
+    """fc's weight as `trained / scale` (per input column).
+
+    The target's hidden states carry massive activations (SmolLM2: |x| up to ~25k in a few
+    dimensions of layers 18 and 27, typical |x| ~5): with fc trained directly, every Adam step on a
+    weight of such a dimension moves the drafter's context by ~25k x lr and training crawls. Trained
+    on unit-scale inputs instead and folded back into fc.weight at the end, the saved drafter keeps
+    the published format unchanged."""
+
+    def __init__(self, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight / self.scale
+
+
 def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path) -> DFlashDraftModel:
     cfg, shape = recipe.train, recipe.drafter
     train_set, validation = split_by_part(sequences)
@@ -157,6 +185,7 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
                                           num_target_features=shape.num_target_features,
                                           block_size=shape.block_size, seed=cfg.seed).float().train()
     drafter.requires_grad_(True)
+    parametrize.register_parametrization(drafter.fc, "weight", DivideColumns(feature_scale(train_set)))
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.95))
     step, rng, elapsed = 0, random.Random(cfg.seed), 0.0
@@ -208,4 +237,5 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
                         "config": asdict(cfg)}, checkpoint.with_suffix(".tmp"))
             checkpoint.with_suffix(".tmp").rename(checkpoint)
     bar.close()
+    parametrize.remove_parametrizations(drafter.fc, "weight", leave_parametrized=True)
     return drafter.eval().requires_grad_(False)

@@ -132,19 +132,31 @@ def test_offline_batch_engine_is_lossless(target, drafter_dir, policy, reference
 
 # ---- (b), (c): one BLOCKPILOT server for both client examples ----------------------------------------
 @pytest.fixture(scope="module")
-def server(drafter_dir, policy, tmp_path_factory):
-    """The test drafter with the random policy beside it; started after the engine test is done."""
+def served(drafter_dir, policy, tmp_path_factory):
+    """(server, the policy's candidate sizes): the shipped drafter with the shipped policy beside it
+    (what a user gets by default), else the test drafter with its random policy. Started after the
+    engine test is done."""
+    import json as _json
+
+    from blockpilot.runtime.assets import DEFAULT_DRAFTER_DIR, DEFAULT_POLICY_PATH
+    from blockpilot.runtime.policy import METADATA_KEYS, read_policy_file
+
+    if (DEFAULT_DRAFTER_DIR / "config.json").is_file() and DEFAULT_POLICY_PATH.is_file():
+        drafter, candidates = DEFAULT_DRAFTER_DIR, _json.loads(
+            read_policy_file(DEFAULT_POLICY_PATH)[1][METADATA_KEYS["candidates"]])
+    else:
+        drafter, candidates = drafter_dir[0], CANDIDATES
     log = tmp_path_factory.mktemp("logs") / "frontends.log"
-    server = Server(log, ["--speculative-algorithm", "blockpilot",
-                          "--speculative-draft-model-path", str(drafter_dir[0])])
+    server = Server(log, ["--speculative-algorithm", "blockpilot", "--speculative-draft-model-path", str(drafter)])
     try:
         server.wait_ready()
-        yield server
+        yield server, candidates
     finally:
         server.stop()
 
 
-def test_frontend_program_is_lossless(server, target):
+def test_frontend_program_is_lossless(served, target):
+    server, candidates = served
     frontend = load_example("frontend_program")
     state = frontend.run(server.url, max_new_tokens=MAX_NEW_TOKENS)
     text = state.text()
@@ -157,10 +169,11 @@ def test_frontend_program_is_lossless(server, target):
         tokens, margins = greedy_until_eos(target, target.tokenizer(prompt_text)["input_ids"], MAX_NEW_TOKENS)
         assert_text_equal(target, answer, tokens, margins, f"frontend {name}")
         meta = state.get_meta_info(name)  # no per-request size from the frontend language: the policy's
-        assert meta["blockpilot_block_source"] == "policy" and meta["blockpilot_block_size"] in CANDIDATES, meta
+        assert meta["blockpilot_block_source"] == "policy" and meta["blockpilot_block_size"] in candidates, meta
 
 
-def test_openai_chat_honours_its_block_size(server, target, prompts, reference):
+def test_openai_chat_honours_its_block_size(served, target, prompts, reference):
+    server, _ = served
     chat = load_example("openai_chat").chat
     # ignore_eos: exactly MAX_NEW_TOKENS tokens, as `reference`; return_token_ids: token ids to compare.
     response = chat(server.url + "/v1", [{"role": "user", "content": TEXTS[0]}], block_size=7,
