@@ -123,8 +123,25 @@ def cmd_bench(args) -> None:
 
 def cmd_step_costs(args) -> None:
     from .config import EngineConfig, build_engine
-    from .step_cost import measure_step_costs
+    from .step_cost import measure_padding_cost, measure_step_costs
 
+    if args.mixed:
+        engine = build_engine(_engine_config(args))
+        if engine.drafter is None:
+            raise ValueError("--mixed measures decode steps with a drafter; do not pass --drafter none")
+        batches = {spec: parse_sizes(spec) if "-" in spec else [int(w) for w in spec.split(",")]
+                   for spec in args.mixed}
+        report = measure_padding_cost(engine.target, engine.drafter, batches, context_tokens=args.context_tokens,
+                                      repeats=args.repeats)
+        print(f"median ms per decode step (drafter + verify), KV cache of {args.context_tokens} tokens, "
+              f"{report['threads']} threads, {report['dtype']}: ragged widths vs padded to the widest")
+        print(f"{'batch widths':<40} {'ragged ms':>10} {'padded ms':>10} {'padded/ragged':>14}")
+        for name, row in report["batches"].items():
+            print(f"{name:<40} {row['ragged_ms']:>10.1f} {row['padded_ms']:>10.1f} {row['padded_over_ragged']:>14.3f}")
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        return
     tables = []
     for dtype in args.dtypes:
         config = _engine_config(args)
@@ -238,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--output", help="write the tables as JSON here")
     _engine_args(p)
+    p.add_argument("--mixed", nargs="+", metavar="WIDTHS",
+                   help="instead: mixed-width batches (e.g. 12,16,20,20 or 12-20), ragged vs padded to the widest")
     p.set_defaults(func=cmd_step_costs)
 
     p = commands.add_parser("demo", help="a few real prompts with speculation, and what it achieved")

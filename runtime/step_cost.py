@@ -77,3 +77,44 @@ def per_prompt_scores(rows: list[dict], costs: dict) -> dict[str, dict[int, tupl
             scores.setdefault(row["id"], {})[row["block_size"]] = (
                 tokens / forwards, tokens / (forwards * step_ms(costs, row["block_size"])))
     return scores
+
+
+@torch.inference_mode()
+def measure_padding_cost(target: TargetModel, drafter: DFlashDraftModel, batches: dict[str, list[int]],
+                         context_tokens: int = 128, repeats: int = 7) -> dict:
+    """One decode step (drafter + target verify) for mixed-width batches, each run two ways: ragged
+    (every row at its own width, this runtime's layout) and padded to the batch's widest block (the
+    SGLang plugin's layout, whose tail drafts are excluded from acceptance). Median ms per step."""
+    generator = torch.Generator().manual_seed(0)
+    capture = tuple(drafter.config.target_layer_ids)
+    prepared = {}
+    for name, widths in batches.items():
+        rows = len(widths)
+        capacity = context_tokens + max(widths) + 1
+        target_cache, draft_cache = target.new_cache(rows, capacity), drafter.new_cache(rows, capacity)
+        layout = blocks.RaggedLayout.build(torch.full((rows,), context_tokens), torch.zeros(rows, dtype=torch.long))
+        context = torch.randint(0, target.vocab_size, (layout.num_tokens,), generator=generator)
+        _, features = target.forward(context, layout, target_cache, 0, capture)
+        drafter.write_context(features, layout.row, layout.positions, draft_cache)
+        prepared[name] = (widths, target_cache, draft_cache)
+    ms = {(name, way): [] for name in batches for way in ("ragged", "padded")}
+    for _ in range(repeats):
+        for name, (widths, target_cache, draft_cache) in prepared.items():
+            for way in ("ragged", "padded"):
+                step_widths = widths if way == "ragged" else [max(widths)] * len(widths)
+                step = blocks.RaggedLayout.build(torch.tensor(step_widths), torch.full((len(widths),), context_tokens))
+                tokens = torch.randint(0, target.vocab_size, (step.num_tokens,), generator=generator)
+                began = time.perf_counter()
+                proposed = propose_drafts(target, drafter, blocks.block_tokens(tokens[: len(widths)], step, 0), step,
+                                          draft_cache)
+                hidden, _ = target.forward(proposed, step, target_cache, 0, capture)
+                target.lm_head(hidden)
+                ms[(name, way)].append((time.perf_counter() - began) * 1e3)
+    report = {"context_tokens": context_tokens, "repeats": repeats, "threads": torch.get_num_threads(),
+              "dtype": str(target.dtype).removeprefix("torch."), "batches": {}}
+    for name, widths in batches.items():
+        ragged, padded = statistics.median(ms[(name, "ragged")]), statistics.median(ms[(name, "padded")])
+        report["batches"][name] = {"widths": widths, "ragged_tokens": sum(widths),
+                                   "padded_tokens": max(widths) * len(widths), "ragged_ms": round(ragged, 2),
+                                   "padded_ms": round(padded, 2), "padded_over_ragged": round(padded / ragged, 3)}
+    return report

@@ -1,0 +1,29 @@
+"""The step-cost tables that turn counts into tokens/s, and the padded-vs-ragged measurement."""
+
+from __future__ import annotations
+
+from blockpilot.runtime.step_cost import measure_padding_cost, measure_step_costs, step_ms
+
+from conftest import tiny_drafter, tiny_target
+
+
+def test_step_cost_table_has_every_width_and_reads_back_from_json():
+    target = tiny_target()
+    drafter = tiny_drafter(target)
+    costs = measure_step_costs(target, drafter, [1, 2, 4], context_tokens=16, repeats=2)
+    assert set(costs["target_ms"]) == {1, 2, 4} and set(costs["drafter_ms"]) == {2, 4}  # width 1 drafts nothing
+    assert all(ms > 0 for ms in costs["target_ms"].values())
+    as_json = {"target_ms": {str(k): v for k, v in costs["target_ms"].items()},
+               "drafter_ms": {str(k): v for k, v in costs["drafter_ms"].items()}}
+    assert step_ms(as_json, 4) == costs["target_ms"][4] + costs["drafter_ms"][4]
+    assert step_ms(as_json, 1) == costs["target_ms"][1]
+
+
+def test_padding_cost_runs_both_layouts_of_each_batch():
+    target = tiny_target()
+    drafter = tiny_drafter(target)
+    report = measure_padding_cost(target, drafter, {"mixed": [2, 8, 3], "same": [4, 4]}, context_tokens=16, repeats=2)
+    mixed, same = report["batches"]["mixed"], report["batches"]["same"]
+    assert (mixed["ragged_tokens"], mixed["padded_tokens"]) == (13, 24)
+    assert (same["ragged_tokens"], same["padded_tokens"]) == (8, 8)
+    assert mixed["ragged_ms"] > 0 and mixed["padded_ms"] > 0
