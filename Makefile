@@ -14,7 +14,7 @@ SGL_VENV := .venv-sglang
 SGL_BIN := $(SGL_VENV)/bin
 SGL_STAMP := $(SGL_VENV)/.installed
 
-.PHONY: install install-sglang demo test test-core test-sglang test-fast bench step-costs clean
+.PHONY: install install-sglang demo test test-core test-sglang test-fast bench padding-cost step-costs clean
 
 install: $(STAMP)
 
@@ -53,8 +53,16 @@ test-sglang: install install-sglang
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+# Plain decoding vs fixed sizes vs the shipped policy, batch 1, side by side (about 10 min here).
+BENCH_SIZES ?= 8,16
 bench: install
-	$(BIN)/blockpilot bench --num-prompts 8 --block-sizes 2-24 --repeats 3 --max-new-tokens 256 --output-dir runs/bench
+	$(BIN)/blockpilot prepare
+	$(BIN)/blockpilot bench --num-prompts 6 --block-sizes $(BENCH_SIZES) --block-size auto --repeats 2 \
+		--max-new-tokens 256 --batch-size 1 --output-dir runs/bench
+
+# Ragged vs padded-to-widest decode steps for mixed-width batches (the SGLang plugin pads).
+padding-cost: install
+	$(BIN)/blockpilot step-costs --mixed 16,16,16,16 12,14,16,20 12,12,12,20 12-20 4,16 --output runs/padding_cost.json
 
 step-costs: install
 	$(BIN)/blockpilot step-costs --dtypes float32 bfloat16 --widths 1,2,4,8,16,24,32 --output runs/step_costs.json

@@ -169,7 +169,10 @@ def cmd_demo(args) -> None:
     from .requests import GenerationRequest
     from .sampling import SamplingParams
 
-    engine = build_engine(EngineConfig())
+    from . import assets
+
+    shipped = (assets.DEFAULT_DRAFTER_DIR / "config.json").exists() and assets.DEFAULT_POLICY_PATH.exists()
+    engine = build_engine(EngineConfig(block_size="auto" if shipped else None))  # the shipped policy picks sizes
     records = [r for r in mtbench_records(categories=["coding", "stem", "writing", "humanities"])][:: 10][: args.num_prompts]
     tokenizer = engine.target.tokenizer
     print(f"target: {engine.target.model_dir} ({engine.target.dtype}), drafter block size "
@@ -185,10 +188,10 @@ def cmd_demo(args) -> None:
     requests = [GenerationRequest(encode_prompt(tokenizer, r), sampling, r.id) for r in records]
     results = engine.generate(requests, on_commit=stream)
     plain = engine.generate([GenerationRequest(encode_prompt(tokenizer, r), sampling, r.id, block_size=1) for r in records])
-    print(f"\n{'prompt':<12} {'block':>5} {'tokens':>6} {'accept len':>10} {'tok/s':>7} {'plain tok/s':>11} {'same as plain':>13}")
+    print(f"\n{'prompt':<12} {'block':>5} {'chosen by':>9} {'tokens':>6} {'accept len':>10} {'tok/s':>7} {'plain tok/s':>11} {'same as plain':>13}")
     for result, base in zip(results, plain):
         s = result.stats
-        print(f"{result.request_id:<12} {s.block_size:>5} {s.generated_tokens:>6} {s.acceptance_length:>10.2f} "
+        print(f"{result.request_id:<12} {s.block_size:>5} {s.block_size_source:>9} {s.generated_tokens:>6} {s.acceptance_length:>10.2f} "
               f"{s.decode_tokens_per_s:>7.1f} {base.stats.decode_tokens_per_s:>11.1f} "
               f"{str(result.token_ids == base.token_ids):>13}")
     print(f"\n({len(records)} MT-Bench prompts, greedy, batch of {len(records)}; tokens/s here are noisy: "
