@@ -139,3 +139,48 @@ def test_recipe_yaml_is_typed_and_strict(tmp_path, monkeypatch):
     bad.write_text("work_dir: x\noutput_dir: y\ntrain:\n  stepz: 3\n")
     with _pytest.raises(ValueError, match="unknown settings \\['stepz'\\]"):
         DrafterRecipe.from_yaml(bad)
+
+
+def test_train_checkpoints_resumes_and_saves_a_plain_fc(tmp_path, monkeypatch):
+    """train(): a killed run resumes from its checkpoint, and the drafter it returns has fc folded
+    back to a plain weight (the published format), equal to the trained `original / scale`."""
+    import json
+
+    from torch.nn.utils import parametrize
+
+    from blockpilot.runtime import drafter as drafter_module
+    from blockpilot.runtime.drafter import build_target_layer_ids
+    from blockpilot.runtime.training.recipe import DrafterRecipe, DrafterShape, TrainConfig
+    from blockpilot.runtime.training.train_drafter import train
+
+    monkeypatch.setattr(drafter_module, "choose_mask_token_id", lambda tokenizer: 0)  # tiny target: no tokenizer
+    target = tiny_target(vocab_size=32, seed=0)
+    layer_ids = build_target_layer_ids(target.num_layers, 2)
+    rng = random.Random(0)
+    sequences = []
+    for i in range(40):
+        tokens = np.array([rng.randrange(1, 32) for _ in range(3)] * 6)
+        with torch.no_grad():
+            hs = target.hf_model(torch.tensor([tokens]), output_hidden_states=True).hidden_states
+        feats = torch.cat([hs[j + 1][0] for j in layer_ids], -1).numpy().astype(np.float16)
+        sequences.append(Sequence(f"seq-{i}", tokens, 4, feats))
+    train_part, validation = split_by_part(sequences)
+    assert train_part and validation
+
+    def recipe(steps):
+        return DrafterRecipe(work_dir=str(tmp_path), output_dir=str(tmp_path / "out"),
+                             drafter=DrafterShape(num_layers=1, num_target_features=2, block_size=4),
+                             train=TrainConfig(steps=steps, sequences_per_step=2, anchors_per_sequence=2,
+                                               checkpoint_every=2, validate_every=2, vocab_shortlist=0))
+
+    log = tmp_path / "log.jsonl"
+    first = train(recipe(4), target, sequences, log)
+    assert not parametrize.is_parametrized(first.fc)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["drafter"]
+    folded = state["fc.parametrizations.weight.original"] / state["fc.parametrizations.weight.0.scale"]
+    assert torch.allclose(first.fc.weight, folded)
+    assert state["fc.parametrizations.weight.0.scale"].max() > 1.5 * state["fc.parametrizations.weight.0.scale"].min()
+    second = train(recipe(6), target, sequences, log)  # resumes at step 4
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert not torch.equal(second.fc.weight, first.fc.weight)

@@ -219,7 +219,7 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
         optimizer.step()
         step += 1
-        record = {"step": step, "loss": round(float(loss), 4), "accuracy": round(accuracy, 4),
+        record = {"step": step, "loss": round(loss.item(), 4), "accuracy": round(accuracy, 4),
                   "lr": learning_rate(step - 1), "elapsed_s": round(time.perf_counter() - began, 1)}
         if step % cfg.validate_every == 0 or step == cfg.steps:
             drafter.eval()
