@@ -62,7 +62,7 @@ def prepare(drafter: DFlashDraftModel, sequence_id: str, tokens, prompt_len: int
 
 @torch.inference_mode()
 def accepted_at(target: TargetModel, drafter: DFlashDraftModel, sequences: list[ReplaySequence],
-                positions: list[int], width: int, lm_head_chunk: int = 4) -> torch.Tensor:
+                positions: list[int], width: int, max_lm_head_chunk: int = 8) -> torch.Tensor:
     """Drafts accepted by a `width`-wide block whose bonus token sits at `positions[i]` of
     `sequences[i]` (one row per pair). The lm_head runs chunk by chunk and only for rows whose
     drafts still all match: acceptance is decided by the first mismatch."""
@@ -91,15 +91,17 @@ def accepted_at(target: TargetModel, drafter: DFlashDraftModel, sequences: list[
     hidden = drafter.forward_block(target.embed_tokens(block), p[:, None] + offsets[None, :], context, visible)
     accepted = torch.zeros(n, dtype=torch.long)
     alive = torch.ones(n, dtype=torch.bool)
-    for start in range(1, width, lm_head_chunk):
+    start, chunk = 1, 1  # chunks of 1, 2, 4, ... positions: most rows stop at the first draft or two
+    while start < width:
         rows = alive.nonzero().squeeze(1)
         if len(rows) == 0:
             break
-        stop = min(start + lm_head_chunk, width)
+        stop = min(start + chunk, width)
         predictions = target.lm_head(hidden[rows, start:stop]).argmax(-1)
         run = accepted_prefix(predictions, labels[rows, start - 1: stop - 1])
         accepted[rows] += run
         alive[rows] = run == stop - start
+        start, chunk = stop, min(2 * chunk, max_lm_head_chunk)
     return accepted
 
 

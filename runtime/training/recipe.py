@@ -118,7 +118,7 @@ def run_train_stage(recipe: DrafterRecipe) -> None:
     from ..drafter import build_target_layer_ids
     from ..target import TargetModel
     from .features import compute_features, load_sequences
-    from .train_drafter import train
+    from .train_drafter import split_by_part, train
 
     target = TargetModel.load(recipe.model or ensure_default_model(), recipe.dtype)
     layer_ids = build_target_layer_ids(target.num_layers, recipe.drafter.num_target_features)
@@ -130,9 +130,10 @@ def run_train_stage(recipe: DrafterRecipe) -> None:
     drafter = train(recipe, target, sequences, log_path)
     drafter.to(target.dtype).save(recipe.output_dir)
     last = json.loads(log_path.read_text().splitlines()[-1])
-    summary = {"sequences": len(sequences),
-               "tokens": int(sum(len(s.tokens) for s in sequences)),
-               "response_tokens": int(sum(len(s.tokens) - s.prompt_len for s in sequences)),
+    train_set, validation = split_by_part(sequences)
+    summary = {"sequences": len(train_set), "validation_sequences": len(validation),
+               "tokens": int(sum(len(s.tokens) for s in train_set)),
+               "response_tokens": int(sum(len(s.tokens) - s.prompt_len for s in train_set)),
                "steps": recipe.train.steps, "wall_time_s": last["elapsed_s"],
                "final_loss": last["loss"], "val_acceptance_length": last.get("val_acceptance_length"),
                "recipe": {"data": asdict(recipe.data), "drafter": asdict(recipe.drafter), "train": asdict(recipe.train)}}
