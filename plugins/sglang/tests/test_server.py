@@ -106,14 +106,23 @@ def reference(target, prompts):
 
 @pytest.fixture(scope="module")
 def drafter_dir(target, tmp_path_factory):
-    """A fresh untrained drafter for the default target, saved as the plugin serves it, with a random
-    policy beside it (``blockpilot_policy.onnx``, the default the plugin looks for). Returns the dir
-    and the runtime's policy choice + logit margin for each prompt."""
+    """The shipped drafter (a fresh untrained one if none ships), copied to a directory where the
+    `policy` fixture puts a random policy beside it (``blockpilot_policy.onnx``, the default the plugin
+    looks for). The trained drafter's drafts are often accepted, so multi-token commits, rollbacks and
+    the per-row caps all run. Returns the dir and the drafter."""
+    import shutil
+
+    from blockpilot.runtime.assets import DEFAULT_DRAFTER_DIR
     from blockpilot.runtime.drafter import DFlashDraftModel
 
     directory = tmp_path_factory.mktemp("drafter")
-    drafter = DFlashDraftModel.for_target(target, num_layers=1, num_target_features=4, block_size=16, seed=0)
-    drafter.save(directory)
+    if (DEFAULT_DRAFTER_DIR / "config.json").is_file():
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy(DEFAULT_DRAFTER_DIR / name, directory / name)
+        drafter = DFlashDraftModel.load(directory)
+    else:
+        drafter = DFlashDraftModel.for_target(target, num_layers=1, num_target_features=4, block_size=16, seed=0)
+        drafter.save(directory)
     return directory, drafter
 
 
@@ -352,6 +361,11 @@ def test_mixed_block_sizes_in_one_batch_are_lossless(blockpilot_run, reference, 
     for (i, size), (status, out) in blockpilot_run["narrow"]:
         assert status == 200, out
         assert_greedy_equal(out["output_ids"], *reference[i], f"prompt {i} at block size {size} (width-7 batch)")
+    from blockpilot.runtime.assets import DEFAULT_DRAFTER_DIR
+    if (DEFAULT_DRAFTER_DIR / "config.json").is_file():  # the trained drafter: real multi-token commits ran
+        correct = sum(out["meta_info"]["spec_num_correct_drafts"] for _, (_, out) in blockpilot_run["mixed"]
+                      if out["meta_info"]["blockpilot_block_size"] > 1)
+        assert correct >= len(blockpilot_run["mixed"]), correct
 
 
 def test_thirty_two_concurrent_requests_complete(blockpilot_run):
