@@ -121,16 +121,25 @@ def cmd_bench(args) -> None:
     print(f"report: {out / 'bench.json'}, plot: {out / 'bench.png'}")
 
 
+def mixed_widths(spec: str) -> list[int]:
+    """One batch's widths for `step-costs --mixed`: "12,16,16,20" keeps repeats; "12-20" is a range."""
+    if "-" in spec:
+        return parse_sizes(spec)
+    try:
+        return [int(w) for w in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--mixed batch widths must look like '12,16,16,20' or '12-20', got {spec!r}") from None
+
+
 def cmd_step_costs(args) -> None:
     from .config import EngineConfig, build_engine
     from .step_cost import measure_padding_cost, measure_step_costs
 
     if args.mixed:
+        batches = {spec: mixed_widths(spec) for spec in args.mixed}  # bad widths fail before any model loads
         engine = build_engine(_engine_config(args))
         if engine.drafter is None:
             raise ValueError("--mixed measures decode steps with a drafter; do not pass --drafter none")
-        batches = {spec: parse_sizes(spec) if "-" in spec else [int(w) for w in spec.split(",")]
-                   for spec in args.mixed}
         report = measure_padding_cost(engine.target, engine.drafter, batches, context_tokens=args.context_tokens,
                                       repeats=args.repeats)
         print(f"median ms per decode step (drafter + verify), KV cache of {args.context_tokens} tokens, "

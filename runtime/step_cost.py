@@ -18,21 +18,29 @@ from .engine import propose_drafts
 from .target import TargetModel
 
 
-@torch.inference_mode()
-def measure_step_costs(target: TargetModel, drafter: DFlashDraftModel | None, widths: list[int],
-                       context_tokens: int = 128, repeats: int = 7, batch_size: int = 1) -> dict:
-    """Median milliseconds of target and drafter forwards per width, interleaved over repeats."""
-    capacity = context_tokens + max(widths) + 1
-    target_cache = target.new_cache(batch_size, capacity)
-    draft_cache = drafter.new_cache(batch_size, capacity) if drafter else None
-    # Fill the caches with a real-looking context (random token ids are fine for timing).
-    generator = torch.Generator().manual_seed(0)
-    context = torch.randint(0, target.vocab_size, (batch_size * context_tokens,), generator=generator)
-    layout = blocks.RaggedLayout.build(torch.full((batch_size,), context_tokens), torch.zeros(batch_size, dtype=torch.long))
+def filled_caches(target: TargetModel, drafter: DFlashDraftModel | None, rows: int, context_tokens: int,
+                  max_width: int, generator: torch.Generator):
+    """Target and drafter KV caches of `rows` slots, each already holding `context_tokens` of context
+    (random token ids: fine for timing), with room for one more block of `max_width`."""
+    capacity = context_tokens + max_width + 1
+    target_cache = target.new_cache(rows, capacity)
+    draft_cache = drafter.new_cache(rows, capacity) if drafter else None
+    layout = blocks.RaggedLayout.build(torch.full((rows,), context_tokens), torch.zeros(rows, dtype=torch.long))
+    context = torch.randint(0, target.vocab_size, (layout.num_tokens,), generator=generator)
     capture = tuple(drafter.config.target_layer_ids) if drafter else ()
     _, features = target.forward(context, layout, target_cache, 0, capture)
     if drafter:
         drafter.write_context(features, layout.row, layout.positions, draft_cache)
+    return target_cache, draft_cache
+
+
+@torch.inference_mode()
+def measure_step_costs(target: TargetModel, drafter: DFlashDraftModel | None, widths: list[int],
+                       context_tokens: int = 128, repeats: int = 7, batch_size: int = 1) -> dict:
+    """Median milliseconds of target and drafter forwards per width, interleaved over repeats."""
+    generator = torch.Generator().manual_seed(0)
+    capture = tuple(drafter.config.target_layer_ids) if drafter else ()
+    target_cache, draft_cache = filled_caches(target, drafter, batch_size, context_tokens, max(widths), generator)
     target_ms = {w: [] for w in widths}
     draft_ms = {w: [] for w in widths}
     for _ in range(repeats):
@@ -87,16 +95,8 @@ def measure_padding_cost(target: TargetModel, drafter: DFlashDraftModel, batches
     SGLang plugin's layout, whose tail drafts are excluded from acceptance). Median ms per step."""
     generator = torch.Generator().manual_seed(0)
     capture = tuple(drafter.config.target_layer_ids)
-    prepared = {}
-    for name, widths in batches.items():
-        rows = len(widths)
-        capacity = context_tokens + max(widths) + 1
-        target_cache, draft_cache = target.new_cache(rows, capacity), drafter.new_cache(rows, capacity)
-        layout = blocks.RaggedLayout.build(torch.full((rows,), context_tokens), torch.zeros(rows, dtype=torch.long))
-        context = torch.randint(0, target.vocab_size, (layout.num_tokens,), generator=generator)
-        _, features = target.forward(context, layout, target_cache, 0, capture)
-        drafter.write_context(features, layout.row, layout.positions, draft_cache)
-        prepared[name] = (widths, target_cache, draft_cache)
+    prepared = {name: (widths, *filled_caches(target, drafter, len(widths), context_tokens, max(widths), generator))
+                for name, widths in batches.items()}
     ms = {(name, way): [] for name in batches for way in ("ragged", "padded")}
     for _ in range(repeats):
         for name, (widths, target_cache, draft_cache) in prepared.items():

@@ -27,3 +27,14 @@ def test_padding_cost_runs_both_layouts_of_each_batch():
     assert (mixed["ragged_tokens"], mixed["padded_tokens"]) == (13, 24)
     assert (same["ragged_tokens"], same["padded_tokens"]) == (8, 8)
     assert mixed["ragged_ms"] > 0 and mixed["padded_ms"] > 0
+
+
+def test_mixed_widths_keep_repeats_and_name_bad_input():
+    import pytest
+
+    from blockpilot.runtime.cli import mixed_widths
+
+    assert mixed_widths("12,16,16,20") == [12, 16, 16, 20]
+    assert mixed_widths("12-15") == [12, 13, 14, 15]
+    with pytest.raises(ValueError, match="--mixed batch widths"):
+        mixed_widths("12,x")
