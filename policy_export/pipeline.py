@@ -46,6 +46,7 @@ class PolicyRecipe:
     drafter: str = "default"
     dtype: str = "float32"
     candidate_sizes: str = "12-20"
+    report_dir: str | None = None  # eval-policy also writes its table, JSON and PNG here (the shipped policy's: docs/)
     collect: CollectConfig = field(default_factory=CollectConfig)
     evaluate: CollectConfig = field(default_factory=lambda: CollectConfig(prompts="mtbench"))
     train: PolicyTrainConfig = field(default_factory=PolicyTrainConfig)
@@ -236,7 +237,7 @@ def eval_stage(recipe: PolicyRecipe) -> None:
     """Held-out prompts: every candidate size run, the exported policy's choices through ONNX Runtime."""
     from blockpilot.runtime.policy import BlockSizePolicy
 
-    from .train import compare_policies
+    from .train import compare_policies, score_choices
 
     collect_stage(recipe, "evaluate")
     rows, ids, features, costs, oracle = _load(recipe, "evaluate")
@@ -246,12 +247,24 @@ def eval_stage(recipe: PolicyRecipe) -> None:
     held_out = [p for p in ids if p in oracle]
     report = compare_policies(rows, costs, held_out, recipe.sizes, choice, oracle)
     report["policy_choice_distribution"] = {str(s): sum(1 for p in held_out if choice[p] == s) for s in recipe.sizes}
-    recipe.path("eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(format_comparison(report))
+    for objective in ("acceptance", "speed"):  # both objectives' PyTorch policies, the shipped one included
+        if recipe.path(f"policy_{objective}.pt").exists():
+            picked = _choices(_load_model(recipe, objective)[0], ids, features, recipe.sizes)
+            report["variants"][f"policy-{objective}-objective"] = score_choices(rows, costs, {p: picked[p] for p in held_out})
+    report["setup"] = {"prompts": len(held_out), "source": recipe.evaluate.prompts,
+                       "max_new_tokens": recipe.evaluate.max_new_tokens, "candidate_sizes": recipe.sizes,
+                       "step_costs": {k: costs[k] for k in ("dtype", "threads", "context_tokens", "batch_size")}}
+    table = format_comparison(report)
+    print(table)
     variation = variation_report(recipe, engine, rows, costs)
-    recipe.path("variation_report.json").write_text(json.dumps(variation, indent=2) + "\n")
+    report["within_request_variation"] = variation
     print(f"within-request variation: {json.dumps(variation['tokens_per_s'])} tokens/s (projected); the per-step "
           f"oracle's choice equals the request's best size in {variation['per_step_choice_equals_request_best']:.0%} of steps")
+    for directory in {recipe.path(""), *([Path(recipe.report_dir)] if recipe.report_dir else [])}:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (directory / "eval_report.txt").write_text(table + "\n")
+        plot_comparison(report, directory / "eval_report.png")
 
 
 def variation_report(recipe: PolicyRecipe, engine, rows: list[dict], costs: dict) -> dict:
@@ -272,6 +285,32 @@ def variation_report(recipe: PolicyRecipe, engine, rows: list[dict], costs: dict
                            sequence_features(engine.target, layers, [tokens])[0], recipe.evaluate.max_new_tokens)
         profiles[prompt_id] = acceptance_profile(engine.target, engine.drafter, sequence, recipe.sizes)
     return within_request_variation(profiles, recipe.sizes, costs)
+
+
+def plot_comparison(report: dict, png_path: Path) -> None:
+    """Two bar charts, one row per variant: projected tokens/s and acceptance length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["variants"])
+    values = report["variants"]
+    colours = ["tab:red" if n.startswith("policy") else "tab:green" if n.startswith("oracle")
+               else "tab:grey" if n.startswith(("random", "constant")) else "tab:blue" for n in names]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.35 * len(names) + 1.5), sharey=True)
+    left.barh(names, [values[n]["projected_tokens_per_s"] for n in names], color=colours)
+    left.set(xlabel="projected decode tokens/s (counts x step-cost table)", title="Speed")
+    right.barh(names, [values[n]["acceptance_length"] for n in names], color=colours)
+    right.set(xlabel="tokens per target forward", title="Acceptance length")
+    left.invert_yaxis()
+    setup = report.get("setup", {})
+    fig.suptitle(f"held-out {setup.get('source', '')}: {setup.get('prompts', '?')} prompts x "
+                 f"{setup.get('max_new_tokens', '?')} tokens, greedy; best fixed size {report['best_fixed_size']}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
 
 
 def format_comparison(report: dict) -> str:

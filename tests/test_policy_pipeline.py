@@ -43,6 +43,7 @@ output: {tmp_path / 'policy.onnx'}
 model: {tiny_pair / 'target'}
 drafter: {tiny_pair / 'drafter'}
 candidate_sizes: "2-4"
+report_dir: {tmp_path / 'docs'}
 collect: {{prompts: {prompts_file(tmp_path / 'train.jsonl', 60, 't')}, max_new_tokens: 6, batch_size: 16}}
 evaluate: {{prompts: {prompts_file(tmp_path / 'test.jsonl', 12, 'e')}, max_new_tokens: 6, batch_size: 16}}
 train: {{hidden_size: 16, max_epochs: 30}}
@@ -58,12 +59,16 @@ train: {{hidden_size: 16, max_epochs: 30}}
     exported = json.loads((tmp_path / "work" / "export_summary.json").read_text())
     assert exported["objective"] in ("acceptance", "speed") and exported["ort_latency_ms_batch1"] > 0
     report = json.loads((tmp_path / "work" / "eval_report.json").read_text())
-    assert {"fixed-2", "fixed-3", "fixed-4", "policy", "oracle-speed", "random", "constant-policy-mode"} <= set(report["variants"])
+    assert {"fixed-2", "fixed-3", "fixed-4", "policy", "oracle-speed", "random", "constant-policy-mode",
+            "policy-acceptance-objective", "policy-speed-objective"} <= set(report["variants"])
+    assert json.loads((tmp_path / "docs" / "eval_report.json").read_text()) == report
+    assert (tmp_path / "docs" / "eval_report.png").read_bytes()[:4] == b"\x89PNG"
+    assert "best fixed size" in (tmp_path / "docs" / "eval_report.txt").read_text()
     assert sum(report["policy_choice_distribution"].values()) == 12
     # the oracle is at least as good as every fixed size, by construction of the labels
     oracle = report["variants"]["oracle-speed"]["projected_tokens_per_s"]
     assert all(oracle >= report["variants"][f"fixed-{s}"]["projected_tokens_per_s"] - 1e-9 for s in (2, 3, 4))
-    variation = json.loads((tmp_path / "work" / "variation_report.json").read_text())
+    variation = report["within_request_variation"]
     assert variation["requests"] == 12
     assert set(variation["tokens_per_s"]) == {"best_fixed", "per_request_oracle", "per_step_oracle"}
     # one size per request can only match or beat the best single size for all requests

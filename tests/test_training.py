@@ -46,6 +46,21 @@ def test_prompt_parts_are_disjoint_stable_and_sized():
     assert len(train) + len(val) == parts["drafter-train"] + parts["drafter-validation"]  # policy part left out
 
 
+def test_assistant_prompts_are_reproducible_varied_and_not_mtbench():
+    from collections import Counter
+
+    from blockpilot.runtime.prompts import mtbench_records
+    from blockpilot.runtime.training.prompt_sets import assistant_prompts
+    first, again = assistant_prompts(300), assistant_prompts(300)
+    assert [r.prompt for r in first] == [r.prompt for r in again]  # the same data on every machine
+    assert len({r.id for r in first}) == len({r.prompt for r in first}) == 300
+    kinds = Counter(r.id.split("-")[1] for r in first)
+    assert set(kinds) == {"writing", "roleplay", "reasoning", "math", "extraction", "knowledge"}
+    assert min(kinds.values()) >= 40  # every kind is well represented
+    held_out = {r.prompt for r in mtbench_records()}
+    assert not held_out & {r.prompt for r in assistant_prompts()}
+
+
 def test_groups_respect_token_budget():
     seqs = [[0] * n for n in (5, 50, 7, 30, 3)]
     groups = _groups_by_tokens(seqs, budget=60)
@@ -133,7 +148,7 @@ def test_recipe_yaml_is_typed_and_strict(tmp_path, monkeypatch):
     monkeypatch.setenv("BLOCKPILOT_CACHE", str(tmp_path / "cache"))
     recipe = DrafterRecipe.from_yaml(Path(__file__).parents[1] / "configs" / "drafter-smollm2.yaml")
     assert recipe.work_dir == str(tmp_path / "cache" / "drafter-smollm2")
-    assert recipe.drafter.block_size == 16 and recipe.train.vocab_shortlist == 16384
+    assert recipe.drafter.block_size == 8 and recipe.train.vocab_shortlist == 16384
     assert recipe.eval.block_sizes == "2-24"
     bad = tmp_path / "bad.yaml"
     bad.write_text("work_dir: x\noutput_dir: y\ntrain:\n  stepz: 3\n")

@@ -4,7 +4,10 @@ Three kinds, so the drafter sees what the target says in each:
 - code: write a function from a real standard-library docstring; explain a real stdlib function;
 - explanation: Python language topics (`pydoc_data.topics`) and stdlib modules; summarise or
   simplify real documentation paragraphs;
-- chat: everyday requests (tips, emails, stories, comparisons) over a hand-written list of subjects.
+- chat: everyday requests (tips, emails, stories, comparisons) over a hand-written list of subjects;
+- assistant: the kinds of task a chat assistant is asked (writing, role-play, reasoning puzzles, maths
+  word problems, extraction from a given text, science and humanities questions), templated over
+  hand-written subjects and generated numbers: the serving traffic the default drafter is for.
 
 MT-Bench (the evaluation set) is never used here: train and evaluation differ by prompt and by source.
 """
@@ -168,6 +171,172 @@ def chat_prompts() -> list[PromptRecord]:
             for i, subject in enumerate(CHAT_SUBJECTS) for j, template in enumerate(CHAT_TEMPLATES)]
 
 
+WRITING_FORMS = [
+    "a travel blog post", "a persuasive essay", "a product description", "a short speech", "a haiku",
+    "a limerick", "a formal letter of complaint", "a press release", "a movie review", "a motivational message",
+    "a job advertisement", "a thank-you note", "a news headline and a short article", "a recipe introduction",
+    "an advertisement slogan and a short pitch", "a diary entry", "a tweet thread", "a two-paragraph fable",
+]
+WRITING_SUBJECTS = CHAT_SUBJECTS + [
+    "a new coffee shop opening downtown", "a lost cat found after a week", "a city that bans cars on Sundays",
+    "a robot that learns to paint", "the first day at a new school", "a small village library", "a rainy holiday",
+    "a smartphone with a week-long battery", "a community clean-up day", "a surprise visit from an old friend",
+    "an eco-friendly water bottle", "a mountain hut in winter", "a science fair project", "a late train",
+    "a festival of lights", "a bakery that only opens at night", "an app that helps people drink more water",
+]
+ROLES = [
+    ("a pirate captain", "What is the best way to find treasure?"),
+    ("Sherlock Holmes", "How do you know I just came back from a trip?"),
+    ("a friendly doctor", "I have had a headache for two days. What should I do?"),
+    ("a personal fitness coach", "How should I start exercising after a long break?"),
+    ("a medieval knight", "Describe your daily life in the castle."),
+    ("a travel guide in Paris", "What should I see in one day?"),
+    ("a strict math teacher", "Why do I need to learn fractions?"),
+    ("an astronaut on the space station", "What does a normal day look like for you?"),
+    ("a chef in a busy restaurant", "How do you stay calm during dinner service?"),
+    ("a wise old wizard", "Can you give me advice about a difficult choice?"),
+    ("a customer support agent", "My package arrived broken. What can you do?"),
+    ("a museum guide", "Tell me about the oldest object in your museum."),
+    ("a famous detective", "Walk me through how you solved your hardest case."),
+    ("a career counsellor", "Should I change jobs at forty?"),
+    ("a poet", "Describe the sea to someone who has never seen it."),
+    ("a startup founder", "Pitch your company to me in one minute."),
+    ("a park ranger", "What should I do if I meet a bear?"),
+    ("a history professor", "Why did the Roman Empire fall?"),
+    ("a librarian", "Recommend me three books for a long flight."),
+    ("a stand-up comedian", "Tell me some jokes about working in an office."),
+    ("a gardener", "Why are the leaves on my tomato plants turning yellow?"),
+    ("a tech support engineer", "My computer is very slow. What should I check first?"),
+    ("a financial advisor", "How should a young person start saving?"),
+    ("a sports commentator", "Describe the last minute of an exciting football match."),
+]
+ROLE_QUESTIONS = [
+    "Introduce yourself and describe what you do all day.", "What is the hardest part of your work?",
+    "Give a beginner your three best pieces of advice.", "Tell me a story from your past that changed you.",
+    "What would you change about the world if you could?",
+]
+ROLEPLAY_TEMPLATES = [
+    "Pretend you are {role}. {question}",
+    "Act as {role} and stay in character. {question}",
+    "Imagine you are {role}. Answer in the first person: {question}",
+]
+SCIENCE_AND_HUMANITIES = [
+    "photosynthesis", "natural selection", "the theory of relativity", "supply and demand", "inflation",
+    "the French Revolution", "the Renaissance", "plate tectonics", "the immune system", "black holes",
+    "quantum entanglement", "the greenhouse effect", "DNA replication", "the industrial revolution",
+    "democracy in ancient Athens", "the scientific method", "opportunity cost", "the water cycle",
+    "the Cold War", "the Silk Road", "entropy", "Newton's laws of motion", "the periodic table",
+    "cognitive dissonance", "the placebo effect", "compound interest", "the printing press",
+    "impressionist painting", "utilitarianism", "Stoic philosophy", "the nitrogen cycle", "antibiotic resistance",
+    "machine learning", "public key cryptography", "game theory", "the big bang", "continental drift",
+    "the human heart", "sound waves", "electric circuits", "the Magna Carta", "globalisation",
+]
+KNOWLEDGE_TEMPLATES = [
+    "Explain {c} in simple terms.",
+    "What is {c}, and why does it matter?",
+    "Describe {c} and give a real-world example.",
+    "Write a short lesson plan for teaching {c} to high school students.",
+    "What are common misconceptions about {c}?",
+]
+NAMES = ["Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Hassan", "Ines", "Jack", "Kim", "Liam"]
+ITEMS = ["apples", "books", "pencils", "marbles", "stamps", "cookies", "cards", "tickets", "shells", "coins"]
+
+
+def _reasoning_prompt(rng: random.Random) -> str:
+    a, b, c = rng.sample(NAMES, 3)
+    kind = rng.randrange(6)
+    if kind == 0:
+        return (f"{a} is taller than {b}. {b} is taller than {c}. Is {a} taller than {c}? "
+                "Explain your reasoning step by step.")
+    if kind == 1:
+        n, m = rng.randint(3, 9), rng.randint(2, 6)
+        return (f"If {n} machines take {n} minutes to make {n} widgets, how long would {n * m} machines "
+                f"take to make {n * m} widgets? Think it through.")
+    if kind == 2:
+        day = rng.choice(["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"])
+        k = rng.randint(2, 40)
+        return f"Today is {day}. What day of the week will it be in {k} days? Explain how you got the answer."
+    if kind == 3:
+        return (f"{a} has a brother named {b}. {b} has a daughter named {c}. "
+                f"What is the relationship between {a} and {c}? Explain.")
+    if kind == 4:
+        start, step = rng.randint(1, 20), rng.randint(2, 9)
+        seq = ", ".join(str(start + i * step) for i in range(5))
+        return f"What number comes next in the sequence {seq}, ...? Explain the pattern."
+    x = rng.randint(2, 5)
+    return (f"In a race, {a} finished ahead of {b} but behind {c}. If there were {x + 2} runners and {c} was "
+            f"in position {x - 1}, in which position did {a} finish? Explain your answer.")
+
+
+def _math_prompt(rng: random.Random) -> str:
+    a_name = rng.choice(NAMES)
+    item = rng.choice(ITEMS)
+    kind = rng.randrange(6)
+    if kind == 0:
+        x, y, z = rng.randint(10, 90), rng.randint(2, 9), rng.randint(5, 40)
+        return (f"{a_name} has {x} {item}. They buy {y} boxes with {z} {item} each and give away half of all "
+                f"their {item}. How many {item} does {a_name} have now? Show your work.")
+    if kind == 1:
+        a, b, c = rng.randint(2, 9), rng.randint(1, 30), rng.randint(31, 99)
+        return f"Solve for x: {a}x + {b} = {c}. Show each step."
+    if kind == 2:
+        w, h = rng.randint(3, 25), rng.randint(3, 25)
+        return f"A rectangle is {w} cm wide and {h} cm long. What are its area and its perimeter?"
+    if kind == 3:
+        price, pct = rng.randint(20, 400), rng.choice([10, 15, 20, 25, 30, 40])
+        return f"A jacket costs ${price}. It is on sale for {pct}% off. What is the sale price? Explain."
+    if kind == 4:
+        n = rng.randint(2, 3)
+        return f"If you roll {n} fair six-sided dice, what is the probability that the sum is {rng.randint(n + 1, 6 * n - 1)}?"
+    v, t = rng.randint(30, 120), rng.randint(2, 8)
+    return f"A train travels at {v} km/h for {t} hours and then at {v // 2} km/h for one hour. How far does it go in total?"
+
+
+def _extraction_prompt(rng: random.Random, paragraph: str) -> str:
+    kind = rng.randrange(4)
+    if kind == 0:
+        return f"Extract the main technical terms from the text below and return them as a JSON list.\n\n{paragraph}"
+    if kind == 1:
+        return f"Read the text below and answer: what problem does it describe, and what is the solution?\n\n{paragraph}"
+    if kind == 2:
+        months = ["January", "February", "March", "April", "May", "June"]
+        rows = "\n".join(f"{m}: {rng.randint(100, 999)} units" for m in months)
+        return f"Here are monthly sales figures:\n{rows}\n\nWhich month had the highest sales, and what was the total?"
+    people = rng.sample(NAMES, 3)
+    rows = "\n".join(f"- {p}, age {rng.randint(20, 70)}, lives in {rng.choice(['Berlin', 'Lima', 'Osaka', 'Oslo', 'Cairo'])}"
+                     for p in people)
+    return f"Convert this list into a JSON array of objects with keys name, age and city:\n{rows}"
+
+
+def assistant_prompts(count: int = 1600, seed: int = 1) -> list[PromptRecord]:
+    """Chat-assistant tasks in several categories; `count` of them, reproducibly sampled."""
+    import pydoc_data.topics as topics
+
+    rng = random.Random(seed)
+    paragraphs = [" ".join(p.split()) for text in topics.topics.values() for p in text.split("\n\n")]
+    paragraphs = [p for p in paragraphs if 250 <= len(p) <= 700 and not p.startswith(("*", ">>>", "|"))]
+    makers = {
+        "writing": lambda: f"Write {rng.choice(WRITING_FORMS)} about {rng.choice(WRITING_SUBJECTS)}.",
+        "roleplay": lambda: rng.choice(ROLEPLAY_TEMPLATES).format(
+            role=(r := rng.choice(ROLES))[0], question=rng.choice([r[1], *ROLE_QUESTIONS])),
+        "reasoning": lambda: _reasoning_prompt(rng),
+        "math": lambda: _math_prompt(rng),
+        "extraction": lambda: _extraction_prompt(rng, rng.choice(paragraphs)),
+        "knowledge": lambda: rng.choice(KNOWLEDGE_TEMPLATES).format(c=rng.choice(SCIENCE_AND_HUMANITIES)),
+    }
+    records, seen = [], set()
+    kinds = list(makers)
+    for attempt in range(count * 20):  # bounded: a kind with few distinct prompts only repeats itself
+        if len(records) == count:
+            break
+        kind = kinds[attempt % len(kinds)]
+        prompt = makers[kind]()
+        if prompt not in seen:
+            seen.add(prompt)
+            records.append(PromptRecord(id=f"assistant-{kind}-{zlib.crc32(prompt.encode()):08x}", prompt=prompt))
+    return records
+
+
 # Every generated prompt belongs to exactly one part, by a stable hash of its id: the drafter trains
 # on "drafter-train", reports held-out acceptance on "drafter-validation", and never sees "policy",
 # which the block-size policy's labels come from (a drafter's acceptance on prompts it trained on
@@ -187,7 +356,7 @@ def prompt_part(prompt_id: str) -> str:
 def training_prompts(seed: int = 0) -> list[PromptRecord]:
     """All training prompts, deduplicated and shuffled deterministically (kinds interleaved)."""
     seen, records = set(), []
-    for record in code_prompts() + explanation_prompts() + chat_prompts():
+    for record in code_prompts() + explanation_prompts() + chat_prompts() + assistant_prompts():
         if record.prompt not in seen and record.id not in {r.id for r in records[-1:]}:
             seen.add(record.prompt)
             records.append(record)

@@ -99,11 +99,12 @@ def _typed(kind, values: dict, where: str):
 def run_data_stage(recipe: DrafterRecipe) -> None:
     from ..config import EngineConfig, build_engine
     from .datagen import generate_responses
-    from .prompt_sets import training_prompts
+    from .prompt_sets import prompt_part, training_prompts
 
     engine = build_engine(EngineConfig(model=recipe.model, drafter=None, dtype=recipe.dtype,
                                        max_batch_size=recipe.data.batch_size))
-    records = training_prompts()
+    # The policy's prompts are never the drafter's: their responses would go unused here.
+    records = [r for r in training_prompts() if prompt_part(r.id) != "policy"]
     if recipe.data.num_prompts:
         records = records[: recipe.data.num_prompts]
     added = generate_responses(engine, records, recipe.data_dir, max_new_tokens=recipe.data.max_new_tokens,
