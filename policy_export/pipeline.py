@@ -89,8 +89,11 @@ class PolicyRecipe:
 def _engine(recipe: PolicyRecipe, batch_size: int):
     from blockpilot.runtime.config import EngineConfig, build_engine
 
+    # Every request names its size; the engine's default (the largest candidate) only has to be valid,
+    # which the drafter's training size need not be when the candidates lie below it.
     return build_engine(EngineConfig(model=recipe.model, drafter=recipe.drafter, dtype=recipe.dtype,
-                                     max_batch_size=batch_size, max_block_size=max(recipe.sizes)),
+                                     block_size=max(recipe.sizes), max_batch_size=batch_size,
+                                     max_block_size=max(recipe.sizes)),
                         untrained_drafter_if_missing=False)
 
 

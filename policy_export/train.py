@@ -38,7 +38,9 @@ class PolicyTrainConfig:
 
 
 def split_of(prompt_id: str, config: PolicyTrainConfig) -> str:
-    position = zlib.crc32(prompt_id.encode()) % 10_000 / 10_000
+    # Salted: the prompts a policy trains on were themselves picked by an unsalted crc32 of the id
+    # (training/prompt_sets.prompt_part), so the same hash would put them all in one split.
+    position = zlib.crc32(f"policy-split:{prompt_id}".encode()) % 10_000 / 10_000
     if position < config.test_fraction:
         return "test"
     if position < config.test_fraction + config.validation_fraction:

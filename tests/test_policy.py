@@ -402,3 +402,17 @@ def test_acceptance_profile_replays_the_engine_exactly():
         assert steps == result.stats.target_forwards, size
         accepted_any |= bool(profile[:, j].any())
     assert accepted_any
+
+
+def test_policy_part_prompts_spread_over_train_validation_and_test():
+    """The policy's prompts are themselves a hash-selected part; the split must not follow that hash."""
+    from collections import Counter
+
+    from blockpilot.policy_export.train import PolicyTrainConfig, split_of
+    from blockpilot.runtime.training.prompt_sets import prompt_part
+
+    ids = [p for p in (f"prompt-{i}" for i in range(20_000)) if prompt_part(p) == "policy"]
+    config = PolicyTrainConfig()
+    parts = Counter(split_of(p, config) for p in ids)
+    assert 0.6 < parts["train"] / len(ids) < 0.8
+    assert 0.1 < parts["validation"] / len(ids) < 0.2 and 0.1 < parts["test"] / len(ids) < 0.2

@@ -85,3 +85,14 @@ train: {{hidden_size: 16, max_epochs: 30}}
     assert bench["greedy_outputs_identical_across_block_sizes"] is True
     assert {p["block_size"] for p in bench["per_prompt"]["auto"].values()} <= {2, 3, 4}
     assert "auto" in run.stdout
+
+
+def test_candidates_may_lie_below_the_drafters_training_size(tiny_pair, tmp_path):
+    """A CPU deployment picks among small sizes (here 1-3) with a drafter trained at 4."""
+    from blockpilot.policy_export.pipeline import PolicyRecipe, _engine
+
+    recipe = PolicyRecipe(work_dir=str(tmp_path), output=str(tmp_path / "p.onnx"), model=str(tiny_pair / "target"),
+                          drafter=str(tiny_pair / "drafter"), candidate_sizes="1-3")
+    engine = _engine(recipe, 2)
+    assert engine.drafter.config.block_size == 4
+    assert engine.max_block_size == 3 and engine.default_block_size == 3

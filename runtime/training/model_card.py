@@ -91,7 +91,8 @@ mask token `<empty_output>` (id 16).
 ## Training
 - Data: the target's own greedy responses (float32, up to {recipe.data.max_new_tokens} new tokens) to
   {training.get('sequences', '?')} training prompts built offline from the Python standard library
-  (code writing/explaining, language topics, documentation paragraphs) and hand-written chat requests;
+  (code writing/explaining, language topics, documentation paragraphs), hand-written chat requests
+  and templated assistant tasks (writing, role-play, reasoning, maths, extraction, science/humanities);
   {training.get('response_tokens', '?')} response tokens. MT-Bench is never used for training.
 - Steps: {training.get('steps', '?')}, wall time {training.get('wall_time_s', '?')} s on a 2-core x86-64 CPU
   (no GPU); final loss {training.get('final_loss', '?')}; held-out expected acceptance
