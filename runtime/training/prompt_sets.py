@@ -147,6 +147,13 @@ def _strip_docstring(source: str) -> str:
         return source
 
 
+def _prose_paragraphs(text: str, shortest: int, longest: int) -> list[str]:
+    """The documentation text's paragraphs of `shortest`..`longest` characters, whitespace joined;
+    lists, doctest examples and tables are left out."""
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
+    return [p for p in paragraphs if shortest <= len(p) <= longest and not p.startswith(("*", ">>>", "|"))]
+
+
 def explanation_prompts() -> list[PromptRecord]:
     import pydoc_data.topics as topics
 
@@ -154,8 +161,7 @@ def explanation_prompts() -> list[PromptRecord]:
     for topic, text in sorted(topics.topics.items()):
         for i, template in enumerate(TOPIC_TEMPLATES):
             records.append(PromptRecord(id=f"explain-topic-{topic}-{i}", prompt=template.format(t=topic.replace("-", " "))))
-        paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
-        paragraphs = [p for p in paragraphs if 200 <= len(p) <= 900 and not p.startswith(("*", ">>>", "|"))]
+        paragraphs = _prose_paragraphs(text, 200, 900)
         for j, paragraph in enumerate(paragraphs[:6]):
             template = PARAGRAPH_TEMPLATES[j % len(PARAGRAPH_TEMPLATES)]
             records.append(PromptRecord(id=f"explain-text-{topic}-{j}", prompt=template.format(p=paragraph)))
@@ -313,8 +319,7 @@ def assistant_prompts(count: int = 1600, seed: int = 1) -> list[PromptRecord]:
     import pydoc_data.topics as topics
 
     rng = random.Random(seed)
-    paragraphs = [" ".join(p.split()) for text in topics.topics.values() for p in text.split("\n\n")]
-    paragraphs = [p for p in paragraphs if 250 <= len(p) <= 700 and not p.startswith(("*", ">>>", "|"))]
+    paragraphs = [p for text in topics.topics.values() for p in _prose_paragraphs(text, 250, 700)]
     makers = {
         "writing": lambda: f"Write {rng.choice(WRITING_FORMS)} about {rng.choice(WRITING_SUBJECTS)}.",
         "roleplay": lambda: rng.choice(ROLEPLAY_TEMPLATES).format(
