@@ -91,3 +91,14 @@ def oracle_labels(rows: list[dict], costs: dict, sizes: list[int]) -> dict[str, 
             "speed": max(candidates, key=lambda s: (scores[s][1], -s)),
         }
     return labels
+
+
+def relative_speeds(rows: list[dict], costs: dict, sizes: list[int]) -> dict[str, np.ndarray]:
+    """Per prompt run at every candidate size: each size's projected tokens/s over the prompt's best
+    (1.0 at its speed-oracle size). The cost-sensitive objective's targets: a near-tie costs little."""
+    speeds = {}
+    for prompt_id, scores in per_prompt_scores(rows, costs).items():
+        if all(s in scores for s in sizes):
+            values = np.array([scores[s][1] for s in sizes])
+            speeds[prompt_id] = values / values.max()
+    return speeds

@@ -1,7 +1,7 @@
 """The policy pipeline a user runs for their own target/drafter pair, driven by one YAML recipe:
 
     blockpilot collect       --config R   # every prompt at every candidate size + prefill features
-    blockpilot train-policy  --config R   # oracle labels -> MLP (split by prompt), both objectives
+    blockpilot train-policy  --config R   # oracle labels -> MLP (split by prompt), every objective
     blockpilot export-policy --config R   # ONNX with metadata, checked against PyTorch, latency
     blockpilot eval-policy   --config R   # held-out: fixed sizes vs policy vs oracle vs random/constant
 
@@ -172,16 +172,19 @@ def train_stage(recipe: PolicyRecipe) -> None:
 
     from blockpilot.runtime.policy import PolicyFeatureSpec
 
-    from .train import train_policy
+    from .collect import relative_speeds
+    from .train import OBJECTIVES, train_policy
 
     rows, ids, features, costs, oracle = _load(recipe, "collect")
     engine_drafter = _engine(recipe, 1).drafter
     spec = PolicyFeatureSpec.for_drafter(engine_drafter)
+    speeds = relative_speeds(rows, costs, recipe.sizes)
     results = {}
-    for objective in ("acceptance", "speed"):
+    for objective in OBJECTIVES:
         config = PolicyTrainConfig(**{**asdict(recipe.train), "objective": objective})
-        labels = {pid: oracle[pid][objective] for pid in oracle}
-        model, summary = train_policy(ids, features, labels, recipe.sizes, spec, config)
+        label_kind = "acceptance" if objective == "acceptance" else "speed"
+        labels = {pid: oracle[pid][label_kind] for pid in oracle}
+        model, summary = train_policy(ids, features, labels, recipe.sizes, spec, config, speeds)
         torch.save({"state": model.state_dict(), "config": model.config.to_dict(), "summary": summary},
                    recipe.path(f"policy_{objective}.pt"))
         results[objective] = summary
@@ -213,12 +216,12 @@ def export_stage(recipe: PolicyRecipe) -> None:
     from blockpilot.runtime.policy import PolicyFeatureSpec, drafter_fingerprint
 
     from .export import export_policy
-    from .train import compare_policies, split_of
+    from .train import OBJECTIVES, compare_policies, split_of
 
     rows, ids, features, costs, oracle = _load(recipe, "collect")
     validation = [p for p in ids if p in oracle and split_of(p, recipe.train) == "validation"]
     candidates = {}
-    for objective in ("acceptance", "speed"):
+    for objective in OBJECTIVES:
         model, summary = _load_model(recipe, objective)
         report = compare_policies(rows, costs, validation, recipe.sizes, _choices(model, ids, features, recipe.sizes), oracle)
         candidates[objective] = (report["variants"]["policy"]["projected_tokens_per_s"], model, summary, report)
@@ -240,7 +243,7 @@ def eval_stage(recipe: PolicyRecipe) -> None:
     """Held-out prompts: every candidate size run, the exported policy's choices through ONNX Runtime."""
     from blockpilot.runtime.policy import BlockSizePolicy
 
-    from .train import compare_policies, score_choices
+    from .train import OBJECTIVES, compare_policies, score_choices
 
     collect_stage(recipe, "evaluate")
     rows, ids, features, costs, oracle = _load(recipe, "evaluate")
@@ -250,7 +253,7 @@ def eval_stage(recipe: PolicyRecipe) -> None:
     held_out = [p for p in ids if p in oracle]
     report = compare_policies(rows, costs, held_out, recipe.sizes, choice, oracle)
     report["policy_choice_distribution"] = {str(s): sum(1 for p in held_out if choice[p] == s) for s in recipe.sizes}
-    for objective in ("acceptance", "speed"):  # both objectives' PyTorch policies, the shipped one included
+    for objective in OBJECTIVES:  # every objective's PyTorch policy, the shipped one included
         if recipe.path(f"policy_{objective}.pt").exists():
             picked = _choices(_load_model(recipe, objective)[0], ids, features, recipe.sizes)
             report["variants"][f"policy-{objective}-objective"] = score_choices(rows, costs, {p: picked[p] for p in held_out})
@@ -317,9 +320,9 @@ def plot_comparison(report: dict, png_path: Path) -> None:
 
 
 def format_comparison(report: dict) -> str:
-    lines = [f"{'variant':<20} {'accept len':>10} {'fwd/token':>9} {'proj tok/s':>10}"]
+    lines = [f"{'variant':<32} {'accept len':>10} {'fwd/token':>9} {'proj tok/s':>10}"]
     for name, v in report["variants"].items():
-        lines.append(f"{name:<20} {v['acceptance_length']:>10.3f} {v['target_forwards_per_token']:>9.4f} "
+        lines.append(f"{name:<32} {v['acceptance_length']:>10.3f} {v['target_forwards_per_token']:>9.4f} "
                      f"{v['projected_tokens_per_s']:>10.2f}")
     lines.append(f"best fixed size {report['best_fixed_size']}; policy closes {report['gap_closed_to_oracle']} "
                  f"of the gap from best fixed to the per-prompt oracle (projected tokens/s)")

@@ -3,6 +3,13 @@
 Prompts are split by a stable hash of their id into train / validation / test, so no test prompt
 is ever seen in training. The classifier is trained full-batch (a few hundred prompts), with
 early stopping on the validation loss.
+
+Three objectives:
+- "acceptance" (the paper's): cross-entropy on the size with the highest acceptance length;
+- "speed": cross-entropy on the size with the most projected tokens/s;
+- "expected-speed" (cost-sensitive): minimise the expected speed lost, sum_k p_k (1 - speed_k / best),
+  over the policy's softmax. Most prompts are near-ties between neighbouring sizes; a hard label
+  makes the policy fight over a coin flip, while this loss only pays for choices that cost speed.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from .model import PolicyMLP
 
 @dataclass
 class PolicyTrainConfig:
-    objective: str = "speed"  # "speed" (projected tokens/s) or "acceptance" (the paper's)
+    objective: str = "speed"  # one of OBJECTIVES
     hidden_size: int = 256
     num_hidden_layers: int = 2
     dropout: float = 0.2
@@ -35,6 +42,9 @@ class PolicyTrainConfig:
     validation_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
+
+
+OBJECTIVES = ("acceptance", "speed", "expected-speed")
 
 
 def split_of(prompt_id: str, config: PolicyTrainConfig) -> str:
@@ -49,8 +59,15 @@ def split_of(prompt_id: str, config: PolicyTrainConfig) -> str:
 
 
 def train_policy(ids: list[str], features: np.ndarray, labels: dict[str, int], sizes: list[int],
-                 spec: PolicyFeatureSpec, config: PolicyTrainConfig) -> tuple[PolicyMLP, dict]:
-    """Fit the MLP to `labels` (prompt id -> best size); returns the best-validation model and a summary."""
+                 spec: PolicyFeatureSpec, config: PolicyTrainConfig,
+                 relative_speed: dict[str, np.ndarray] | None = None) -> tuple[PolicyMLP, dict]:
+    """Fit the MLP to `labels` (prompt id -> best size), or for "expected-speed" to `relative_speed`
+    (prompt id -> each size's speed over the prompt's best; `labels` then only score accuracy).
+    Returns the best-validation model and a summary."""
+    if config.objective not in OBJECTIVES:
+        raise ValueError(f"unknown policy objective {config.objective!r}; choose one of {OBJECTIVES}")
+    if config.objective == "expected-speed" and relative_speed is None:
+        raise ValueError("the expected-speed objective needs each prompt's relative speed at every size")
     torch.manual_seed(config.seed)
     index = {pid: i for i, pid in enumerate(ids)}
     parts = {name: [pid for pid in ids if pid in labels and split_of(pid, config) == name]
@@ -61,9 +78,16 @@ def train_policy(ids: list[str], features: np.ndarray, labels: dict[str, int], s
     def tensors(part):
         x = torch.from_numpy(features[[index[p] for p in parts[part]]]).float()
         y = torch.tensor([sizes.index(labels[p]) for p in parts[part]])
-        return x, y
+        regret = (torch.tensor(np.stack([1.0 - relative_speed[p] for p in parts[part]]), dtype=torch.float32)
+                  if config.objective == "expected-speed" else None)
+        return x, y, regret
 
-    (x_train, y_train), (x_val, y_val) = tensors("train"), tensors("validation")
+    def objective_loss(logits, y, regret):
+        if regret is not None:
+            return (torch.softmax(logits, -1) * regret).sum(-1).mean()  # expected fraction of speed lost
+        return F.cross_entropy(logits, y)
+
+    (x_train, y_train, r_train), (x_val, y_val, r_val) = tensors("train"), tensors("validation")
     spec = spec.with_normalisation(x_train.numpy())
     model = PolicyMLP.for_spec(spec, len(sizes), hidden_size=config.hidden_size,
                                num_hidden_layers=config.num_hidden_layers, dropout=config.dropout)
@@ -71,14 +95,14 @@ def train_policy(ids: list[str], features: np.ndarray, labels: dict[str, int], s
     best, best_loss, since_best, epochs = copy.deepcopy(model), float("inf"), 0, 0
     for epochs in range(1, config.max_epochs + 1):
         model.train()
-        loss = F.cross_entropy(model(x_train), y_train)
+        loss = objective_loss(model(x_train), y_train, r_train)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         model.eval()
         with torch.no_grad():
-            val_loss = float(F.cross_entropy(model(x_val), y_val))
-        if val_loss < best_loss - 1e-4:
+            val_loss = float(objective_loss(model(x_val), y_val, r_val))
+        if val_loss < best_loss * (1 - 1e-4):  # relative: the objectives' losses differ in scale
             best, best_loss, since_best = copy.deepcopy(model), val_loss, 0
         else:
             since_best += 1
@@ -89,11 +113,11 @@ def train_policy(ids: list[str], features: np.ndarray, labels: dict[str, int], s
     def accuracy(part):
         if not parts[part]:
             return None
-        x, y = tensors(part)
+        x, y, _ = tensors(part)
         with torch.no_grad():
             return round(float((best(x).argmax(-1) == y).float().mean()), 4)
 
-    summary = {"config": asdict(config), "epochs": epochs, "best_validation_loss": round(best_loss, 4),
+    summary = {"config": asdict(config), "epochs": epochs, "best_validation_loss": round(best_loss, 5),
                "prompts": {k: len(v) for k, v in parts.items()},
                "accuracy": {k: accuracy(k) for k in parts}, "candidate_sizes": sizes,
                "label_distribution": {str(s): sum(1 for p in parts["train"] if labels[p] == s) for s in sizes}}

@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_drafter)
 
     for name, text in (("collect", "run prompts at every candidate block size; record counts and prefill features"),
-                       ("train-policy", "train the block-size policy on oracle labels (both objectives)"),
+                       ("train-policy", "train the block-size policy on oracle labels (every objective)"),
                        ("export-policy", "export the better policy to ONNX with metadata; check it against PyTorch"),
                        ("eval-policy", "held-out comparison: fixed sizes, policy, oracle, random, constant")):
         p = commands.add_parser(name, help=text)

@@ -362,6 +362,45 @@ def test_train_policy_learns_a_separable_rule_and_scores_choices():
     assert report["gap_closed_to_oracle"] >= 0.8
 
 
+def test_relative_speeds_are_per_prompt_fractions_of_the_best_size():
+    from blockpilot.policy_export.collect import relative_speeds
+    costs = {"target_ms": {2: 10.0, 4: 20.0}, "drafter_ms": {2: 0.0, 4: 0.0}}
+    rows = [{"id": "a", "block_size": 2, "generated_tokens": 101, "target_forwards": 50},  # 2 tokens / 10 ms
+            {"id": "a", "block_size": 4, "generated_tokens": 101, "target_forwards": 40},  # 2.5 tokens / 20 ms
+            {"id": "b", "block_size": 2, "generated_tokens": 101, "target_forwards": 50}]  # no size-4 run
+    speeds = relative_speeds(rows, costs, [2, 4])
+    assert set(speeds) == {"a"} and speeds["a"].tolist() == [1.0, 0.625]
+
+
+def test_expected_speed_objective_ignores_near_ties_and_avoids_costly_sizes():
+    """Sizes 2 and 3 are coin-flip near-ties everywhere (hard labels are noise); size 6 is the clear
+    winner where feature 0 > 0 and costly elsewhere. The cost-sensitive policy must find that rule;
+    a bad objective name or missing speeds are refused."""
+    from blockpilot.policy_export.train import PolicyTrainConfig, split_of, train_policy
+    from blockpilot.runtime.policy import PolicyFeatureSpec
+    rng = np.random.default_rng(1)
+    ids = [f"p{i}" for i in range(400)]
+    spec = PolicyFeatureSpec([1], 4)
+    feats = rng.standard_normal((400, spec.dim)).astype(np.float32)
+    speeds = {}
+    for i, pid in enumerate(ids):
+        tie = [1.0, 0.99] if rng.random() < 0.5 else [0.99, 1.0]
+        speeds[pid] = np.array([0.7, 0.7, 1.0]) if feats[i, 0] > 0 else np.array(tie + [0.5])
+    labels = {pid: [2, 3, 6][int(np.argmax(v))] for pid, v in speeds.items()}
+    config = PolicyTrainConfig(objective="expected-speed", hidden_size=32, max_epochs=300, learning_rate=1e-2)
+    model, summary = train_policy(ids, feats, labels, [2, 3, 6], spec, config, speeds)
+    test_ids = [p for p in ids if split_of(p, config) == "test"]
+    with torch.no_grad():
+        chosen = model(torch.from_numpy(feats)).argmax(-1).tolist()
+    kept = np.mean([speeds[p][chosen[ids.index(p)]] for p in test_ids])
+    assert kept >= 0.97 and summary["prompts"]["test"] > 30
+    assert kept > np.mean([speeds[p][0] for p in test_ids]) + 0.05  # beats the best constant size (2 or 3)
+    with pytest.raises(ValueError, match="needs each prompt's relative speed"):
+        train_policy(ids, feats, labels, [2, 3, 6], spec, config)
+    with pytest.raises(ValueError, match="unknown policy objective"):
+        train_policy(ids, feats, labels, [2, 3, 6], spec, PolicyTrainConfig(objective="fastest"), speeds)
+
+
 def test_within_request_variation_replays_decoding():
     from blockpilot.policy_export.analysis import replay, within_request_variation
     costs = {"target_ms": {2: 10.0, 4: 10.0}, "drafter_ms": {2: 0.0, 4: 0.0}}

@@ -55,12 +55,13 @@ train: {{hidden_size: 16, max_epochs: 30}}
     rows = [json.loads(line) for line in (tmp_path / "work" / "collect_runs.jsonl").read_text().splitlines()]
     assert len(rows) == 60 * 3 and {r["block_size"] for r in rows} == {2, 3, 4}
     summary = json.loads((tmp_path / "work" / "train_summary.json").read_text())
-    assert set(summary) == {"acceptance", "speed"}
+    assert set(summary) == {"acceptance", "speed", "expected-speed"}
     exported = json.loads((tmp_path / "work" / "export_summary.json").read_text())
-    assert exported["objective"] in ("acceptance", "speed") and exported["ort_latency_ms_batch1"] > 0
+    assert exported["objective"] in summary and exported["ort_latency_ms_batch1"] > 0
     report = json.loads((tmp_path / "work" / "eval_report.json").read_text())
     assert {"fixed-2", "fixed-3", "fixed-4", "policy", "oracle-speed", "random", "constant-policy-mode",
-            "policy-acceptance-objective", "policy-speed-objective"} <= set(report["variants"])
+            "policy-acceptance-objective", "policy-speed-objective", "policy-expected-speed-objective"
+            } <= set(report["variants"])
     assert json.loads((tmp_path / "docs" / "eval_report.json").read_text()) == report
     assert (tmp_path / "docs" / "eval_report.png").read_bytes()[:4] == b"\x89PNG"
     assert "best fixed size" in (tmp_path / "docs" / "eval_report.txt").read_text()

@@ -8,7 +8,8 @@ import torch
 
 from blockpilot.runtime.training.features import Sequence, _groups_by_tokens
 from blockpilot.runtime.training.train_drafter import (drafter_hidden, expected_acceptance, make_batch,
-                                                       position_weights, split_by_part, step_loss)
+                                                       position_weights, replayed_acceptance, split_by_part,
+                                                       step_loss)
 
 from conftest import tiny_drafter, tiny_target
 
@@ -61,6 +62,44 @@ def test_assistant_prompts_are_reproducible_varied_and_not_mtbench():
     assert not held_out & {r.prompt for r in assistant_prompts()}
 
 
+def test_question_requests_are_reproducible_and_generated_questions_are_unwrapped():
+    from blockpilot.runtime.prompts import mtbench_records
+    from blockpilot.runtime.training.prompt_sets import generated_question, question_requests
+    first = question_requests(500)
+    assert [r.prompt for r in first] == [r.prompt for r in question_requests(500)]
+    assert len({r.id for r in first}) == len({r.prompt for r in first}) == 500
+    assert not {r.prompt for r in first} & {r.prompt for r in mtbench_records()}
+    # replies the default model really gave to such requests
+    assert generated_question('The user will ask, "What happens when you bake bread and it doesn\u2019t turn out '
+                              'right?"') == "What happens when you bake bread and it doesn\u2019t turn out right?"
+    assert generated_question("A student might ask:\nHow did the people of France feel during the 18th century?"
+                              ) == "How did the people of France feel during the 18th century?"
+    assert generated_question("What would you like to know about physics?") == "What would you like to know about physics?"
+    assert generated_question("Sure!") is None and generated_question("x" * 500) is None
+
+
+def test_generated_responses_are_seeded_resumable_and_greedy_by_default(tmp_path, default_target):
+    """Sampled data (the self-questions) is the same on every rerun; greedy data is the target's own greedy
+    output; a rerun skips what is done."""
+    from blockpilot.runtime.engine import SpeculativeEngine
+    from blockpilot.runtime.prompts import PromptRecord, encode_prompt
+    from blockpilot.runtime.requests import GenerationRequest
+    from blockpilot.runtime.sampling import SamplingParams
+    from blockpilot.runtime.training.datagen import generate_responses, read_responses
+    engine = SpeculativeEngine(default_target, None)
+    records = [PromptRecord(id=f"q{i}", prompt=f"Write a question about {s}.") for i, s in enumerate(["tea", "rain", "maps"])]
+    for run in ("a", "b"):
+        assert generate_responses(engine, records, tmp_path / run, max_new_tokens=12, temperature=1.0, shard_size=2) == 3
+    sampled = {r["id"]: r["response_ids"] for r in read_responses(tmp_path / "a")}
+    assert sampled == {r["id"]: r["response_ids"] for r in read_responses(tmp_path / "b")}
+    assert generate_responses(engine, records, tmp_path / "a", max_new_tokens=12, temperature=1.0) == 0  # resumed: all done
+    generate_responses(engine, records, tmp_path / "greedy", max_new_tokens=12)
+    greedy = {r["id"]: r["response_ids"] for r in read_responses(tmp_path / "greedy")}
+    ids = encode_prompt(default_target.tokenizer, records[0])
+    own = engine.generate([GenerationRequest(ids, SamplingParams(max_new_tokens=12), "x", block_size=1)])[0].token_ids
+    assert greedy["q0"] == own and greedy != sampled
+
+
 def test_groups_respect_token_budget():
     seqs = [[0] * n for n in (5, 50, 7, 30, 3)]
     groups = _groups_by_tokens(seqs, budget=60)
@@ -85,6 +124,7 @@ def test_short_training_run_learns_a_copying_target():
     weights = position_weights(4, 4, 0.9)
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=1e-2)
     before = expected_acceptance(drafter.eval(), target, sequences[:8], 4, 0, anchors=4)
+    replayed_before = replayed_acceptance(drafter, target, sequences[:8], 4)
     losses = []
     for step in range(150):
         drafter.train()
@@ -96,6 +136,9 @@ def test_short_training_run_learns_a_copying_target():
     after = expected_acceptance(drafter.eval(), target, sequences[:8], 4, 0, anchors=4)
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
     assert after > before + 0.5, (before, after)
+    # the runtime's own figure (decoding replayed step by step) sees the same improvement
+    replayed_after = replayed_acceptance(drafter, target, sequences[:8], 4)
+    assert replayed_after > replayed_before + 0.5 and 1.0 <= replayed_after <= 4.0, (replayed_before, replayed_after)
 
 
 def test_shortlist_loss_equals_full_loss_when_it_covers_the_vocabulary():
@@ -196,6 +239,7 @@ def test_train_checkpoints_resumes_and_saves_a_plain_fc(tmp_path, monkeypatch):
     assert torch.allclose(first.fc.weight, folded)
     assert state["fc.parametrizations.weight.0.scale"].max() > 1.5 * state["fc.parametrizations.weight.0.scale"].min()
     second = train(recipe(6), target, sequences, log)  # resumes at step 4
-    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(r["val_replayed_acceptance_length"] >= 1.0 for r in records if r["step"] % 2 == 0)
     assert not torch.equal(second.fc.weight, first.fc.weight)

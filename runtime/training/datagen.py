@@ -8,6 +8,7 @@ done, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 from tqdm import tqdm
@@ -34,8 +35,10 @@ def read_responses(data_dir: str | Path) -> list[dict]:
 
 
 def generate_responses(engine: SpeculativeEngine, records: list[PromptRecord], data_dir: str | Path, *,
-                       max_new_tokens: int = 256, shard_size: int = 64, max_prompt_tokens: int = 768) -> int:
-    """Generate greedy responses for every record not yet in `data_dir`; returns how many were added."""
+                       max_new_tokens: int = 256, shard_size: int = 64, max_prompt_tokens: int = 768,
+                       temperature: float = 0.0) -> int:
+    """Generate responses (greedy unless `temperature` > 0, then seeded by the record's id, so a rerun
+    writes the same data) for every record not yet in `data_dir`; returns how many were added."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     done = completed_ids(data_dir)
@@ -48,7 +51,9 @@ def generate_responses(engine: SpeculativeEngine, records: list[PromptRecord], d
         chunk = todo[start:start + shard_size]
         encoded = [(r, encode_prompt(tokenizer, r)) for r in chunk]
         encoded = [(r, ids) for r, ids in encoded if len(ids) <= max_prompt_tokens]
-        requests = [GenerationRequest(ids, SamplingParams(max_new_tokens=max_new_tokens), r.id, block_size=1)
+        requests = [GenerationRequest(ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                          seed=zlib.crc32(r.id.encode())),
+                                      r.id, block_size=1)
                     for r, ids in encoded]
         results = engine.generate(requests) if requests else []
         lines = [json.dumps({"id": r.id, "prompt_ids": ids, "response_ids": res.token_ids,

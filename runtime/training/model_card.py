@@ -92,11 +92,14 @@ mask token `<empty_output>` (id 16).
 - Data: the target's own greedy responses (float32, up to {recipe.data.max_new_tokens} new tokens) to
   {training.get('sequences', '?')} training prompts built offline from the Python standard library
   (code writing/explaining, language topics, documentation paragraphs), hand-written chat requests
-  and templated assistant tasks (writing, role-play, reasoning, maths, extraction, science/humanities);
+  templated assistant tasks (writing, role-play, reasoning, maths, extraction, science/humanities)
+  and questions the target wrote itself (`data.self_questions`);
   {training.get('response_tokens', '?')} response tokens. MT-Bench is never used for training.
 - Steps: {training.get('steps', '?')}, wall time {training.get('wall_time_s', '?')} s on a 2-core x86-64 CPU
-  (no GPU); final loss {training.get('final_loss', '?')}; held-out expected acceptance
-  {training.get('val_acceptance_length', '?')} at block size {recipe.drafter.block_size}.
+  (no GPU); final loss {training.get('final_loss', '?')}; held-out acceptance (validation prompts of
+  the training distribution, block size {recipe.drafter.block_size}): {training.get('val_replayed_acceptance_length', '?')}
+  replaying greedy decoding (the runtime's figure), {training.get('val_acceptance_length', '?')} from random
+  anchor points (optimistic: a decoding step starts right after the drafter's last miss).
 
 ## How this recipe was chosen
 {recipe.notes.strip() or "(no notes in the recipe)"}

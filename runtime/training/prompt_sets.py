@@ -342,6 +342,65 @@ def assistant_prompts(count: int = 1600, seed: int = 1) -> list[PromptRecord]:
     return records
 
 
+# Free-form questions in the target's own words: the target is asked (with sampling, for variety) to
+# write a question of one of MT-Bench's kinds, then answers it greedily like any other prompt. The
+# templated prompts above teach the drafter their templates' answers; these are closer to the open
+# questions serving traffic asks (MT-Bench itself is never used).
+QUESTION_REQUESTS = [
+    "Write one question that a user might ask an AI assistant about {s}. Reply with the question only.",
+    "Write a request someone might send to a writing assistant about {s}. Reply with the request only.",
+    "Write a question a student might ask a teacher about {s}. Reply with the question only.",
+    "Invent a short maths word problem about {s}. Reply with the problem only.",
+    "Invent a logic puzzle involving {s}. Reply with the puzzle only.",
+    "Write a Python programming task related to {s}. Reply with the task only.",
+    "Ask an assistant to play a character connected to {s}. Reply with the request only.",
+    "Write a question asking for advice about {s}. Reply with the question only.",
+]
+
+
+def question_requests(count: int = 2000, seed: int = 2) -> list[PromptRecord]:
+    """Requests for the target to write a question (the first half of a self-question pair)."""
+    rng = random.Random(seed)
+    subjects = sorted(set(WRITING_SUBJECTS + SCIENCE_AND_HUMANITIES + [r[0] for r in ROLES]))
+    records, seen = [], set()
+    for _ in range(count * 20):
+        if len(records) == count:
+            break
+        prompt = rng.choice(QUESTION_REQUESTS).format(s=rng.choice(subjects))
+        if prompt not in seen:
+            seen.add(prompt)
+            records.append(PromptRecord(id=f"ask-{zlib.crc32(prompt.encode()):08x}", prompt=prompt))
+    return records
+
+
+def generated_question(text: str) -> str | None:
+    """The question in the target's reply to a question request, or None if there is no usable one.
+
+    The reply is often wrapped ('A student might ask: ...', 'The user will ask, "..."'): a quoted
+    span or the text after a leading label is the question; too short or too long replies are dropped."""
+    text = text.strip()
+    quoted = re.findall(r'"([^"]{20,400})"', text)
+    if quoted:
+        text = quoted[0]
+    elif re.match(r"^[^\n:]{0,60}:\s", text):
+        text = text.split(":", 1)[1]
+    text = text.strip()
+    if not 20 <= len(text) <= 400 or not re.search(r"[A-Za-z]{3}", text):
+        return None
+    return text
+
+
+def self_question_prompts(question_rows: list[dict], tokenizer) -> list[PromptRecord]:
+    """The target's generated questions (rows of `generate_responses`) as training prompts."""
+    records, seen = [], set()
+    for row in question_rows:
+        question = generated_question(tokenizer.decode(row["response_ids"], skip_special_tokens=True))
+        if question and question not in seen:
+            seen.add(question)
+            records.append(PromptRecord(id=f"selfq-{zlib.crc32(question.encode()):08x}", prompt=question))
+    return records
+
+
 # Every generated prompt belongs to exactly one part, by a stable hash of its id: the drafter trains
 # on "drafter-train", reports held-out acceptance on "drafter-validation", and never sees "policy",
 # which the block-size policy's labels come from (a drafter's acceptance on prompts it trained on

@@ -18,6 +18,8 @@ class DataConfig:
     max_new_tokens: int = 256
     batch_size: int = 48
     num_prompts: int | None = None
+    self_questions: int = 0  # question requests: the target writes questions, then answers them
+    question_temperature: float = 0.8
 
 
 @dataclass
@@ -98,8 +100,8 @@ def _typed(kind, values: dict, where: str):
 
 def run_data_stage(recipe: DrafterRecipe) -> None:
     from ..config import EngineConfig, build_engine
-    from .datagen import generate_responses
-    from .prompt_sets import prompt_part, training_prompts
+    from .datagen import generate_responses, read_responses
+    from .prompt_sets import prompt_part, question_requests, self_question_prompts, training_prompts
 
     engine = build_engine(EngineConfig(model=recipe.model, drafter=None, dtype=recipe.dtype,
                                        max_batch_size=recipe.data.batch_size))
@@ -107,6 +109,13 @@ def run_data_stage(recipe: DrafterRecipe) -> None:
     records = [r for r in training_prompts() if prompt_part(r.id) != "policy"]
     if recipe.data.num_prompts:
         records = records[: recipe.data.num_prompts]
+    if recipe.data.self_questions:
+        questions_dir = recipe.data_dir / "self-questions"
+        generate_responses(engine, question_requests(recipe.data.self_questions), questions_dir,
+                           max_new_tokens=64, shard_size=recipe.data.batch_size * 2,
+                           temperature=recipe.data.question_temperature)
+        records += [r for r in self_question_prompts(read_responses(questions_dir), engine.target.tokenizer)
+                    if prompt_part(r.id) != "policy"]
     added = generate_responses(engine, records, recipe.data_dir, max_new_tokens=recipe.data.max_new_tokens,
                                shard_size=recipe.data.batch_size * 2)
     print(f"data: {added} new responses in {recipe.data_dir}")
@@ -137,9 +146,11 @@ def run_train_stage(recipe: DrafterRecipe) -> None:
                "response_tokens": int(sum(len(s.tokens) - s.prompt_len for s in train_set)),
                "steps": recipe.train.steps, "wall_time_s": last["elapsed_s"],
                "final_loss": last["loss"], "val_acceptance_length": last.get("val_acceptance_length"),
+               "val_replayed_acceptance_length": last.get("val_replayed_acceptance_length"),
                "recipe": {"data": asdict(recipe.data), "drafter": asdict(recipe.drafter), "train": asdict(recipe.train)}}
     (Path(recipe.output_dir) / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"train: drafter saved to {recipe.output_dir} (val acceptance length {summary['val_acceptance_length']})")
+    print(f"train: drafter saved to {recipe.output_dir} (held-out acceptance length, replayed decoding: "
+          f"{summary['val_replayed_acceptance_length']})")
 
 
 def run_eval_stage(recipe: DrafterRecipe) -> None:
