@@ -182,6 +182,14 @@ def test_curve_summary_projects_speed_from_counts():
     assert summary["best_fixed_by_acceptance"] == 4
 
 
+def test_model_card_counts_read_the_same_from_memory_and_from_json():
+    import json
+
+    from blockpilot.runtime.training.model_card import format_counts
+    counts = {10: 1, 2: 46, 3: 18}
+    assert format_counts(counts) == format_counts(json.loads(json.dumps(counts))) == "2: 46, 3: 18, 10: 1"
+
+
 def test_recipe_yaml_is_typed_and_strict(tmp_path, monkeypatch):
     from pathlib import Path
 

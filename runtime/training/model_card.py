@@ -72,6 +72,11 @@ def plot_curve(summary: dict, png_path: Path) -> None:
     plt.close(fig)
 
 
+def format_counts(counts: dict) -> str:
+    """`{size: prompts}` as "2: 46, 3: 18", sizes in numeric order (JSON turns the keys into strings)."""
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: int(kv[0])))
+
+
 def write_model_card(recipe, summary: dict) -> None:
     out = Path(recipe.output_dir)
     training = json.loads((out / "training_summary.json").read_text()) if (out / "training_summary.json").exists() else {}
@@ -115,7 +120,7 @@ Step costs measured on this machine ({costs['dtype']}, {costs['threads']} thread
 Best fixed size by acceptance: {summary['best_fixed_by_acceptance']}; by projected speed:
 {summary['best_fixed_by_projected_speed']}. Per-prompt oracle mean acceptance (sizes 2..24):
 {summary['oracle_mean_acceptance']}. Per-prompt best size (by acceptance):
-{summary['per_prompt_best_by_acceptance']}; (by projected speed): {summary['per_prompt_best_by_projected_speed']}.
+{format_counts(summary['per_prompt_best_by_acceptance'])}; (by projected speed): {format_counts(summary['per_prompt_best_by_projected_speed'])}.
 
 ![curve](../../../docs/drafter-acceptance.png)
 """
