@@ -96,7 +96,7 @@ mask token `<empty_output>` (id 16).
 ## Training
 - Data: the target's own greedy responses (float32, up to {recipe.data.max_new_tokens} new tokens) to
   {training.get('sequences', '?')} training prompts built offline from the Python standard library
-  (code writing/explaining, language topics, documentation paragraphs), hand-written chat requests
+  (code writing/explaining, language topics, documentation paragraphs), hand-written chat requests,
   templated assistant tasks (writing, role-play, reasoning, maths, extraction, science/humanities)
   and questions the target wrote itself (`data.self_questions`);
   {training.get('response_tokens', '?')} response tokens. MT-Bench is never used for training.
