@@ -14,7 +14,8 @@ SGL_VENV := .venv-sglang
 SGL_BIN := $(SGL_VENV)/bin
 SGL_STAMP := $(SGL_VENV)/.installed
 
-.PHONY: install install-sglang demo test test-core test-sglang test-fast bench padding-cost step-costs clean
+.PHONY: install install-sglang demo test test-core test-sglang test-fast bench padding-cost step-costs \
+	calibrate-verify eval-verify clean
 
 install: $(STAMP)
 
@@ -53,20 +54,34 @@ test-sglang: install install-sglang
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-# Plain decoding vs fixed sizes (the best projected, 2, and the training size, 8) vs the shipped policy,
-# batch 1, side by side (about 8 min here).
-BENCH_SIZES ?= 2,8
+# Plain decoding vs fixed sizes vs the shipped policy, each with full verify and with the per-step
+# verify rule, batch 1, side by side (about 12 min here). BENCH_BATCH=8 for continuous batching.
+BENCH_SIZES ?= 2,4
+BENCH_BATCH ?= 1
 bench: install
 	$(BIN)/blockpilot prepare
 	$(BIN)/blockpilot bench --num-prompts 6 --block-sizes $(BENCH_SIZES) --block-size auto --repeats 2 \
-		--max-new-tokens 256 --batch-size 1 --output-dir runs/bench
+		--max-new-tokens 256 --batch-size $(BENCH_BATCH) --max-batch-size $(BENCH_BATCH) --verify both \
+		--output-dir runs/bench-batch$(BENCH_BATCH)
 
 # Ragged vs padded-to-widest decode steps for mixed-width batches (the SGLang plugin pads).
 padding-cost: install
 	$(BIN)/blockpilot step-costs --mixed 16,16,16,16 12,14,16,20 12,12,12,20 12-20 4,16 --output runs/padding_cost.json
 
+# This machine's step-cost table (what the per-step verify rule reads); the shipped one came from
+# `make step-costs STEP_COSTS=runtime/assets/smollm2-135m-instruct-dflash/step_costs.json` on an idle machine.
+STEP_COSTS ?= runs/step_costs.json
 step-costs: install
-	$(BIN)/blockpilot step-costs --dtypes float32 bfloat16 --widths 1,2,4,8,16,24,32 --output runs/step_costs.json
+	$(BIN)/blockpilot step-costs --dtypes float32 --output $(STEP_COSTS) --report runs/step_costs_raw.json
+
+# The verify rule's calibration (held-apart prompts) and its held-out evaluation (MT-Bench, projected).
+calibrate-verify: install
+	$(BIN)/blockpilot prepare
+	$(BIN)/blockpilot calibrate-verify --config configs/policy-smollm2.yaml
+
+eval-verify: install
+	$(BIN)/blockpilot prepare
+	$(BIN)/blockpilot eval-verify --config configs/policy-smollm2.yaml
 
 clean:
 	rm -rf $(VENV) $(SGL_VENV) runs *.egg-info

@@ -18,7 +18,8 @@
 #     plugins/sglang/boot.py, that lets `import torchvision` succeed without
 #     its C ops and serves the `sgl_kernel` CPU stand-ins when
 #     SGLANG_USE_CPU_ENGINE=1 (the stand-ins themselves come from the
-#     blockpilot package, which must be installed in the venv too).
+#     blockpilot package, `blockpilot.plugins.sglang.cpu.kernels`, which must
+#     be installed in the venv too; re-run this script after boot.py changes).
 #
 # Idempotent: if sglang 0.5.23 already imports with torch 2.13.0 and
 # transformers 5.23.0, only the (cheap) start-up hook is refreshed.

@@ -14,10 +14,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from blockpilot.runtime import blocks
 from blockpilot.runtime.engine import SpeculativeEngine
 from blockpilot.runtime.policy import prefill_features
-from blockpilot.runtime.step_cost import per_prompt_scores
+from blockpilot.runtime.step_cost import step_ms
 from blockpilot.runtime.prompts import PromptRecord, encode_prompt
 from blockpilot.runtime.requests import GenerationRequest
 from blockpilot.runtime.sampling import SamplingParams
@@ -70,12 +69,24 @@ def prefill_feature_matrix(engine: SpeculativeEngine, records: list[PromptRecord
     rows = []
     for start in range(0, len(records), batch_size):
         prompts = [encode_prompt(target.tokenizer, r) for r in records[start:start + batch_size]]
-        lengths = torch.tensor([len(p) for p in prompts])
-        layout = blocks.RaggedLayout.build(lengths, torch.zeros(len(prompts), dtype=torch.long))
-        cache = target.new_cache(len(prompts), int(lengths.max()))
-        _, features = target.forward(torch.tensor([t for p in prompts for t in p]), layout, cache, 0, layers)
-        rows.append(prefill_features(features[layout.offsets[1:] - 1], lengths.tolist()))
+        run = target.prefill(prompts, layers)
+        rows.append(prefill_features(run.features[run.last], [len(p) for p in prompts]))
     return np.concatenate(rows)
+
+
+def per_prompt_scores(rows: list[dict], costs: dict) -> dict[str, dict[int, tuple[float, float]]]:
+    """{prompt id: {block size: (acceptance length, projected tokens per ms)}} from collected runs.
+
+    Acceptance length counts the tokens after the first (those come from verify steps) per target
+    forward; projected speed charges each forward the step cost of its width.
+    """
+    scores: dict[str, dict[int, tuple[float, float]]] = {}
+    for row in rows:
+        forwards, tokens = row["target_forwards"], row["generated_tokens"] - 1
+        if forwards:
+            scores.setdefault(row["id"], {})[row["block_size"]] = (
+                tokens / forwards, tokens / (forwards * step_ms(costs, row["block_size"])))
+    return scores
 
 
 def oracle_labels(rows: list[dict], costs: dict, sizes: list[int]) -> dict[str, dict[str, int]]:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import torch
 
-from blockpilot.runtime.drafter import MAX_BLOCK_SIZE
+from blockpilot.runtime.blocks import MAX_BLOCK_SIZE
 from blockpilot.runtime.policy import (FORMAT_VERSION, INPUT_NAME, METADATA_KEYS, OUTPUT_NAME, SCALAR_FEATURES,
                                        PolicyFeatureSpec, make_session, session_providers)
 

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 from tqdm import tqdm
 
 from .train import PolicyTrainConfig
@@ -32,10 +30,26 @@ class CollectConfig:
     max_new_tokens: int = 128
     batch_size: int = 16
     method: str = "replay"  # "replay" (counts from one greedy run per prompt) or "run" (every size run, raw timings)
+    prompt_set_sha256: str | None = None  # with "policy-part": the digest the generated prompt set must have
 
     def __post_init__(self):
         if self.method not in ("replay", "run"):
             raise ValueError(f"collect method must be 'replay' or 'run', got {self.method!r}")
+
+
+@dataclass
+class VerifyRecipe:
+    """The `verify:` section: the per-step verify rule's calibrate-verify and eval-verify stages
+    (`verify_pipeline.py`)."""
+
+    calibration_prompts: int = 64  # policy-part prompts after collect.num_prompts
+    calibration_max_new_tokens: int = 128
+    calibration_block_size: int = 8  # drafts reached at full verify of this width are the fitting data
+    calibration_output: str | None = None  # default: verify_calibration.json beside the drafter
+    step_costs: str | None = None  # default: the engine's table ($BLOCKPILOT_STEP_COSTS or the shipped one)
+    eval_sizes: str = "2,3,4,6,8"
+    eval_prompts: int | None = None  # the first N evaluation prompts (default: all of them)
+    report_dir: str | None = None
 
 
 @dataclass
@@ -50,32 +64,17 @@ class PolicyRecipe:
     collect: CollectConfig = field(default_factory=CollectConfig)
     evaluate: CollectConfig = field(default_factory=lambda: CollectConfig(prompts="mtbench"))
     train: PolicyTrainConfig = field(default_factory=PolicyTrainConfig)
+    verify: VerifyRecipe = field(default_factory=VerifyRecipe)  # calibrate-verify / eval-verify
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "PolicyRecipe":
-        from blockpilot.runtime.assets import cache_dir
+        from blockpilot.runtime.config import load_yaml_config
 
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        sections = {"collect": CollectConfig, "evaluate": CollectConfig, "train": PolicyTrainConfig}
-        values = {}
-        for key, value in raw.items():
-            if key in sections:
-                known = {f.name for f in fields(sections[key])}
-                unknown = set(value or {}) - known
-                if unknown:
-                    raise ValueError(f"{path}: {key}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
-                values[key] = sections[key](**(value or {}))
-            elif key in {f.name for f in fields(cls)}:
-                if isinstance(value, str):
-                    value = os.path.expandvars(value.replace("${BLOCKPILOT_CACHE}", str(cache_dir())))
-                values[key] = value
-            else:
-                raise ValueError(f"{path}: unknown setting {key!r}")
-        return cls(**values)
+        return load_yaml_config(cls, path)
 
     @property
     def sizes(self) -> list[int]:
-        from blockpilot.runtime.cli import parse_sizes
+        from blockpilot.runtime.config import parse_sizes
 
         sizes = parse_sizes(str(self.candidate_sizes))
         if len(sizes) < 2:
@@ -103,9 +102,11 @@ def _records(spec: CollectConfig):
     if spec.prompts == "mtbench":
         records = mtbench_records()
     elif spec.prompts == "policy-part":
-        from blockpilot.runtime.training.prompt_sets import prompt_part, training_prompts
+        from blockpilot.runtime.training.prompt_sets import check_prompt_set, prompt_part, training_prompts
 
-        records = [r for r in training_prompts() if prompt_part(r.id) == "policy"]
+        prompts = training_prompts()
+        check_prompt_set(prompts, spec.prompt_set_sha256, "policy recipe prompt_set_sha256")
+        records = [r for r in prompts if prompt_part(r.id) == "policy"]
     else:
         records = read_prompts(spec.prompts)
     return records[: spec.num_prompts] if spec.num_prompts else records
@@ -277,7 +278,6 @@ def variation_report(recipe: PolicyRecipe, engine, rows: list[dict], costs: dict
     """Replay each held-out greedy output at every candidate size and with a per-step oracle."""
     from blockpilot.runtime.prompts import encode_prompt
     from blockpilot.runtime.replay import acceptance_profile, prepare
-    from blockpilot.runtime.training.features import sequence_features
 
     from .analysis import within_request_variation
 
@@ -288,7 +288,7 @@ def variation_report(recipe: PolicyRecipe, engine, rows: list[dict], costs: dict
     for prompt_id, output in tqdm(outputs.items(), desc="acceptance profiles", unit="prompt"):
         tokens = encode_prompt(engine.target.tokenizer, records[prompt_id]) + output
         sequence = prepare(engine.drafter, prompt_id, tokens, len(tokens) - len(output),
-                           sequence_features(engine.target, layers, [tokens])[0], recipe.evaluate.max_new_tokens)
+                           engine.target.sequence_features([tokens], layers)[0], recipe.evaluate.max_new_tokens)
         profiles[prompt_id] = acceptance_profile(engine.target, engine.drafter, sequence, recipe.sizes)
     return within_request_variation(profiles, recipe.sizes, costs)
 

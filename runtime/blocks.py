@@ -17,8 +17,16 @@ Both the reference engine (`blockpilot.runtime.engine`) and the SGLang plugin us
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
+
+# Block-size limits, each named once (the engine, the config, the drafter, the policy export and
+# the SGLang plugin read them from here).
+MAX_BLOCK_SIZE = 64  # widest block any part of BlockPilot accepts
+DEFAULT_MAX_BLOCK_SIZE = 32  # the engine's cap on a request's block size unless configured otherwise
+DEFAULT_BLOCK_SIZE = 16  # a drafter's training block size when its config names none (DFlash's)
+MIN_SPECULATIVE_BLOCK_SIZE = 2  # the bonus token and at least one draft; 1 means no speculation
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,24 @@ def draft_mask(layout: RaggedLayout, context_lens: torch.Tensor, kv_len: int) ->
     return keys[:, None, None, :].expand(-1, 1, layout.max_width, -1)
 
 
+def anchored_draft_mask(anchors: list[list[int]], anchor_slots: int, block_size: int,
+                        context_len: int) -> torch.Tensor:
+    """[b, 1, A * B, context_len + A * B] bool mask for training: `A = anchor_slots` blocks of width
+    `B = block_size` side by side per sequence, each the query a decode step asks (`draft_mask`).
+
+    Block a of sequence i, anchored at position `anchors[i][a]`, sees the context strictly before
+    its anchor and its own B keys, never another block's; unused anchor slots (a sequence with fewer
+    anchors) see only their own block, so they stay inert.
+    """
+    starts = torch.zeros(len(anchors), anchor_slots, dtype=torch.long)  # 0: an unused slot sees no context
+    for i, positions in enumerate(anchors):
+        starts[i, : len(positions)] = torch.as_tensor(positions, dtype=torch.long)
+    block_of = torch.arange(anchor_slots * block_size) // block_size  # [A * B] block of each query / key
+    context = torch.arange(context_len)[None, None, :] < starts[:, block_of, None]  # [b, A * B, context_len]
+    own_block = (block_of[:, None] == block_of[None, :]).expand(len(anchors), -1, -1)  # [b, A * B, A * B]
+    return torch.cat([context, own_block], dim=2)[:, None]
+
+
 def block_tokens(bonus: torch.Tensor, layout: RaggedLayout, mask_token_id: int) -> torch.Tensor:
     """[N] packed draft input: each row's bonus token followed by mask tokens."""
     tokens = torch.full((layout.num_tokens,), mask_token_id, dtype=torch.long)
@@ -113,6 +139,15 @@ def draft_slots(layout: RaggedLayout) -> torch.Tensor:
     return torch.nonzero(layout.col > 0).squeeze(1)
 
 
+def accepted_prefix(predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The acceptance rule: per row `[..., n]`, how many leading predictions equal their labels.
+
+    A label < 0 (no label: past the known text, a padding cell) never matches. The engine, the
+    replay and the drafter's training all count accepted drafts with this.
+    """
+    return torch.cumprod(((predictions == labels) & (labels >= 0)).long(), dim=-1).sum(-1)
+
+
 def accept_lengths(proposed: torch.Tensor, target: torch.Tensor, layout: RaggedLayout) -> torch.Tensor:
     """[n] number of accepted draft tokens per row.
 
@@ -120,11 +155,9 @@ def accept_lengths(proposed: torch.Tensor, target: torch.Tensor, layout: RaggedL
     each block position (argmax, or a sample from the target's distribution when sampling). Draft
     at column j is accepted while it equals the target's token at column j - 1, for all j up to it.
     """
-    matches = torch.zeros(layout.num_tokens, dtype=torch.long)
-    drafts = draft_slots(layout)
-    matches[drafts] = (proposed[drafts] == target[drafts - 1]).long()
-    grid = layout.pad(matches, fill=0)[:, 1:]  # [n, W - 1], columns 1.. of each row
-    return torch.cumprod(grid, dim=1).sum(dim=1) if grid.shape[1] else torch.zeros(layout.num_rows, dtype=torch.long)
+    drafts = layout.pad(proposed, fill=-1)[:, 1:]  # [n, W - 1]: columns 1.. of each row
+    labels = layout.pad(target, fill=-1)[:, :-1]  # the target's token one column earlier; -1 in padding
+    return accepted_prefix(drafts, labels)
 
 
 def committed_slots(layout: RaggedLayout, accepted: torch.Tensor) -> torch.Tensor:
@@ -153,7 +186,7 @@ def new_tokens(target: torch.Tensor, layout: RaggedLayout, accepted: torch.Tenso
 # device of their inputs, so the same code runs on CPU and GPU.
 
 
-def batch_width(widths, floor: int = 2) -> int:
+def batch_width(widths, floor: int = MIN_SPECULATIVE_BLOCK_SIZE) -> int:
     """The step width of a padded batch: its widest row, and at least `floor` (a DFlash block has
     the bonus and at least one draft; a width-1 row is computed at `floor` and capped to 1)."""
     widths = [int(w) for w in widths]
@@ -191,6 +224,12 @@ def cap_commits(out_tokens: torch.Tensor, commit_lens: torch.Tensor,
     return (capped - 1).to(commit_lens.dtype), capped.to(commit_lens.dtype), bonus.to(torch.int64)
 
 
+def step_width(block_size: int, may_still_commit: int) -> int:
+    """A request's block this step: its block size, never wider than the tokens it may still commit
+    (a block commits at most its width), and at least 1 (a plain step)."""
+    return max(1, min(int(block_size), int(may_still_commit)))
+
+
 def proposed_drafts(widths) -> int:
     """Draft tokens one step proposes for rows of these widths: the sum of (width - 1)."""
     return sum(max(int(w) - 1, 0) for w in widths)
@@ -202,6 +241,34 @@ def clamp_block_size(size: int, low: int, high: int) -> int:
     return 1 if size == 1 else min(max(size, low), high)
 
 
+class BlockSizeSource(str, Enum):
+    """Where a request's block size came from (`RequestStats.block_size_source`, SGLang meta_info).
+
+    A `str` enum: it compares equal to, and prints and serialises as, its value.
+    """
+
+    REQUEST = "request"  # the request named its own size
+    FIXED = "fixed"  # the operator set one size for every request
+    DEFAULT = "default"  # the drafter's training size
+    POLICY = "policy"  # the block-size policy chose it after prefill
+    FALLBACK = "fallback"  # the policy failed; the default size was used
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+def decide_block_size(requested: int | None, default: int, default_source: BlockSizeSource,
+                      chosen: int | None = None, chosen_source: BlockSizeSource = BlockSizeSource.POLICY, *,
+                      low: int = 1, high: int = DEFAULT_MAX_BLOCK_SIZE) -> tuple[int, BlockSizeSource]:
+    """The one rule for a request's block size: its own size if it named one (already validated);
+    else the policy's choice (`chosen`, `chosen_source`), moved into [low, high]; else the default."""
+    if requested is not None:
+        return requested, BlockSizeSource.REQUEST
+    if chosen is not None:
+        return clamp_block_size(chosen, low, high), BlockSizeSource(chosen_source)
+    return default, BlockSizeSource(default_source)
+
+
 def last_token_rows(extend_lens) -> list[int]:
     """Row of each request's last token in a packed prefill of `extend_lens` tokens per request."""
     rows, total = [], 0
@@ -209,3 +276,77 @@ def last_token_rows(extend_lens) -> list[int]:
         total += int(length)
         rows.append(total - 1)
     return rows
+
+
+# --- per-step verify width: which prefix of each row's drafts the target verifies ------------------
+# A drafter pays for its whole block in one forward; the verify is what can be saved. Verifying
+# only a prefix of a block is lossless (a shorter block is still a block), so the choice below is
+# free to trade expected tokens against the verify's cost. See `step_verify.py` for the inputs.
+
+
+def survival(confidence: torch.Tensor, draft_counts: torch.Tensor) -> torch.Tensor:
+    """[n, K] survival products S_ri = prod_{j<=i} c_rj: the probability that drafts 1..i of row r
+    are all accepted. Positions past a row's own drafts (`draft_counts[r]`) are 0."""
+    k = confidence.shape[1]
+    inside = torch.arange(k, device=confidence.device)[None, :] < draft_counts.to(confidence.device)[:, None]
+    return torch.cumprod(confidence.double().clamp(0, 1), dim=1) * inside
+
+
+def expected_committed(survival_products: torch.Tensor, verify_lengths: torch.Tensor) -> torch.Tensor:
+    """[n] expected tokens each row commits when it verifies its first `verify_lengths[r]` drafts:
+    1 (the target's own token) + sum of the survival products of the verified drafts."""
+    k = survival_products.shape[1]
+    verified = torch.arange(k, device=survival_products.device)[None, :] < verify_lengths[:, None]
+    return 1 + (survival_products * verified).sum(dim=1)
+
+
+def choose_verify_lengths(survival_products: torch.Tensor, draft_counts: torch.Tensor, verify_seconds: torch.Tensor,
+                          draft_seconds: float, padded: bool = False) -> torch.Tensor:
+    """[n] drafts each row verifies this step (0..draft_counts[r]), maximising the batch's expected
+    committed tokens per second of the step.
+
+    `verify_seconds[t]` is the target's verify over `t` tokens in all (each row verifies its bonus
+    token plus its chosen drafts); `draft_seconds` is this step's drafter forward, already paid but
+    part of the step's time. Ragged (`padded=False`, the reference engine): rows verify different
+    prefixes and the cost follows the total; since a row's survival products only fall along the
+    block, taking the batch's t highest products picks the best prefixes for each total t, and the
+    rule keeps the t with the best ratio. Padded (the SGLang plugin's layout): one width w for the
+    batch, every row verifies min(w, its drafts) and pays w + 1 columns. Ties go to verifying more,
+    so where a wider verify costs nothing the whole block is verified.
+    """
+    n = survival_products.shape[0]
+    counts = draft_counts.to(torch.long).cpu()
+    products = survival_products.double().cpu()
+    if n == 0:
+        return counts.clone()
+    if padded:
+        widest = int(counts.max())
+        best_width, best_rate = widest, -1.0
+        for width in range(widest + 1):
+            lengths = torch.clamp(counts, max=width)
+            rate = float(expected_committed(products, lengths).sum()) / (draft_seconds + float(verify_seconds[n * (width + 1)]))
+            if rate >= best_rate:  # >=: ties go to the wider verify
+                best_width, best_rate = width, rate
+        return torch.clamp(counts, max=best_width).to(draft_counts.device)
+    k = products.shape[1]
+    inside = torch.arange(k)[None, :] < counts[:, None]
+    candidates = products[inside]  # row-major: each row's positions in order
+    rows = torch.arange(n)[:, None].expand(n, k)[inside]
+    order = torch.sort(candidates, descending=True, stable=True).indices  # stable: a row's tie keeps its order
+    gains = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(candidates[order], 0)])
+    totals = n + torch.arange(len(gains))
+    rates = (n + gains) / (draft_seconds + verify_seconds.double()[totals])
+    best = int(len(rates) - 1 - torch.argmax(rates.flip(0)))  # the largest total among the best rates
+    lengths = torch.bincount(rows[order[:best]], minlength=n)
+    return lengths.to(draft_counts.device)
+
+
+def drafting_paid(survival_products: torch.Tensor, verify_lengths: torch.Tensor, verify_seconds: torch.Tensor,
+                  draft_seconds: torch.Tensor) -> torch.Tensor:
+    """[n] bool: whether each row's step beat a plain step in expectation, priced alone: expected
+    committed tokens over (its drafter forward `draft_seconds[r]` + a verify of its chosen prefix)
+    against one token per one-token verify. The drafter's cost is only known to be wasted after the
+    fact; a row whose drafts did not pay is the engine's signal to stop drafting for a while."""
+    expected = expected_committed(survival_products.double().cpu(), verify_lengths.cpu())
+    seconds = draft_seconds.double().cpu() + verify_seconds.double()[verify_lengths.cpu() + 1]
+    return expected / seconds >= 1.0 / float(verify_seconds[1])

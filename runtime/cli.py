@@ -10,22 +10,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .config import parse_sizes
+
 log = logging.getLogger("blockpilot")
-
-
-def parse_sizes(text: str) -> list[int]:
-    """"2-24" or "2,4,8" (or a mix: "1,2-4,16") -> sorted unique ints."""
-    sizes = set()
-    try:
-        for part in text.split(","):
-            if "-" in part:
-                low, high = part.split("-")
-                sizes.update(range(int(low), int(high) + 1))
-            elif part.strip():
-                sizes.add(int(part))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"block sizes must look like '2-24' or '2,4,8', got {text!r}") from None
-    return sorted(sizes)
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +23,11 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     group.add_argument("--max-batch-size", type=int)
     group.add_argument("--max-block-size", type=int)
+    group = parser.add_argument_group("per-step verify")
+    group.add_argument("--step-costs", help="step-cost table JSON (blockpilot step-costs --output); default "
+                                            "$BLOCKPILOT_STEP_COSTS, else the one shipped with the shipped drafter")
+    group.add_argument("--verify-calibration", help="drafter confidence calibration JSON (default: "
+                                                    "verify_calibration.json beside the drafter)")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -52,13 +44,16 @@ def _engine_config(args):
     from .config import EngineConfig
 
     config = EngineConfig.from_yaml(args.config) if args.config else EngineConfig()
-    for name in ("model", "drafter", "dtype", "max_batch_size", "max_block_size"):
+    for name in ("model", "drafter", "dtype", "max_batch_size", "max_block_size", "step_costs",
+                 "verify_calibration"):
         if getattr(args, name, None) is not None:
             setattr(config, name, getattr(args, name))
     if getattr(args, "block_size", None) is not None:
         config.block_size = args.block_size
     if getattr(args, "policy", None) is not None:
         config.policy = args.policy
+    if getattr(args, "verify", None) in ("auto", "full"):
+        config.verify = args.verify
     return config
 
 
@@ -90,7 +85,7 @@ def cmd_generate(args) -> None:
     requests = [GenerationRequest(encode_prompt(engine.target.tokenizer, r), sampling, r.id, r.block_size)
                 for r in records]
     for request in requests:  # fail before any work, naming the bad prompt
-        engine._validate(request)
+        engine.validate_request(request)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(requests), desc="generate", unit="prompt")
@@ -113,8 +108,10 @@ def cmd_bench(args) -> None:
 
     records = read_prompts(args.prompts) if args.prompts else mtbench_records(limit=args.num_prompts)
     engine = build_engine(_engine_config(args))
+    verify_modes = ["full", "auto"] if args.verify == "both" else [args.verify]
     report = run_bench(engine, records, args.block_sizes, repeats=args.repeats, max_new_tokens=args.max_new_tokens,
-                       batch_size=args.batch_size, sampling=_sampling(args), include_auto=args.block_size == "auto")
+                       batch_size=args.batch_size, sampling=_sampling(args), include_auto=args.block_size == "auto",
+                       verify_modes=verify_modes)
     out = Path(args.output_dir)
     save_report(report, out / "bench.json", out / "bench.png")
     print(format_table(report))
@@ -167,9 +164,14 @@ def cmd_step_costs(args) -> None:
             draft = t["drafter_ms"].get(width)
             cells.append(f"{t['target_ms'][width]:>16.1f} {draft if draft is None else round(draft, 1)!s:>17}")
         print(f"{width:>5} " + " ".join(cells))
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps(tables, indent=2) + "\n")
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(tables, indent=2) + "\n")
+        from .step_verify import StepCostTable
+
+        StepCostTable.from_measurement(tables[0]).save(args.output)
+        print(f"step-cost table ({tables[0]['dtype']}, SGLang SpsCostTable format + the drafter's costs): {args.output}")
 
 
 def cmd_demo(args) -> None:
@@ -219,9 +221,12 @@ def cmd_train_drafter(args) -> None:
 def cmd_policy_stage(args) -> None:
     from blockpilot.policy_export import pipeline
 
+    from blockpilot.policy_export import verify_pipeline
+
     recipe = pipeline.PolicyRecipe.from_yaml(args.config)
     {"collect": pipeline.collect_stage, "train-policy": pipeline.train_stage,
-     "export-policy": pipeline.export_stage, "eval-policy": pipeline.eval_stage}[args.command](recipe)
+     "export-policy": pipeline.export_stage, "eval-policy": pipeline.eval_stage,
+     "calibrate-verify": verify_pipeline.calibrate_stage, "eval-verify": verify_pipeline.eval_stage}[args.command](recipe)
 
 
 def cmd_prepare(args) -> None:
@@ -243,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block size for every prompt (1 = plain decoding), or 'auto': the policy's choice per prompt")
     p.add_argument("--policy", help="BlockSizePolicy .onnx for --block-size auto (default: the shipped one, "
                                     "with the shipped drafter)")
+    p.add_argument("--verify", choices=["auto", "full"],
+                   help="auto: each step verifies only the drafts that pay (needs a step-cost table); full: every "
+                        "draft (default: auto where a table is found)")
     _engine_args(p)
     _sampling_args(p)
     p.set_defaults(func=cmd_generate)
@@ -256,16 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/bench")
     p.add_argument("--block-size", type=_block_size, choices=["auto"], help="auto: add the policy as a variant")
     p.add_argument("--policy", help="policy .onnx for the auto variant (default: the shipped one)")
+    p.add_argument("--verify", choices=["auto", "full", "both"], default="both",
+                   help="verify rule of the speculative variants; both: each of them with full and auto verify, "
+                        "side by side (auto needs a step-cost table)")
     _engine_args(p)
     _sampling_args(p)
     p.set_defaults(func=cmd_bench)
 
     p = commands.add_parser("step-costs", help="ms per target / drafter forward for each block width")
-    p.add_argument("--widths", type=parse_sizes, default=parse_sizes("1,2,4,8,16,24,32"))
+    p.add_argument("--widths", type=parse_sizes, default=parse_sizes("1-10,12,16,24,32,48,64"))
     p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     p.add_argument("--context-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--output", help="write the tables as JSON here")
+    p.add_argument("--output", help="write the step-cost table the per-step verify rule reads (first dtype) here "
+                                    "(with --mixed: the padding report)")
+    p.add_argument("--report", help="write every dtype's raw milliseconds per width as JSON here")
     _engine_args(p)
     p.add_argument("--mixed", nargs="+", metavar="WIDTHS",
                    help="instead: mixed-width batches (e.g. 12,16,20,20 or 12-20), ragged vs padded to the widest")
@@ -284,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("collect", "run prompts at every candidate block size; record counts and prefill features"),
                        ("train-policy", "train the block-size policy on oracle labels (every objective)"),
                        ("export-policy", "export the better policy to ONNX with metadata; check it against PyTorch"),
-                       ("eval-policy", "held-out comparison: fixed sizes, policy, oracle, random, constant")):
+                       ("eval-policy", "held-out comparison: fixed sizes, policy, oracle, random, constant"),
+                       ("calibrate-verify", "fit the drafter's confidence calibration for the per-step verify rule"),
+                       ("eval-verify", "held-out comparison of verify rules: fixed sizes x {full, rule}, policy, oracle")):
         p = commands.add_parser(name, help=text)
         p.add_argument("--config", required=True, help="policy recipe YAML, e.g. configs/policy-smollm2.yaml")
         p.set_defaults(func=cmd_policy_stage)

@@ -1,17 +1,25 @@
-"""Engine configuration in one typed place, and the one function that builds an engine from it."""
+"""Configuration in one typed place: the engine's settings, the one strict YAML loader every config
+kind uses (engine, drafter recipe, policy recipe, the SGLang plugin's settings), the block-size and
+policy-path rules, and the one function that builds an engine.
+
+Light to import (no torch at module level): the command line and the SGLang plugin read settings
+before any model is loaded.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
+import os
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
 
 from . import assets
-from .drafter import DFlashDraftModel
-from .engine import SpeculativeEngine
-from .target import TargetModel, resolve_dtype
+from .blocks import DEFAULT_MAX_BLOCK_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +39,68 @@ class EngineConfig:
     block_size: int | str | None = None
     policy: str | None = None  # policy .onnx for "auto" (default: the shipped one, with the shipped drafter)
     max_batch_size: int = 8
-    max_block_size: int = 32
+    max_block_size: int = DEFAULT_MAX_BLOCK_SIZE
+    # per-step verify (`step_verify.py`): "auto" verifies the prefix of each block that pays, "full"
+    # every draft; unset: "auto" wherever a step-cost table is found, else "full"
+    verify: str | None = None
+    # step-cost table (`blockpilot step-costs --output FILE`); unset: $BLOCKPILOT_STEP_COSTS, else the
+    # one shipped beside the shipped drafter; "none" for no table
+    step_costs: str | None = None
+    verify_calibration: str | None = None  # DSpark STS JSON; unset: verify_calibration.json beside the drafter
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "EngineConfig":
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown engine settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+        return load_yaml_config(cls, path)
+
+
+# --- the one strict loader ------------------------------------------------------------------------
+def load_yaml_config(kind: type, path: str | Path):
+    """A `kind` dataclass from a YAML mapping (see `config_from_dict`), errors naming the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read it ({err})") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
+    return config_from_dict(kind, data or {}, str(path))
+
+
+def config_from_dict(kind: type, data, where: str):
+    """A `kind` dataclass from a mapping: keys are its fields, unknown keys are refused with the known
+    ones listed; a field whose type is a dataclass is a section, read the same way; strings expand
+    `${BLOCKPILOT_CACHE}` (the cache folder) and other environment variables."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
+    known = {f.name for f in fields(kind)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown settings {unknown}; known: {sorted(known)}")
+    hints = typing.get_type_hints(kind)
+    values = {}
+    for key, value in data.items():
+        if dataclasses.is_dataclass(hints.get(key)):
+            values[key] = config_from_dict(hints[key], value or {}, f"{where}: {key}")
+        elif isinstance(value, str):
+            values[key] = os.path.expandvars(value.replace("${BLOCKPILOT_CACHE}", str(assets.cache_dir())))
+        else:
+            values[key] = value
+    return kind(**values)
+
+
+def parse_sizes(text: str) -> list[int]:
+    """"2-24" or "2,4,8" (or a mix: "1,2-4,16") -> sorted unique ints."""
+    sizes = set()
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                low, high = part.split("-")
+                sizes.update(range(int(low), int(high) + 1))
+            elif part.strip():
+                sizes.add(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"block sizes must look like '2-24' or '2,4,8', got {text!r}") from None
+    return sorted(sizes)
 
 
 def resolve_drafter_dir(config: EngineConfig) -> Path | None:
@@ -56,11 +116,17 @@ def resolve_drafter_dir(config: EngineConfig) -> Path | None:
     return None
 
 
-def build_engine(config: EngineConfig, untrained_drafter_if_missing: bool = True) -> SpeculativeEngine:
-    """Load target and drafter (and, with block_size "auto", the policy) as configured; wrap them in an engine."""
+def build_engine(config: EngineConfig, untrained_drafter_if_missing: bool = True):
+    """Load target and drafter (and, with block_size "auto", the policy) as configured; wrap them in a
+    `SpeculativeEngine`."""
+    from .drafter import DFlashDraftModel
+    from .engine import SpeculativeEngine
+    from .target import TargetModel, resolve_dtype
+
     auto = check_block_size_setting(config.block_size)
     drafter_dir = resolve_drafter_dir(config)
-    policy_path = resolve_policy_path(config, drafter_dir)  # a missing --policy fails before any model loads
+    policy_path = engine_policy_path(config, drafter_dir)  # a missing --policy fails before any model loads
+    verify_rule = build_verify_rule(config, drafter_dir)  # so does a bad step-cost table or calibration
     model_dir = Path(config.model) if config.model else assets.ensure_default_model()
     target = TargetModel.load(model_dir, config.dtype)
     if drafter_dir is not None:
@@ -71,7 +137,7 @@ def build_engine(config: EngineConfig, untrained_drafter_if_missing: bool = True
         drafter = None
     engine = SpeculativeEngine(target, drafter, max_batch_size=config.max_batch_size,
                                default_block_size=None if auto else config.block_size,
-                               max_block_size=config.max_block_size)
+                               max_block_size=config.max_block_size, verify_rule=verify_rule)
     if policy_path is not None:
         policy = load_block_size_policy(policy_path, target, drafter)
         for size in policy.candidate_sizes:
@@ -89,27 +155,69 @@ def check_block_size_setting(block_size) -> bool:
     return False
 
 
-def resolve_policy_path(config: EngineConfig, drafter_dir: Path | None) -> Path | None:
-    """The policy file to load: None unless block_size is "auto"; then the configured one, else the
-    shipped policy when the drafter is the shipped one."""
-    if not check_block_size_setting(config.block_size):
-        if config.policy:
-            log.warning("policy %s is ignored: it is only used with block_size 'auto'", config.policy)
+def resolve_policy_path(block_size_setting, policy: str | Path | None, drafter_dir: str | Path | None) -> Path | None:
+    """The one policy-path rule (the engine's and the SGLang plugin's): the policy file a run with
+    this block-size setting uses, or None for none.
+
+    Only block size "auto" uses a policy. Then `policy`, if given: "none"/"off"/"0"/"" for no
+    policy, else a path that must exist; if not given, the policy file beside the drafter
+    (`blockpilot_policy.onnx`, how the shipped policy ships with the shipped drafter), if any.
+    """
+    if not check_block_size_setting(block_size_setting):
+        if policy:
+            log.warning("policy %s is ignored: it is only used with block_size 'auto'", policy)
         return None
-    if config.policy:
-        return Path(config.policy)
-    if drafter_dir is not None and Path(drafter_dir).resolve() == assets.DEFAULT_DRAFTER_DIR.resolve():
-        return assets.DEFAULT_POLICY_PATH
+    if policy is not None:
+        if str(policy).strip().lower() in assets.POLICY_OFF:
+            return None
+        path = Path(policy).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"policy file {str(path)!r} does not exist")
+        return path
+    beside = Path(drafter_dir) / assets.POLICY_FILE_NAME if drafter_dir is not None else None
+    return beside if beside is not None and beside.is_file() else None
+
+
+def engine_policy_path(config: EngineConfig, drafter_dir: Path | None) -> Path | None:
+    """`resolve_policy_path` for an engine, where "auto" without a policy is an error that says why."""
+    path = resolve_policy_path(config.block_size, config.policy, drafter_dir)
+    if path is not None or not check_block_size_setting(config.block_size):
+        return path
     if config.drafter in (None, "none"):
         raise ValueError("block_size 'auto' needs a drafter: the policy chooses among speculative block sizes")
     raise ValueError("block_size 'auto' needs a policy file (--policy PATH, or policy: in the config) for this "
                      "drafter; a policy ships only with the shipped default drafter")
 
 
-def load_block_size_policy(path: Path, target: TargetModel, drafter: DFlashDraftModel | None):
+def load_block_size_policy(path: Path, target, drafter):
     """The `BlockSizePolicy` at `path`, checked against this target and drafter."""
     if drafter is None:
         raise ValueError("block_size 'auto' needs a drafter: the policy chooses among speculative block sizes")
     from .policy import BlockSizePolicy
 
     return BlockSizePolicy.load(path, target, drafter)
+
+
+def build_verify_rule(config: EngineConfig, drafter_dir: Path | None):
+    """The engine's `VerifyRule`: its default mode, the step-cost table and the drafter's calibration,
+    each resolved as `EngineConfig` documents; files are read (and refused with the reason) here."""
+    from .step_verify import CALIBRATION_FILE, ConfidenceCalibration, StepCostTable, VerifyMode, VerifyRule, \
+        resolve_step_costs_path
+
+    costs_path = resolve_step_costs_path(config.step_costs)
+    if costs_path is None and drafter_dir is not None and \
+            Path(drafter_dir).resolve() == assets.DEFAULT_DRAFTER_DIR.resolve():
+        costs_path = assets.DEFAULT_STEP_COSTS_PATH if assets.DEFAULT_STEP_COSTS_PATH.is_file() else None
+    if costs_path is not None and str(costs_path).strip().lower() in assets.POLICY_OFF:
+        costs_path = None
+    costs = StepCostTable.load(costs_path) if costs_path is not None else None
+    calibration_path = Path(config.verify_calibration) if config.verify_calibration else (
+        Path(drafter_dir) / CALIBRATION_FILE if drafter_dir is not None else None)
+    calibration = None
+    if calibration_path is not None and (config.verify_calibration or calibration_path.is_file()):
+        calibration = ConfidenceCalibration.load(calibration_path)
+    if config.verify is None:
+        mode = VerifyMode.AUTO if costs is not None and drafter_dir is not None else VerifyMode.FULL
+    else:
+        mode = VerifyMode.parse(config.verify, "verify")
+    return VerifyRule(mode, costs, calibration)

@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import DEFAULT_BLOCK_SIZE
 from .kv_cache import SlotKVCache
+from .rope import RotaryEmbedding, apply_rotary
 
 log = logging.getLogger(__name__)
 
 ARCHITECTURE = "DFlashDraftModel"
-MAX_BLOCK_SIZE = 64  # widest block the runtime accepts; a drafter's own training size is usually 16
 
 
 def build_target_layer_ids(num_target_layers: int, count: int) -> list[int]:
@@ -77,7 +78,7 @@ class DFlashConfig:
     num_target_layers: int
     target_layer_ids: list[int]
     mask_token_id: int
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
     max_position_embeddings: int = 40960
@@ -105,7 +106,7 @@ class DFlashConfig:
         values = {k: data[k] for k in known if k in data}
         values["target_layer_ids"] = dflash.get("target_layer_ids", data.get("target_layer_ids"))
         values["mask_token_id"] = dflash.get("mask_token_id", data.get("mask_token_id"))
-        values["block_size"] = dflash.get("block_size", data.get("block_size", 16))
+        values["block_size"] = dflash.get("block_size", data.get("block_size", DEFAULT_BLOCK_SIZE))
         rope = data.get("rope_parameters") or {}
         values.setdefault("rope_theta", rope.get("rope_theta", data.get("rope_theta", 1_000_000.0)))
         values.setdefault("head_dim", data.get("head_dim") or data["hidden_size"] // data["num_attention_heads"])
@@ -116,10 +117,82 @@ class DFlashConfig:
             raise ValueError(f"{source}: DFlash config lacks {', '.join(missing)}")
         if values["mask_token_id"] is None:
             raise ValueError(f"{source}: dflash_config has no mask_token_id (this runtime needs the id, not a token string)")
+        problems = unsupported_config_fields(data, known)
+        if problems:
+            raise ValueError(f"{source}: this runtime does not implement what the drafter config asks for: "
+                             + "; ".join(problems))
         skip = known | {"architectures", "model_type", "tie_word_embeddings", "dflash_config", "rope_parameters",
                         "dtype", "torch_dtype"}
         values["extra"] = {k: v for k, v in data.items() if k not in skip}
         return cls(**values)
+
+
+# Fields of a published drafter config that change nothing the drafter computes at inference;
+# kept as they are (and written back on save).
+METADATA_FIELDS = frozenset({
+    "transformers_version", "_name_or_path", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id",
+    "initializer_range", "use_cache", "attention_dropout", "max_window_layers", "dtype", "torch_dtype",
+    "architectures", "model_type", "tie_word_embeddings", "dflash_config", "rope_parameters",
+})
+DFLASH_CONFIG_FIELDS = frozenset({"target_layer_ids", "mask_token_id", "block_size"})
+
+
+def unsupported_config_fields(data: dict, known: set[str]) -> list[str]:
+    """What a drafter config asks for that this runtime does not implement, one reason per field.
+
+    Sliding-window attention, RoPE other than the default, MLP biases, and any other field that
+    is neither implemented (`known`) nor metadata (`METADATA_FIELDS`) unless it is switched off
+    (null, false, 0, empty) are refused rather than ignored: a drafter run without them would
+    propose different tokens than it was trained to.
+    """
+    problems = []
+    sliding = bool(data.get("use_sliding_window"))
+    if sliding:
+        problems.append("use_sliding_window is true (sliding-window attention is not implemented)")
+    layer_types = data.get("layer_types") or []
+    other_layers = sorted({str(t) for t in layer_types} - {"full_attention"})
+    if other_layers:
+        problems.append(f"layer_types has {other_layers} (only full_attention is implemented)")
+    for name in ("rope_scaling", "rope_parameters"):
+        rope = data.get(name)
+        if isinstance(rope, dict):
+            kind = rope.get("rope_type", rope.get("type")) or "default"
+            if kind != "default":
+                problems.append(f"{name} has rope_type {kind!r} (only default RoPE is implemented)")
+        elif rope:
+            problems.append(f"{name} is {rope!r} (only default RoPE is implemented)")
+    if data.get("mlp_bias"):
+        problems.append("mlp_bias is true (the drafter's MLP has no biases)")
+    # Hugging Face ignores `sliding_window` unless sliding-window layers are switched on.
+    handled = {"use_sliding_window", "layer_types", "rope_scaling", "mlp_bias", "sliding_window"}
+    for key, value in data.items():
+        if key not in known | METADATA_FIELDS | handled and value not in (None, False, 0, "", [], {}):
+            problems.append(f"{key} = {value!r} (not implemented by this runtime)")
+    for key, value in (data.get("dflash_config") or {}).items():
+        if key not in DFLASH_CONFIG_FIELDS and value not in (None, False, 0, "", [], {}):
+            problems.append(f"dflash_config.{key} = {value!r} (not implemented by this runtime)")
+    return problems
+
+
+def drafter_fit_problems(config: DFlashConfig, *, hidden_size: int, vocab_size: int, num_layers: int) -> list[str]:
+    """Why a drafter cannot serve a target of this shape (empty: it fits).
+
+    A DFlash drafter uses the target's embedding and lm_head and projects the hidden states of
+    `target_layer_ids`, so these must agree exactly. Plain numbers in, so a server can check a
+    drafter against a target's config without loading either.
+    """
+    problems = []
+    if config.hidden_size != hidden_size:
+        problems.append(f"hidden size {config.hidden_size} != target's {hidden_size}")
+    if config.vocab_size != vocab_size:
+        problems.append(f"vocabulary {config.vocab_size} != target's {vocab_size}")
+    if config.num_target_layers != num_layers:
+        problems.append(f"num_target_layers {config.num_target_layers} != target's {num_layers} layers")
+    if max(config.target_layer_ids) > num_layers - 2 or min(config.target_layer_ids) < 0:
+        problems.append(f"target_layer_ids {config.target_layer_ids} outside 0..{num_layers - 2}")
+    if not 0 <= config.mask_token_id < vocab_size:
+        problems.append(f"mask_token_id {config.mask_token_id} outside the target's vocabulary")
+    return problems
 
 
 class RMSNorm(nn.Module):
@@ -133,23 +206,6 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float):
-        super().__init__()
-        self.register_buffer("inv_freq", 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of shape `positions.shape + (1, head_dim)`, ready to broadcast over heads."""
-        freqs = positions[..., None].float() * self.inv_freq
-        angles = torch.cat((freqs, freqs), dim=-1)[..., None, :]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class DFlashAttention(nn.Module):
@@ -222,7 +278,7 @@ class DFlashDraftModel(nn.Module):
     # --- creation, saving, loading ------------------------------------------------------------
     @classmethod
     def for_target(cls, target, num_layers: int = 1, num_target_features: int | None = None,
-                   block_size: int = 16, mask_token_id: int | None = None, seed: int = 0) -> "DFlashDraftModel":
+                   block_size: int = DEFAULT_BLOCK_SIZE, mask_token_id: int | None = None, seed: int = 0) -> "DFlashDraftModel":
         """A fresh (untrained) drafter shaped to fit `target` (a `TargetModel`): the one call training starts from."""
         tcfg = target.config
         ids = build_target_layer_ids(target.num_layers, num_target_features or max(num_layers, 1))
@@ -296,18 +352,8 @@ class DFlashDraftModel(nn.Module):
 
     def check_fits(self, target) -> None:
         """Refuse, with the reason, a drafter trained for a different target."""
-        c = self.config
-        problems = []
-        if c.hidden_size != target.hidden_size:
-            problems.append(f"hidden size {c.hidden_size} != target's {target.hidden_size}")
-        if c.vocab_size != target.vocab_size:
-            problems.append(f"vocabulary {c.vocab_size} != target's {target.vocab_size}")
-        if c.num_target_layers != target.num_layers:
-            problems.append(f"num_target_layers {c.num_target_layers} != target's {target.num_layers} layers")
-        if max(c.target_layer_ids) > target.num_layers - 2 or min(c.target_layer_ids) < 0:
-            problems.append(f"target_layer_ids {c.target_layer_ids} outside 0..{target.num_layers - 2}")
-        if not 0 <= c.mask_token_id < target.vocab_size:
-            problems.append(f"mask_token_id {c.mask_token_id} outside the target's vocabulary")
+        problems = drafter_fit_problems(self.config, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
+                                        num_layers=target.num_layers)
         if problems:
             raise ValueError("the drafter does not fit the target model: " + "; ".join(problems))
 
@@ -321,14 +367,21 @@ class DFlashDraftModel(nn.Module):
         """Target hidden states `[..., k * hidden]` -> drafter context `[..., hidden]`."""
         return self.hidden_norm(self.fc(target_features))
 
+    def context_kv(self, target_features: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The drafter's context: per layer, rotated keys and values `[..., kv_heads, head_dim]` of
+        tokens at `positions` `[...]` from their target features `[..., k * hidden]`.
+
+        The one place target features become context K/V: the engine writes them into its cache,
+        the replay keeps a whole output's, training builds them with gradients."""
+        context = self.project_context(target_features.to(self.fc.weight.dtype))
+        cos, sin = self.rotary(positions, context.dtype)
+        return [layer.self_attn.key_value(context, cos, sin) for layer in self.layers]
+
     @torch.inference_mode()
     def write_context(self, target_features: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                       cache: SlotKVCache) -> None:
         """Append committed tokens' context K/V `[N]` at (slot, position) in every layer's cache."""
-        context = self.project_context(target_features.to(self.fc.weight.dtype))
-        cos, sin = self.rotary(positions, context.dtype)
-        for index, layer in enumerate(self.layers):
-            k, v = layer.self_attn.key_value(context, cos, sin)
+        for index, (k, v) in enumerate(self.context_kv(target_features, positions)):
             cache.write(index, slots, positions, k, v)
 
     def forward_block(self, block_embeddings: torch.Tensor, positions: torch.Tensor,

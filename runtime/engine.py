@@ -4,8 +4,10 @@ Each step runs ONE drafter forward and ONE target forward for the whole running 
 mix of block sizes it holds (ragged blocks, see `blocks.py`). Requests join as slots free up and
 leave as they finish; prompts are processed once (KV caches for target and drafter).
 
-    step:  blocks [bonus, MASK...] --drafter--> [bonus, d1..d_{B-1}] --target--> target tokens
-           accept the longest matching prefix, commit it plus one target token, move on.
+    step:  blocks [bonus, MASK...] --drafter--> [bonus, d1..d_{B-1}] + confidences
+           --verify rule--> [bonus, d1..d_k] (k <= B-1: the prefix that pays, `step_verify.py`)
+           --target--> target tokens; accept the longest matching prefix, commit it plus one
+           target token, move on.
 """
 
 from __future__ import annotations
@@ -19,18 +21,21 @@ from typing import Callable
 import torch
 
 from . import blocks
-from .drafter import MAX_BLOCK_SIZE, DFlashDraftModel
+from .blocks import DEFAULT_MAX_BLOCK_SIZE, MAX_BLOCK_SIZE, BlockSizeSource
+from .drafter import DFlashDraftModel
 from .requests import GenerationRequest, GenerationResult, RequestStats
 from .sampling import choose_tokens
+from .step_verify import VerifyMode, VerifyRule
 from .target import TargetModel
+from .text import RequestText
 
 log = logging.getLogger(__name__)
 
 # on_commit(request_id, new_text, finished): called whenever a request commits text.
 CommitCallback = Callable[[str, str, bool], None]
 # Chooses block sizes for newly prefilled requests from their prefill features [k, F];
-# returns (sizes, source) with source "policy" or "fallback".
-BlockSizeChooser = Callable[[torch.Tensor, list[GenerationRequest]], tuple[list[int], str]]
+# returns (sizes, source) with source POLICY or FALLBACK.
+BlockSizeChooser = Callable[[torch.Tensor, list[GenerationRequest]], tuple[list[int], BlockSizeSource]]
 
 
 @dataclass
@@ -41,24 +46,25 @@ class _Running:
     stats: RequestStats
     arrival: float
     generator: torch.Generator | None
+    text: RequestText  # the tokens' text, cut at a stop string, streamed as it completes
     tokens: list[int] = field(default_factory=list)  # generated so far (the last one is the bonus)
     processed: int = 0  # tokens whose K/V the target cache holds: prompt + tokens[:-1]
-    text: str = ""
-    emitted: int = 0  # characters of `text` already streamed
     finish_reason: str | None = None
     first_token_time: float = 0.0
+    verify: VerifyMode = VerifyMode.FULL
+    drafter_backoff: int = 0  # length of the last back-off (plain steps after drafts that did not pay)
+    plain_steps_left: int = 0  # plain steps still to take before drafting again
 
     @property
     def remaining(self) -> int:
         return self.request.sampling.max_new_tokens - len(self.tokens)
 
 
-def propose_drafts(target: TargetModel, drafter: DFlashDraftModel, proposed: torch.Tensor,
-                   layout: blocks.RaggedLayout, draft_cache) -> torch.Tensor:
-    """Fill every row's mask positions with the drafter's proposals: one drafter forward for the batch.
-
-    Rows of width 1 (plain decoding) ride along with an empty context and propose nothing.
-    """
+def draft_logits(target: TargetModel, drafter: DFlashDraftModel, proposed: torch.Tensor,
+                 layout: blocks.RaggedLayout, draft_cache) -> torch.Tensor:
+    """The drafter's logits `[num drafts, V]` for every row's mask positions (`blocks.draft_slots`
+    order): one drafter forward for the batch. Rows of width 1 (plain decoding) ride along with an
+    empty context and propose nothing."""
     drafting = layout.widths > 1
     context_lens = torch.where(drafting, layout.starts, 0)
     kv_len = max(int(context_lens.max()), 1)
@@ -67,16 +73,22 @@ def propose_drafts(target: TargetModel, drafter: DFlashDraftModel, proposed: tor
     positions = layout.starts[:, None] + torch.arange(layout.max_width)[None, :]
     embeddings = layout.pad(target.embed_tokens(proposed))
     out = layout.unpad(drafter.forward_block(embeddings, positions, context, mask))
-    slots = blocks.draft_slots(layout)
+    return target.lm_head(out[blocks.draft_slots(layout)])
+
+
+def propose_drafts(target: TargetModel, drafter: DFlashDraftModel, proposed: torch.Tensor,
+                   layout: blocks.RaggedLayout, draft_cache) -> torch.Tensor:
+    """Fill every row's mask positions with the drafter's proposals (its argmax)."""
     proposed = proposed.clone()
-    proposed[slots] = target.lm_head(out[slots]).argmax(dim=-1)
+    proposed[blocks.draft_slots(layout)] = draft_logits(target, drafter, proposed, layout, draft_cache).argmax(-1)
     return proposed
 
 
 class SpeculativeEngine:
     def __init__(self, target: TargetModel, drafter: DFlashDraftModel | None = None, *,
                  max_batch_size: int = 8, default_block_size: int | None = None,
-                 max_block_size: int = 32, block_size_chooser: BlockSizeChooser | None = None):
+                 max_block_size: int = DEFAULT_MAX_BLOCK_SIZE, block_size_chooser: BlockSizeChooser | None = None,
+                 verify_rule: VerifyRule | None = None):
         if drafter is not None:
             drafter.check_fits(target)
             drafter.to(target.dtype)
@@ -87,9 +99,10 @@ class SpeculativeEngine:
         self.max_batch_size = max_batch_size
         self.max_block_size = max_block_size
         self.default_block_size = default_block_size or (drafter.config.block_size if drafter else 1)
-        # "fixed": the operator set one size for all; "default": the drafter's training size.
-        self.default_source = "fixed" if default_block_size else "default"
+        # FIXED: the operator set one size for all; DEFAULT: the drafter's training size.
+        self.default_source = BlockSizeSource.FIXED if default_block_size else BlockSizeSource.DEFAULT
         self.block_size_chooser = block_size_chooser
+        self.verify_rule = verify_rule or VerifyRule()
         self.eos_ids = target.eos_token_ids
         self.capture_layers = tuple(drafter.config.target_layer_ids) if drafter else ()
         self.validate_block_size(self.default_block_size, "default block size")
@@ -100,7 +113,8 @@ class SpeculativeEngine:
         if size > 1 and self.drafter is None:
             raise ValueError(f"{what} {size} needs a drafter; without one only block size 1 (plain decoding) runs")
 
-    def _validate(self, request: GenerationRequest) -> None:
+    def validate_request(self, request: GenerationRequest) -> None:
+        """Refuse, with the reason, a request this engine cannot run (before any decoding starts)."""
         if not request.prompt_ids:
             raise ValueError(f"request {request.request_id!r}: empty prompt")
         if len(request.prompt_ids) >= self.target.max_context:
@@ -110,6 +124,10 @@ class SpeculativeEngine:
             raise ValueError(f"request {request.request_id!r}: prompt has token ids outside the vocabulary")
         if request.block_size is not None:
             self.validate_block_size(request.block_size, f"request {request.request_id!r} block size")
+        try:
+            self.verify_rule.mode_for(request.verify)
+        except ValueError as err:
+            raise ValueError(f"request {request.request_id!r}: {err}") from None
 
     # --- the public entry point --------------------------------------------------------------
     @torch.inference_mode()
@@ -118,7 +136,7 @@ class SpeculativeEngine:
         """Decode all requests (continuous batching, at most `max_batch_size` at once); results in input order."""
         for index, request in enumerate(requests):
             request.request_id = request.request_id or str(index)
-            self._validate(request)
+            self.validate_request(request)
         if not requests:
             return []
         num_slots = min(self.max_batch_size, len(requests))
@@ -147,18 +165,18 @@ class SpeculativeEngine:
     # --- prefill ---------------------------------------------------------------------------------
     def _prefill(self, admitted, running, target_cache, draft_cache, arrival, on_commit) -> None:
         first_slot = len(running)
-        layout = blocks.RaggedLayout.build(torch.tensor([len(r.prompt_ids) for r in admitted]),
-                                           torch.zeros(len(admitted), dtype=torch.long))
-        tokens = torch.tensor([t for r in admitted for t in r.prompt_ids])
-        hidden, features = self.target.forward(tokens, layout, target_cache, first_slot, self.capture_layers)
-        last = layout.offsets[1:] - 1
+        prefill = self.target.prefill([r.prompt_ids for r in admitted], self.capture_layers, target_cache, first_slot)
+        layout, features, last = prefill.layout, prefill.features, prefill.last
         sizes, sources = self._choose_block_sizes(admitted, features[last] if features is not None else None)
         states = []
         for request, size, source in zip(admitted, sizes, sources):
-            stats = RequestStats(block_size=size, block_size_source=source, prompt_tokens=len(request.prompt_ids))
+            verify = self.verify_rule.mode_for(request.verify)
+            stats = RequestStats(block_size=size, block_size_source=source, prompt_tokens=len(request.prompt_ids),
+                                 verify=self.verify_rule.describe(verify))
             states.append(_Running(request, stats, arrival, request.sampling.make_generator(),
-                                   processed=len(request.prompt_ids)))
-        first = choose_tokens(self.target.lm_head(hidden[last]), torch.arange(len(admitted)),
+                                   RequestText(self.target.tokenizer, request.sampling.stop),
+                                   processed=len(request.prompt_ids), verify=verify))
+        first = choose_tokens(self.target.lm_head(prefill.hidden[last]), torch.arange(len(admitted)),
                               [s.request.sampling for s in states], [s.generator for s in states])
         if self.drafter is not None:
             drafting = torch.tensor([s.stats.block_size > 1 for s in states])[layout.row]
@@ -172,45 +190,116 @@ class SpeculativeEngine:
             self._commit(state, [token], on_commit)
 
     def _choose_block_sizes(self, admitted: list[GenerationRequest], features: torch.Tensor | None):
-        sizes = [r.block_size if r.block_size is not None else self.default_block_size for r in admitted]
-        sources = ["request" if r.block_size is not None else self.default_source for r in admitted]
+        """Each admitted request's block size and its source (`blocks.decide_block_size`); the
+        policy, if any, runs once for all requests that did not name a size."""
+        chosen: list[int | None] = [None] * len(admitted)
+        source = BlockSizeSource.POLICY
         choose = [i for i, r in enumerate(admitted) if r.block_size is None]
         if self.block_size_chooser is not None and choose and features is not None:
-            chosen, source = self.block_size_chooser(features[choose], [admitted[i] for i in choose])
-            for i, size in zip(choose, chosen):
-                sizes[i], sources[i] = min(max(int(size), 1), self.max_block_size), source
-        return sizes, sources
+            sizes, source = self.block_size_chooser(features[choose], [admitted[i] for i in choose])
+            for i, size in zip(choose, sizes):
+                chosen[i] = size
+        decided = [blocks.decide_block_size(r.block_size, self.default_block_size, self.default_source, c, source,
+                                            low=1, high=self.max_block_size) for r, c in zip(admitted, chosen)]
+        return [size for size, _ in decided], [source for _, source in decided]
 
     # --- one decode step for the whole batch ------------------------------------------------------
     def _decode_step(self, running, target_cache, draft_cache, on_commit) -> None:
-        widths = torch.tensor([max(1, min(s.stats.block_size, s.remaining)) for s in running])
-        layout = blocks.RaggedLayout.build(widths, torch.tensor([s.processed for s in running]))
+        # 1. blocks: each row's [bonus, MASK...] at its own width (never past what it may still commit)
+        widths = torch.tensor([self._draft_width(s) for s in running])
+        starts = torch.tensor([s.processed for s in running])
+        layout = blocks.RaggedLayout.build(widths, starts)
         bonus = torch.tensor([s.tokens[-1] for s in running])
         mask_id = self.drafter.config.mask_token_id if self.drafter else 0
-        proposed = self._propose(running, blocks.block_tokens(bonus, layout, mask_id), layout, draft_cache)
-        hidden, features = self.target.forward(proposed, layout, target_cache, 0, self.capture_layers)
-        chosen = choose_tokens(self.target.lm_head(hidden), layout.row,
+        # 2. draft: one drafter forward fills every row's masks, and says how sure it is of each draft
+        proposed, confidence = self._propose(running, blocks.block_tokens(bonus, layout, mask_id), layout, draft_cache)
+        # 3. choose: the prefix of its drafts each row verifies (the whole block unless the rule is on)
+        verified, paid = self._choose_verified(running, layout, confidence)
+        step = blocks.RaggedLayout.build(verified + 1, starts)
+        proposed = proposed[layout.col <= verified[layout.row]]
+        # 4. verify: one target forward; the target's own token at every verified position
+        hidden, features = self.target.forward(proposed, step, target_cache, 0, self.capture_layers)
+        chosen = choose_tokens(self.target.lm_head(hidden), step.row,
                                [s.request.sampling for s in running], [s.generator for s in running])
-        accepted = blocks.accept_lengths(proposed, chosen, layout)
+        # 5. accept: the longest prefix of drafts equal to the target's tokens
+        accepted = blocks.accept_lengths(proposed, chosen, step)
         if self.drafter is not None:
-            keep = blocks.committed_slots(layout, accepted)
-            keep = keep[widths[layout.row[keep]] > 1]  # rows decoding plainly never read the drafter's cache
-            self.drafter.write_context(features[keep], layout.row[keep], layout.positions[keep], draft_cache)
-        for state, accepted_r, tokens in zip(running, accepted.tolist(), blocks.new_tokens(chosen, layout, accepted)):
+            # the drafter's context grows by the committed tokens' target features
+            keep = blocks.committed_slots(step, accepted)
+            speculating = torch.tensor([s.stats.block_size > 1 for s in running])
+            keep = keep[speculating[step.row[keep]]]  # requests that never draft never read the drafter's cache
+            self.drafter.write_context(features[keep], step.row[keep], step.positions[keep], draft_cache)
+        # 6. commit: the accepted drafts plus the target's next token (the new bonus)
+        for r, (state, accepted_r, tokens) in enumerate(zip(running, accepted.tolist(),
+                                                            blocks.new_tokens(chosen, step, accepted))):
+            self._count_step(state, int(widths[r]) - 1, int(verified[r]), bool(paid[r]),
+                             self.verify_rule.drafter_backoff)
             state.processed += accepted_r + 1
             state.stats.target_forwards += 1
             state.stats.committed_per_step[len(tokens)] += 1
             self._commit(state, tokens, on_commit)
 
+    def _draft_width(self, state: _Running) -> int:
+        """This step's block for a request: its block size, cut to what it may still commit; 1 (a
+        plain step, no drafter) while it backs off after drafts that paid nothing."""
+        if state.plain_steps_left > 0:
+            return 1
+        return blocks.step_width(state.stats.block_size, state.remaining)
+
     def _propose(self, running: list[_Running], proposed: torch.Tensor, layout: blocks.RaggedLayout,
-                 draft_cache) -> torch.Tensor:
-        """The proposal seam: the drafter fills the blocks (tests substitute proposals here)."""
+                 draft_cache) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The proposal seam: the drafter fills the blocks and gives each packed token's confidence
+        (calibrated; 0 at the bonus), or None without drafts. Tests substitute proposals here."""
         if self.drafter is None or layout.max_width == 1:
-            return proposed
-        return propose_drafts(self.target, self.drafter, proposed, layout, draft_cache)
+            return proposed, None
+        logits = draft_logits(self.target, self.drafter, proposed, layout, draft_cache)
+        slots = blocks.draft_slots(layout)
+        proposed = proposed.clone()
+        proposed[slots] = logits.argmax(dim=-1)
+        confidence = torch.zeros(layout.num_tokens)
+        if any(s.verify is VerifyMode.AUTO for s in running):
+            confidence[slots] = self.verify_rule.confidences(logits, layout.col[slots])
+        return proposed, confidence
+
+    def _choose_verified(self, running: list[_Running], layout: blocks.RaggedLayout,
+                         confidence: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n] drafts each row verifies this step: all of them for FULL rows; for AUTO rows the
+        prefix that maximises the batch's expected tokens per second (`blocks.choose_verify_lengths`).
+        And [n] whether each row's drafts paid for themselves (`blocks.drafting_paid`)."""
+        drafts = (layout.widths - 1).clamp(min=0)
+        auto = torch.tensor([s.verify is VerifyMode.AUTO for s in running])
+        if confidence is None or not auto.any():
+            return drafts, torch.ones(len(running), dtype=torch.bool)
+        # FULL rows verify everything: as drafts of certain success they are priced in, then kept whole
+        grid = torch.where(auto[:, None], layout.pad(confidence)[:, 1:], 1.0)
+        drafting = int(layout.widths[layout.widths > 1].sum())
+        chosen = torch.where(auto, self.verify_rule.choose(grid, drafts, drafted_tokens=drafting), drafts)
+        return chosen, self.verify_rule.drafting_paid(grid, drafts, chosen)
+
+    @staticmethod
+    def _count_step(state: _Running, drafted: int, verified: int, paid: bool, max_backoff: int) -> None:
+        """Stats of one step, and the drafter back-off (`VerifyRule.drafter_backoff`, off by default):
+        a request whose drafts did not pay for their step (expected tokens per second below a plain
+        step's) decodes plainly for 1, 2, 4, ... up to `max_backoff` steps before drafting again; the
+        first step that pays resets it."""
+        stats = state.stats
+        stats.drafted_tokens += drafted
+        stats.verified_drafts += verified
+        if drafted > 0:
+            stats.verified_per_step[verified] += 1
+            if state.verify is VerifyMode.AUTO and not paid and max_backoff > 0:
+                state.drafter_backoff = min(max(2 * state.drafter_backoff, 1), max_backoff)
+                state.plain_steps_left = state.drafter_backoff
+            else:
+                state.drafter_backoff = 0
+        elif state.plain_steps_left > 0:
+            state.plain_steps_left -= 1
+            stats.drafter_skipped_steps += 1
 
     # --- committing tokens, finishing, streaming ---------------------------------------------------
     def _commit(self, state: _Running, tokens: list[int], on_commit: CommitCallback | None) -> None:
+        """Append tokens up to eos or the length limit; the text (runtime/text.py) finds stop strings
+        and says what can be streamed."""
         params = state.request.sampling
         for token in tokens:
             state.tokens.append(token)
@@ -220,39 +309,16 @@ class SpeculativeEngine:
                 state.finish_reason = "length"
             if state.finish_reason:
                 break
+        keep = state.text.update(state.tokens)
+        if keep is not None:  # a stop string: keep the tokens up to the one that reaches it
+            state.tokens = state.tokens[:keep]
+            state.finish_reason = "stop"
         state.stats.generated_tokens = len(state.tokens)
-        tokenizer = self.target.tokenizer
-        state.text = tokenizer.decode(state.tokens, skip_special_tokens=True) if tokenizer is not None else ""
-        if params.stop:
-            self._apply_stop_strings(state)
         if state.finish_reason:
             state.stats.decode_s = time.perf_counter() - state.first_token_time
-        ready = state.text
-        if not state.finish_reason:
-            # Hold back a trailing partial UTF-8 character until the next token completes it, and
-            # any tail that could still turn out to be the start of a stop string.
-            ready = ready.rstrip("\ufffd")
-            held = max((len(stop) for stop in params.stop), default=1) - 1
-            ready = ready[: len(ready) - held] if held else ready
-        if on_commit and (len(ready) > state.emitted or state.finish_reason):
-            on_commit(state.request.request_id, ready[state.emitted:], state.finish_reason is not None)
-        state.emitted = max(state.emitted, len(ready))
-
-    def _apply_stop_strings(self, state: _Running) -> None:
-        hits = [(state.text.find(stop), stop) for stop in state.request.sampling.stop if stop]
-        hits = [(index, stop) for index, stop in hits if index >= 0]
-        if not hits:
-            return
-        index, _ = min(hits)
-        state.text = state.text[:index]
-        # Keep the shortest token prefix whose text reaches the stop string.
-        tokenizer = self.target.tokenizer
-        for cut in range(1, len(state.tokens) + 1):
-            if len(tokenizer.decode(state.tokens[:cut], skip_special_tokens=True)) > index:
-                state.tokens = state.tokens[:cut]
-                break
-        state.stats.generated_tokens = len(state.tokens)
-        state.finish_reason = "stop"
+        piece = state.text.take_ready(finished=state.finish_reason is not None)
+        if on_commit and (piece or state.finish_reason):
+            on_commit(state.request.request_id, piece, state.finish_reason is not None)
 
     def _release(self, running, slot, target_cache, draft_cache) -> GenerationResult:
         """Drop a finished request; move the last running request into its slot to keep slots compact."""
@@ -265,4 +331,4 @@ class SpeculativeEngine:
                 draft_cache.move_slot(last, slot, moved.processed)
             running[slot] = moved
         running.pop()
-        return GenerationResult(state.request.request_id, state.tokens, state.text, state.finish_reason, state.stats)
+        return GenerationResult(state.request.request_id, state.tokens, state.text.text, state.finish_reason, state.stats)

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .blocks import BlockSizeSource
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -233,10 +235,14 @@ class BlockSizePolicy:
         self.calls = 0  # prefill batches the policy was asked about
         self.requests = 0  # requests it was asked about
         self.fallback_count = 0  # requests that got the fallback size because inference failed
+        self.fallback_causes: dict[str, int] = {}  # "ExceptionType: message" -> requests it sent to the fallback
 
     @classmethod
     def load(cls, path: str | Path, target, drafter) -> "BlockSizePolicy":
-        """Load a policy, refusing one trained for another target or drafter (with what differs)."""
+        """Load a policy, refusing one trained for another target or drafter (with what differs).
+
+        `target` is a `TargetModel`, or the target's checkpoint directory (a server that runs the
+        target its own way: its fingerprint is read from the files)."""
         path = Path(path)
         session, raw = read_policy_file(path)
         where = f"policy file {str(path)!r}"
@@ -252,7 +258,13 @@ class BlockSizePolicy:
             raise ValueError(f"{where}: policy format {version}, this runtime reads format {FORMAT_VERSION}")
         if drafter is None:
             raise ValueError(f"{where}: a block-size policy needs a drafter (its features are the drafter's target layers)")
-        problems = fingerprints_match(metadata["target"], target.fingerprint())
+        if isinstance(target, (str, Path)):
+            from .target import target_fingerprint_from_checkpoint
+
+            target_fp = target_fingerprint_from_checkpoint(target)
+        else:
+            target_fp = target.fingerprint()
+        problems = fingerprints_match(metadata["target"], target_fp)
         if problems:
             raise ValueError(f"{where} was trained for a different target model: " + "; ".join(problems))
         problems = fingerprints_match(metadata["drafter"], drafter_fingerprint(drafter))
@@ -290,21 +302,30 @@ class BlockSizePolicy:
             raise ValueError(f"policy returned unusable logits (shape {logits.shape}, finite={np.isfinite(logits).all()})")
         return [self.candidate_sizes[i] for i in logits.argmax(axis=1).tolist()]
 
-    def choose_for_prefill(self, layer_features: torch.Tensor, requests) -> tuple[list[int], str]:
+    def choose_for_prefill(self, layer_features: torch.Tensor, requests) -> tuple[list[int], BlockSizeSource]:
         """The engine's `block_size_chooser`: last-token layer features `[k, F]` of newly prefilled
-        requests -> (sizes, "policy"), or the drafter's training size for all with "fallback" if
-        inference fails for any reason (logged and counted in `fallback_count`)."""
+        requests -> (sizes, POLICY), or the drafter's training size for all with FALLBACK if
+        inference fails for any reason.
+
+        Serving goes on through a failure, but it is not hidden: every fallback is counted
+        (`fallback_count`, in `stats()`), and each distinct cause is logged once as a warning with
+        its traceback (repeats of a logged cause at debug level, so a persistent fault cannot
+        flood the log)."""
         self.calls += 1
         self.requests += len(requests)
         try:
             features = prefill_features(layer_features, [len(r.prompt_ids) for r in requests])
-            return self.choose(features), "policy"
-        except Exception as err:
+            return self.choose(features), BlockSizeSource.POLICY
+        except Exception as err:  # anything: a request must never fail because its size could not be chosen
             self.fallback_count += len(requests)
-            log.warning("block-size policy failed (%s: %s); %d request(s) use the drafter's size %d "
-                        "(%d fallbacks so far)", type(err).__name__, err, len(requests), self.fallback_size,
-                        self.fallback_count)
-            return [self.fallback_size] * len(requests), "fallback"
+            cause = f"{type(err).__name__}: {err}"
+            first_time = cause not in self.fallback_causes
+            self.fallback_causes[cause] = self.fallback_causes.get(cause, 0) + len(requests)
+            log.log(logging.WARNING if first_time else logging.DEBUG,
+                    "block-size policy failed (%s); %d request(s) use the drafter's size %d "
+                    "(%d fallbacks so far)", cause, len(requests), self.fallback_size, self.fallback_count,
+                    exc_info=first_time)
+            return [self.fallback_size] * len(requests), BlockSizeSource.FALLBACK
 
     def stats(self) -> dict:
         return {"calls": self.calls, "requests": self.requests, "fallback_count": self.fallback_count}

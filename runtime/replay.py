@@ -21,13 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import blocks
 from .drafter import DFlashDraftModel
 from .target import TargetModel
-
-
-def accepted_prefix(predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per row `[..., n]`: how many leading predictions equal their labels (labels < 0 never match)."""
-    return torch.cumprod((predictions == labels).long(), dim=-1).sum(-1)
 
 
 @dataclass
@@ -49,15 +45,42 @@ class ReplaySequence:
 def prepare(drafter: DFlashDraftModel, sequence_id: str, tokens, prompt_len: int, features,
             max_new_tokens: int) -> ReplaySequence:
     """Context K/V of a whole greedy output from its target features `[len, k * hidden]`."""
-    dtype = drafter.fc.weight.dtype
-    context = drafter.project_context(torch.as_tensor(np.asarray(features)).to(dtype))
-    cos, sin = drafter.rotary(torch.arange(len(context)), dtype)
-    kv = []
-    for layer in drafter.layers:
-        k, v = layer.self_attn.key_value(context, cos, sin)  # [len, heads, dim]
-        kv.append((k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()))
+    features = torch.as_tensor(np.asarray(features))
+    kv = [(k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())  # [heads, len, dim]
+          for k, v in drafter.context_kv(features, torch.arange(len(features)))]
     return ReplaySequence(sequence_id, torch.as_tensor(np.asarray(tokens), dtype=torch.long), prompt_len,
                           max_new_tokens, kv)
+
+
+@torch.inference_mode()
+def draft_block_at(target: TargetModel, drafter: DFlashDraftModel, sequences: list[ReplaySequence],
+                   positions: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The drafter's outputs `[n, width, hidden]` for a `width`-wide block whose bonus token sits at
+    `positions[i]` of `sequences[i]` (one row per pair), and the known continuation `[n, width - 1]`
+    each draft is checked against (-1 past the end of the output: never matches)."""
+    n = len(sequences)
+    context_len = max(max(int(p) for p in positions), 1)
+    kv_heads, head_dim = sequences[0].context[0][0].shape[0], sequences[0].context[0][0].shape[2]
+    dtype = sequences[0].context[0][0].dtype
+    context = []
+    for layer in range(len(drafter.layers)):
+        keys = torch.zeros(n, kv_heads, context_len, head_dim, dtype=dtype)
+        values = torch.zeros_like(keys)
+        for i, (s, p) in enumerate(zip(sequences, positions)):
+            keys[i, :, :p], values[i, :, :p] = s.context[layer][0][:, :p], s.context[layer][1][:, :p]
+        context.append((keys, values))
+    p = torch.tensor(positions)
+    block = torch.full((n, width), drafter.config.mask_token_id, dtype=torch.long)
+    block[:, 0] = torch.stack([s.tokens[q] for s, q in zip(sequences, positions)])
+    labels = torch.full((n, width - 1), -1, dtype=torch.long)
+    for i, (s, q) in enumerate(zip(sequences, positions)):
+        known = s.tokens[q + 1: q + width]
+        labels[i, : len(known)] = known
+    layout = blocks.RaggedLayout.build(torch.full((n,), width), p)
+    visible = blocks.draft_mask(layout, context_lens=p, kv_len=context_len)
+    hidden = drafter.forward_block(target.embed_tokens(block), p[:, None] + torch.arange(width)[None, :], context,
+                                   visible)
+    return hidden, labels
 
 
 @torch.inference_mode()
@@ -67,28 +90,7 @@ def accepted_at(target: TargetModel, drafter: DFlashDraftModel, sequences: list[
     `sequences[i]` (one row per pair). The lm_head runs chunk by chunk and only for rows whose
     drafts still all match: acceptance is decided by the first mismatch."""
     n = len(sequences)
-    context_len = max(int(p) for p in positions)
-    kv_heads, head_dim = sequences[0].context[0][0].shape[0], sequences[0].context[0][0].shape[2]
-    dtype = sequences[0].context[0][0].dtype
-    context = []
-    for layer in range(len(drafter.layers)):
-        keys = torch.zeros(n, kv_heads, max(context_len, 1), head_dim, dtype=dtype)
-        values = torch.zeros_like(keys)
-        for i, (s, p) in enumerate(zip(sequences, positions)):
-            keys[i, :, :p], values[i, :, :p] = s.context[layer][0][:, :p], s.context[layer][1][:, :p]
-        context.append((keys, values))
-    p = torch.tensor(positions)
-    offsets = torch.arange(width)
-    block = torch.full((n, width), drafter.config.mask_token_id, dtype=torch.long)
-    block[:, 0] = torch.stack([s.tokens[q] for s, q in zip(sequences, positions)])
-    labels = torch.full((n, width - 1), -1, dtype=torch.long)
-    for i, (s, q) in enumerate(zip(sequences, positions)):
-        known = s.tokens[q + 1: q + width]
-        labels[i, : len(known)] = known
-    visible = torch.zeros(n, 1, width, max(context_len, 1) + width, dtype=torch.bool)
-    visible[..., : max(context_len, 1)] = (torch.arange(max(context_len, 1))[None, :] < p[:, None])[:, None, None, :]
-    visible[..., max(context_len, 1):] = True
-    hidden = drafter.forward_block(target.embed_tokens(block), p[:, None] + offsets[None, :], context, visible)
+    hidden, labels = draft_block_at(target, drafter, sequences, positions, width)
     accepted = torch.zeros(n, dtype=torch.long)
     alive = torch.ones(n, dtype=torch.bool)
     start, chunk = 1, 1  # chunks of 1, 2, 4, ... positions: most rows stop at the first draft or two
@@ -98,7 +100,7 @@ def accepted_at(target: TargetModel, drafter: DFlashDraftModel, sequences: list[
             break
         stop = min(start + chunk, width)
         predictions = target.lm_head(hidden[rows, start:stop]).argmax(-1)
-        run = accepted_prefix(predictions, labels[rows, start - 1: stop - 1])
+        run = blocks.accepted_prefix(predictions, labels[rows, start - 1: stop - 1])
         accepted[rows] += run
         alive[rows] = run == stop - start
         start, chunk = stop, min(2 * chunk, max_lm_head_chunk)
@@ -131,7 +133,7 @@ def replay_fixed_size(target: TargetModel, drafter: DFlashDraftModel, sequences:
     while active:
         by_width: dict[int, list[int]] = {}
         for i in active:
-            width = max(1, min(block_size, sequences[i].max_new_tokens - committed[i]))
+            width = blocks.step_width(block_size, sequences[i].max_new_tokens - committed[i])
             by_width.setdefault(width, []).append(i)
         for width, rows in by_width.items():
             for start in range(0, len(rows), rows_per_call):
@@ -170,11 +172,8 @@ def replay_every_size(target: TargetModel, drafter: DFlashDraftModel, outputs: l
     acceptance_length) for every greedy output (`id`, `prompt_ids`, `response_ids`) at every size."""
     from tqdm import tqdm
 
-    from .training.features import sequence_features
-
-    layer_ids = list(drafter.config.target_layer_ids)
     token_lists = [o["prompt_ids"] + o["response_ids"] for o in outputs]
-    features = sequence_features(target, layer_ids, token_lists)
+    features = target.sequence_features(token_lists, drafter.config.target_layer_ids)
     sequences = [prepare(drafter, o["id"], tokens, len(o["prompt_ids"]), f, max_new_tokens)
                  for o, tokens, f in zip(outputs, token_lists, features)]
     rows = []

@@ -1,8 +1,9 @@
 """What one decode step costs, per block size: a target forward over W tokens and a drafter forward
 over a W-wide block, each with a realistic KV cache behind it.
 
-These costs decide which block sizes can ever pay on a machine, and (issue: policy) turn
-machine-independent counts (target forwards per token) into tokens per second.
+These costs decide which block sizes can ever pay on a machine, and turn machine-independent
+counts (target forwards per token) into tokens per second (`step_ms`); the policy's labels built
+from them live with the policy (`policy_export/collect.py`).
 """
 
 from __future__ import annotations
@@ -23,15 +24,13 @@ def filled_caches(target: TargetModel, drafter: DFlashDraftModel | None, rows: i
     """Target and drafter KV caches of `rows` slots, each already holding `context_tokens` of context
     (random token ids: fine for timing), with room for one more block of `max_width`."""
     capacity = context_tokens + max_width + 1
-    target_cache = target.new_cache(rows, capacity)
-    draft_cache = drafter.new_cache(rows, capacity) if drafter else None
-    layout = blocks.RaggedLayout.build(torch.full((rows,), context_tokens), torch.zeros(rows, dtype=torch.long))
-    context = torch.randint(0, target.vocab_size, (layout.num_tokens,), generator=generator)
+    context = torch.randint(0, target.vocab_size, (rows * context_tokens,), generator=generator)
     capture = tuple(drafter.config.target_layer_ids) if drafter else ()
-    _, features = target.forward(context, layout, target_cache, 0, capture)
+    run = target.prefill(list(context.view(rows, context_tokens)), capture, capacity=capacity)
+    draft_cache = drafter.new_cache(rows, capacity) if drafter else None
     if drafter:
-        drafter.write_context(features, layout.row, layout.positions, draft_cache)
-    return target_cache, draft_cache
+        drafter.write_context(run.features, run.layout.row, run.layout.positions, draft_cache)
+    return run.cache, draft_cache
 
 
 @torch.inference_mode()
@@ -70,21 +69,6 @@ def step_ms(costs: dict, width: int) -> float:
     def lookup(table, key):
         return table[key] if key in table else table[str(key)]
     return lookup(costs["target_ms"], width) + (lookup(costs["drafter_ms"], width) if width > 1 else 0.0)
-
-
-def per_prompt_scores(rows: list[dict], costs: dict) -> dict[str, dict[int, tuple[float, float]]]:
-    """{prompt id: {block size: (acceptance length, projected tokens per ms)}} from collected runs.
-
-    Acceptance length counts the tokens after the first (those come from verify steps) per target
-    forward; projected speed charges each forward the step cost of its width.
-    """
-    scores: dict[str, dict[int, tuple[float, float]]] = {}
-    for row in rows:
-        forwards, tokens = row["target_forwards"], row["generated_tokens"] - 1
-        if forwards:
-            scores.setdefault(row["id"], {})[row["block_size"]] = (
-                tokens / forwards, tokens / (forwards * step_ms(costs, row["block_size"])))
-    return scores
 
 
 @torch.inference_mode()

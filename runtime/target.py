@@ -9,15 +9,19 @@ a few layers for the drafter.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .blocks import RaggedLayout, causal_verify_mask
 from .kv_cache import SlotKVCache
+from .rope import apply_rotary
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +54,84 @@ def read_model_config(model_dir: str | Path, what: str = "model") -> dict:
         raise ValueError(f"{config_path} is not valid JSON: {err}") from None
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding for `[N, heads, head_dim]` with `cos`/`sin` of shape `[N, 1, head_dim]`."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+# --- the target's fingerprint ---------------------------------------------------------------------
+FINGERPRINT_EMBED_ROWS = 64  # embedding rows summed into `embed_checksum` (and hashed)
+FINGERPRINT_LAYER_ROWS = 8  # rows of each hashed layer weight
+
+
+def fingerprint_weights(num_layers: int) -> list[tuple[str, int | None]]:
+    """(weight name, leading rows or None for all) of what the fingerprint hashes: the first
+    embedding rows, the final norm, and the first rows of the query and MLP down projections of
+    the first, middle and last layers."""
+    names: list[tuple[str, int | None]] = [("embed_tokens.weight", FINGERPRINT_EMBED_ROWS), ("norm.weight", None)]
+    for layer in sorted({0, num_layers // 2, num_layers - 1}):
+        names += [(f"layers.{layer}.self_attn.q_proj.weight", FINGERPRINT_LAYER_ROWS),
+                  (f"layers.{layer}.mlp.down_proj.weight", FINGERPRINT_LAYER_ROWS)]
+    return names
+
+
+def target_fingerprint(config: dict, read) -> dict:
+    """The target's identity, from its config and `read(name, rows)` (a weight's leading rows).
+
+    Binds: the model type and shape (layers, hidden size, vocabulary); `embed_checksum`, the sum
+    of the first 64 embedding rows (compared with a tolerance); and `weights_sha256`, a SHA-256 of
+    the weights named by `fingerprint_weights` rounded to bfloat16 (so a float32 or bfloat16 copy
+    of the same weights hashes the same, and a fine-tune that changes any of those weights does not).
+    It does not bind the tokenizer, the other rows and layers, or the chat template.
+    """
+    num_layers = int(config["num_hidden_layers"])
+    digest = hashlib.sha256()
+    for name, rows in fingerprint_weights(num_layers):
+        values = read(name, rows).detach().to("cpu", torch.bfloat16).contiguous()
+        digest.update(f"{name} {tuple(values.shape)}".encode())
+        digest.update(values.view(torch.int16).numpy().tobytes())
+    embed = read("embed_tokens.weight", FINGERPRINT_EMBED_ROWS)
+    return {
+        "model_type": config["model_type"],
+        "num_hidden_layers": num_layers,
+        "hidden_size": int(config["hidden_size"]),
+        "vocab_size": int(config["vocab_size"]),
+        "embed_checksum": round(float(embed.double().sum()), 4),
+        "weights_sha256": digest.hexdigest()[:16],
+    }
+
+
+def target_fingerprint_from_checkpoint(model_dir: str | Path) -> dict:
+    """`TargetModel.fingerprint()` of the checkpoint in `model_dir`, reading only the few weight rows
+    it needs from the safetensors files (no model is built)."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    config = read_model_config(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        file_of = {key: model_dir / f for key, f in json.loads(index.read_text())["weight_map"].items()}
+    else:
+        file_of = {}
+        for path in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as handle:
+                file_of.update({key: path for key in handle.keys()})
+    if not file_of:
+        raise FileNotFoundError(f"model directory {str(model_dir)!r} has no .safetensors weights")
+
+    def read(name: str, rows: int | None) -> torch.Tensor:
+        key = _checkpoint_key(list(file_of), name, f"the safetensors files of {str(model_dir)!r}")
+        with safe_open(str(file_of[key]), framework="pt") as handle:
+            weight = handle.get_slice(key)
+            return weight[:rows] if rows else weight[:]
+
+    return target_fingerprint(config, read)
+
+
+def _checkpoint_key(keys: list[str], name: str, where: str) -> str:
+    """The key of the language model's weight `name` ("norm.weight", "layers.0...") among `keys`."""
+    for key in (f"model.{name}", name, f"model.language_model.{name}"):
+        if key in keys:
+            return key
+    hits = sorted((k for k in keys if k.endswith("." + name)), key=len)
+    if not hits:
+        raise ValueError(f"no {name} in {where}")
+    return hits[0]
 
 
 def ragged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -66,6 +143,21 @@ def ragged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     q_grid = layout.pad(q).transpose(1, 2)  # [n, Hq, W, D]
     out = F.scaled_dot_product_attention(q_grid, keys, values, attn_mask=mask, enable_gqa=True)
     return layout.unpad(out.transpose(1, 2)).flatten(1)
+
+
+@dataclass
+class Prefill:
+    """Whole sequences run from position 0 into a KV cache, with the drafter's target layers captured."""
+
+    layout: RaggedLayout  # row r: sequence r at positions 0..len-1
+    hidden: torch.Tensor  # [N, hidden] final-normed hidden states
+    features: torch.Tensor | None  # [N, k * hidden] the captured layers (the DFlash context), if asked
+    cache: SlotKVCache  # holds every token's K/V
+
+    @property
+    def last(self) -> torch.Tensor:
+        """[n] packed index of each sequence's last token."""
+        return self.layout.offsets[1:] - 1
 
 
 class TargetModel:
@@ -125,17 +217,56 @@ class TargetModel:
         return ids
 
     def fingerprint(self) -> dict:
-        """What a drafter or policy trained for this target must agree with."""
-        return {
-            "model_type": self.config.model_type,
-            "num_hidden_layers": self.num_layers,
-            "hidden_size": self.hidden_size,
-            "vocab_size": self.vocab_size,
-            "embed_checksum": round(float(self.embed_tokens.weight[:64].double().sum()), 4),
-        }
+        """What a drafter or policy trained for this target must agree with (see `target_fingerprint`).
+
+        Read from the checkpoint files when the target was loaded from a directory of safetensors
+        (exact whatever dtype it runs in), else from the weights in memory."""
+        if self.model_dir is not None and any(Path(self.model_dir).glob("*.safetensors")):
+            return target_fingerprint_from_checkpoint(self.model_dir)
+        return self.weights_fingerprint()
+
+    def weights_fingerprint(self) -> dict:
+        """The fingerprint computed from the weights in memory."""
+        state = self.hf_model.state_dict()
+        keys = list(state)
+
+        def read(name: str, rows: int | None) -> torch.Tensor:
+            tensor = state[_checkpoint_key(keys, name, "the model's weights")]
+            return tensor[:rows] if rows else tensor
+
+        return target_fingerprint(self.config.to_dict(), read)
 
     def new_cache(self, num_slots: int, capacity: int) -> SlotKVCache:
         return SlotKVCache(self.num_layers, num_slots, capacity, self.num_kv_heads, self.head_dim, self.dtype)
+
+    # --- prefill: whole sequences into a cache ---------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, sequences, capture_layers=(), cache: SlotKVCache | None = None, first_slot: int = 0,
+                capacity: int | None = None) -> Prefill:
+        """Run token sequences (lists or 1-D tensors of ids) from position 0 in one packed forward.
+
+        Rows go into slots `first_slot..` of `cache`, or of a fresh cache of `capacity` tokens per
+        slot (default: the longest sequence). `capture_layers` are the drafter's target layers.
+        """
+        lengths = torch.tensor([len(s) for s in sequences])
+        layout = RaggedLayout.build(lengths, torch.zeros(len(sequences), dtype=torch.long))
+        if cache is None:
+            cache = self.new_cache(len(sequences), capacity or int(lengths.max()))
+        tokens = torch.cat([torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in sequences])
+        hidden, features = self.forward(tokens, layout, cache, first_slot, tuple(capture_layers))
+        return Prefill(layout, hidden, features, cache)
+
+    @torch.inference_mode()
+    def sequence_features(self, sequences: list[list[int]], layer_ids, batch_tokens: int = 4096) -> list[np.ndarray]:
+        """float16 `[len(seq), k * hidden]` features of `layer_ids` for every token of each sequence,
+        in the given order (batched by length, at most ~`batch_tokens` padded tokens a forward)."""
+        out: list[np.ndarray | None] = [None] * len(sequences)
+        for group in _groups_by_tokens(sequences, batch_tokens):
+            run = self.prefill([sequences[i] for i in group], layer_ids)
+            offsets = run.layout.offsets
+            for r, i in enumerate(group):
+                out[i] = run.features[int(offsets[r]): int(offsets[r + 1])].to(torch.float16).numpy()
+        return out
 
     # --- the forward pass ---------------------------------------------------------------------
     @torch.inference_mode()
@@ -166,7 +297,7 @@ class TargetModel:
             v = attn.v_proj(h).unflatten(-1, (self.num_kv_heads, self.head_dim))
             if hasattr(attn, "q_norm"):
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             cache.write(index, slots, positions, k, v)
             keys, values = cache.read(index, first_slot, layout.num_rows, kv_len)
             x = x + attn.o_proj(ragged_attention(q, keys, values, mask, layout))
@@ -175,3 +306,19 @@ class TargetModel:
                 captured[index] = x
         aux = torch.cat([captured[i] for i in capture_layers], dim=-1) if capture_layers else None
         return model.norm(x), aux
+
+
+def _groups_by_tokens(sequences, budget: int) -> list[list[int]]:
+    """Indices of `sequences` in groups, shortest first, each within `budget` padded tokens."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    groups, current, longest = [], [], 0
+    for i in order:
+        longest_if_added = max(longest, len(sequences[i]))
+        if current and longest_if_added * (len(current) + 1) > budget:
+            groups.append(current)
+            current, longest_if_added = [], len(sequences[i])
+        current.append(i)
+        longest = longest_if_added
+    if current:
+        groups.append(current)
+    return groups

@@ -14,6 +14,26 @@ from blockpilot.runtime.target import TargetModel
 NEAR_TIE_MARGIN = 1e-2
 
 
+@pytest.fixture(autouse=True)
+def no_unexpected_policy_fallback(request, monkeypatch):
+    """Fail any test in which a block-size policy fell back to the default size, unless the test is
+    marked `expect_fallback`: a fallback keeps serving going, so it would otherwise pass unseen."""
+    from blockpilot.runtime.policy import BlockSizePolicy
+
+    choose, fallbacks = BlockSizePolicy.choose_for_prefill, []
+
+    def watched(self, *args, **kwargs):
+        sizes, source = choose(self, *args, **kwargs)
+        if source == "fallback":
+            fallbacks.append(dict(self.fallback_causes))
+        return sizes, source
+
+    monkeypatch.setattr(BlockSizePolicy, "choose_for_prefill", watched)
+    yield
+    if fallbacks and request.node.get_closest_marker("expect_fallback") is None:
+        pytest.fail(f"the block-size policy fell back to the default size {len(fallbacks)} time(s): {fallbacks[-1]}")
+
+
 @pytest.fixture(scope="session")
 def default_target() -> TargetModel:
     from blockpilot.runtime.assets import ensure_default_model

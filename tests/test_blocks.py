@@ -65,3 +65,41 @@ def test_draft_mask_is_non_causal_and_hides_other_rows_padding():
     assert mask[0, 2].int().tolist() == [1, 1, 0, 1, 1, 1]
     # row 1 sees context 0 and only its own single block key
     assert mask[1, 0].int().tolist() == [1, 0, 0, 1, 0, 0]
+
+
+def test_accepted_prefix_stops_at_first_mismatch():
+    predictions = torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4], [7, 2, 3, 4]])
+    labels = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, -1]])
+    assert blocks.accepted_prefix(predictions, labels).tolist() == [4, 1, 0]
+    # a missing label (< 0) never matches, even a prediction of the same value
+    assert blocks.accepted_prefix(torch.tensor([[5, -1]]), torch.tensor([[5, -1]])).tolist() == [1]
+
+
+def test_anchored_draft_mask_sees_context_before_its_anchor_and_its_own_block():
+    # two sequences, two anchor slots of width 2, context of 4: sequence 0 anchored at 1 and 3,
+    # sequence 1 at 2 with its second slot unused
+    mask = blocks.anchored_draft_mask([[1, 3], [2]], anchor_slots=2, block_size=2, context_len=4)
+    assert mask.shape == (2, 1, 4, 8)
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 1, 1, 0, 0], [1, 0, 0, 0, 1, 1, 0, 0],
+                                         [1, 1, 1, 0, 0, 0, 1, 1], [1, 1, 1, 0, 0, 0, 1, 1]]
+    assert mask[1, 0].int().tolist() == [[1, 1, 0, 0, 1, 1, 0, 0], [1, 1, 0, 0, 1, 1, 0, 0],
+                                         [0, 0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0, 1, 1]]
+
+
+def test_one_anchor_per_sequence_is_the_decode_steps_draft_mask():
+    anchors, width, context_len = [3, 1, 4], 5, 4
+    lay = layout([width] * 3, anchors)
+    assert torch.equal(blocks.anchored_draft_mask([[p] for p in anchors], 1, width, context_len),
+                       blocks.draft_mask(lay, torch.tensor(anchors), context_len))
+
+
+def test_block_size_decision_rule():
+    S = blocks.BlockSizeSource
+    assert blocks.decide_block_size(4, 16, S.DEFAULT, 8, low=1, high=32) == (4, S.REQUEST)
+    assert blocks.decide_block_size(None, 16, S.FIXED, None, low=1, high=32) == (16, S.FIXED)
+    assert blocks.decide_block_size(None, 16, S.DEFAULT, 40, low=1, high=32) == (32, S.POLICY)
+    assert blocks.decide_block_size(None, 16, S.DEFAULT, 1, low=2, high=8) == (1, S.POLICY)  # 1: no speculation
+    assert blocks.decide_block_size(None, 16, S.DEFAULT, 0, "fallback", low=1, high=8) == (1, S.FALLBACK)
+    # the source names are the strings in outputs and stats
+    assert S.POLICY == "policy" and f"{S.FALLBACK}" == "fallback" and str(S.REQUEST) == "request"
+    assert [s.value for s in S] == ["request", "fixed", "default", "policy", "fallback"]

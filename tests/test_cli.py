@@ -36,6 +36,9 @@ def test_generate_offline_batch_job(tmp_path):
         assert stats["generated_tokens"] == len(row["token_ids"])
         assert stats["ttft_s"] > 0 and stats["target_forwards"] >= 1
         assert sum(int(k) * v for k, v in stats["committed_per_step"].items()) == len(row["token_ids"]) - 1
+        assert stats["verify"] == "auto (calibrated)"  # the shipped step-cost table and calibration
+        assert stats["verified_drafts"] <= stats["drafted_tokens"]
+        assert sum(int(k) * v for k, v in stats["verified_per_step"].items()) == stats["verified_drafts"]
     assert rows["a"]["stats"]["block_size"] == 4 and rows["a"]["stats"]["block_size_source"] == "fixed"
     assert rows["b"]["stats"]["block_size"] == 1  # the line's own block size overrides the flag
 
@@ -46,7 +49,10 @@ def test_bench_runs_variants_side_by_side(tmp_path):
     run = blockpilot("bench", "--prompts", str(prompts), "--block-sizes", "2,4", "--repeats", "2",
                      "--max-new-tokens", "8", "--output-dir", str(tmp_path / "b"))
     report = json.loads((tmp_path / "b" / "bench.json").read_text())
-    assert [v["block_size"] for v in report["variants"]] == [1, 2, 4]
+    # each speculative size with full verify and with the per-step rule (the shipped step-cost table)
+    assert [(v["block_size"], v["verify"]) for v in report["variants"]] == [
+        (1, "full"), (2, "full"), (2, "auto"), (4, "full"), (4, "auto")]
+    assert all(v["verified_per_step"] <= v["drafted_per_step"] + 1e-9 for v in report["variants"])
     assert report["greedy_outputs_identical_across_block_sizes"] is True
     assert all(len(v["decode_tokens_per_s_runs"]) == 2 for v in report["variants"])
     assert (tmp_path / "b" / "bench.png").stat().st_size > 1000

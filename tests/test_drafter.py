@@ -125,3 +125,44 @@ def test_mask_token_for_smollm2_is_empty_output(default_target):
     drafter.check_fits(default_target)
     assert drafter.config.mask_token_id == mask_id and drafter.config.hidden_size == 576
     assert drafter.fc.in_features == 2 * 576
+
+
+def test_fit_check_is_one_pure_function_over_plain_numbers():
+    from blockpilot.runtime.drafter import drafter_fit_problems
+
+    config = tiny_drafter(tiny_target()).config  # hidden 64, vocabulary 64, 4 target layers, layers [1, 2]
+    assert drafter_fit_problems(config, hidden_size=64, vocab_size=64, num_layers=4) == []
+    assert drafter_fit_problems(config, hidden_size=32, vocab_size=100, num_layers=3) == [
+        "hidden size 64 != target's 32", "vocabulary 64 != target's 100",
+        "num_target_layers 4 != target's 3 layers", "target_layer_ids [1, 2] outside 0..1"]
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("use_sliding_window", True, "use_sliding_window is true"),
+    ("layer_types", ["full_attention", "sliding_attention"], r"layer_types has \['sliding_attention'\]"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_scaling has rope_type 'yarn'"),
+    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5}, "rope_parameters has rope_type 'llama3'"),
+    ("mlp_bias", True, "mlp_bias is true"),
+    ("partial_rotary_factor", 0.5, "partial_rotary_factor = 0.5 .not implemented"),
+    ("dflash_config", {"mask_token_id": 5, "target_layer_ids": [1, 2], "conv_kernel_size": 3},
+     "dflash_config.conv_kernel_size = 3"),
+])
+def test_config_fields_this_runtime_does_not_implement_are_refused(tmp_path, field, value, reason):
+    published_layout_checkpoint(tmp_path / "pub")
+    config = json.loads((tmp_path / "pub" / "config.json").read_text())
+    config[field] = value
+    (tmp_path / "pub" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"does not implement what the drafter config asks for: .*{reason}"):
+        DFlashDraftModel.load(tmp_path / "pub")
+
+
+def test_metadata_and_switched_off_fields_pass_through(tmp_path):
+    published_layout_checkpoint(tmp_path / "pub")
+    config = json.loads((tmp_path / "pub" / "config.json").read_text())
+    config.update(transformers_version="4.57.1", initializer_range=0.02, use_cache=False, bos_token_id=1,
+                  eos_token_id=[2, 3], layer_types=["full_attention"] * 2, sliding_window=4096,
+                  rope_scaling={"rope_type": "default"}, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                  num_experts=0)
+    (tmp_path / "pub" / "config.json").write_text(json.dumps(config))
+    drafter = DFlashDraftModel.load(tmp_path / "pub")
+    assert drafter.config.extra["transformers_version"] == "4.57.1" and drafter.config.extra["sliding_window"] == 4096

@@ -17,8 +17,8 @@ from blockpilot.policy_export.export import ATOL, check_against_pytorch, export_
 from blockpilot.policy_export.model import PolicyMLP
 from blockpilot.runtime import assets, blocks
 from blockpilot.runtime.cli import _block_size, _engine_config, build_parser
-from blockpilot.runtime.config import (EngineConfig, check_block_size_setting, load_block_size_policy,
-                                       resolve_policy_path)
+from blockpilot.runtime.config import (EngineConfig, check_block_size_setting, engine_policy_path,
+                                       load_block_size_policy, resolve_policy_path)
 from blockpilot.runtime.engine import SpeculativeEngine
 from blockpilot.runtime.policy import (BlockSizePolicy, PolicyFeatureSpec, drafter_fingerprint, fingerprints_match,
                                        prefill_features)
@@ -171,6 +171,25 @@ def test_refuses_a_corrupt_file(setup, tmp_path):
         BlockSizePolicy.load(path, setup["target"], setup["drafter"])
 
 
+def test_policy_path_rule(setup, tmp_path):
+    """One rule for the engine and the SGLang plugin: only "auto" uses a policy; an explicit path must
+    exist, "none"/"off" means none; else the policy file beside the drafter, if there is one."""
+    assert resolve_policy_path(None, str(setup["path"]), tmp_path) is None
+    assert resolve_policy_path(8, None, assets.DEFAULT_DRAFTER_DIR) is None
+    assert resolve_policy_path("auto", str(setup["path"]), None) == setup["path"]
+    for off in ("none", "off", "0", ""):
+        assert resolve_policy_path("auto", off, assets.DEFAULT_DRAFTER_DIR) is None
+    missing = tmp_path / "nowhere.onnx"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"policy file {str(missing)!r} does not exist")):
+        resolve_policy_path("auto", str(missing), None)
+    assert resolve_policy_path("auto", None, assets.DEFAULT_DRAFTER_DIR) == assets.DEFAULT_POLICY_PATH
+    assert resolve_policy_path("auto", None, tmp_path) is None  # nothing beside this drafter
+    (tmp_path / assets.POLICY_FILE_NAME).write_bytes(setup["path"].read_bytes())
+    assert resolve_policy_path("auto", None, tmp_path) == tmp_path / assets.POLICY_FILE_NAME
+    assert engine_policy_path(EngineConfig(drafter=str(tmp_path), block_size="auto"), tmp_path) == \
+        tmp_path / assets.POLICY_FILE_NAME
+
+
 def test_refuses_a_missing_file(setup, tmp_path):
     path = tmp_path / "nowhere" / "policy.onnx"
     with pytest.raises(FileNotFoundError, match=re.escape(f"policy file {str(path)!r} does not exist")):
@@ -209,6 +228,7 @@ class BrokenSession:
         return [np.full((len(feeds["features"]), len(CANDIDATES)), np.nan, dtype=np.float32)]
 
 
+@pytest.mark.expect_fallback
 @pytest.mark.parametrize("failure", ["raises", "nan"])
 def test_inference_failure_falls_back_to_the_training_size(setup, failure, caplog):
     target, drafter = setup["target"], setup["drafter"]
@@ -224,6 +244,7 @@ def test_inference_failure_falls_back_to_the_training_size(setup, failure, caplo
     assert broken.calls == 1 and policy.fallback_count == 2
     assert policy.stats() == {"calls": 1, "requests": 2, "fallback_count": 2}
     assert "block-size policy failed" in caplog.text and "use the drafter's size 8" in caplog.text
+    assert list(policy.fallback_causes.values()) == [2] and "Traceback" in caplog.text  # the cause, logged once
 
 
 # --- the engine hook ------------------------------------------------------------------------------
@@ -260,19 +281,19 @@ def test_an_explicit_request_size_overrides_the_policy(setup):
 def test_config_auto_loads_the_policy(setup, tmp_path, caplog):
     target, drafter = setup["target"], setup["drafter"]
     config = EngineConfig(drafter=str(tmp_path), block_size="auto", policy=str(setup["path"]))
-    path = resolve_policy_path(config, tmp_path)
+    path = engine_policy_path(config, tmp_path)
     assert path == setup["path"]
     policy = load_block_size_policy(path, target, drafter)
     assert isinstance(policy, BlockSizePolicy) and policy.candidate_sizes == CANDIDATES
     with pytest.raises(ValueError, match="'auto' needs a drafter"):
         load_block_size_policy(path, target, None)
     with pytest.raises(ValueError, match="'auto' needs a drafter"):
-        resolve_policy_path(EngineConfig(drafter="none", block_size="auto"), None)
+        engine_policy_path(EngineConfig(drafter="none", block_size="auto"), None)
     with pytest.raises(ValueError, match="'auto' needs a policy file"):
-        resolve_policy_path(EngineConfig(drafter=str(tmp_path), block_size="auto"), tmp_path)
-    assert resolve_policy_path(EngineConfig(block_size="auto"), assets.DEFAULT_DRAFTER_DIR) == assets.DEFAULT_POLICY_PATH
+        engine_policy_path(EngineConfig(drafter=str(tmp_path), block_size="auto"), tmp_path)
+    assert engine_policy_path(EngineConfig(block_size="auto"), assets.DEFAULT_DRAFTER_DIR) == assets.DEFAULT_POLICY_PATH
     with caplog.at_level("WARNING"):
-        assert resolve_policy_path(EngineConfig(block_size=4, policy=str(setup["path"])), tmp_path) is None
+        assert engine_policy_path(EngineConfig(block_size=4, policy=str(setup["path"])), tmp_path) is None
     assert "only used with block_size 'auto'" in caplog.text
     assert check_block_size_setting("auto") and not check_block_size_setting(None) and not check_block_size_setting(4)
     with pytest.raises(ValueError, match="block_size must be an integer, 'auto' or unset, got 'big'"):
@@ -282,10 +303,11 @@ def test_config_auto_loads_the_policy(setup, tmp_path, caplog):
 def test_build_engine_with_auto_block_size(setup, tmp_path, monkeypatch):
     """build_engine wires the policy in (TargetModel.load stubbed: a tiny target has no tokenizer)."""
     from blockpilot.runtime import config as config_module
+    from blockpilot.runtime.target import TargetModel
 
     target = setup["target"]
     setup["drafter"].save(tmp_path / "drafter")  # a saved and reloaded drafter is still the policy's drafter
-    monkeypatch.setattr(config_module.TargetModel, "load", classmethod(lambda cls, model_dir, dtype: target))
+    monkeypatch.setattr(TargetModel, "load", classmethod(lambda cls, model_dir, dtype: target))
     config = EngineConfig(model=str(tmp_path), drafter=str(tmp_path / "drafter"), block_size="auto",
                           policy=str(setup["path"]), max_batch_size=len(PROMPTS))
     engine = config_module.build_engine(config)
@@ -422,7 +444,6 @@ def test_acceptance_profile_replays_the_engine_exactly():
     from blockpilot.runtime.engine import SpeculativeEngine
     from blockpilot.runtime.requests import GenerationRequest
     from blockpilot.runtime.sampling import SamplingParams
-    from blockpilot.runtime.training.features import sequence_features
     from conftest import tiny_drafter, tiny_target
     target = tiny_target(vocab_size=3, seed=2)  # (seed chosen so this random drafter is often accepted)
     drafter = tiny_drafter(target, block_size=4)
@@ -435,7 +456,7 @@ def test_acceptance_profile_replays_the_engine_exactly():
         result = engine.generate([GenerationRequest(prompt, SamplingParams(max_new_tokens=24), block_size=size)])[0]
         tokens = prompt + result.token_ids
         seq = prepare(drafter, "s", tokens, len(prompt),
-                      sequence_features(target, drafter.config.target_layer_ids, [tokens])[0], 24)
+                      target.sequence_features([tokens], drafter.config.target_layer_ids)[0], 24)
         profile = acceptance_profile(target, drafter, seq, sizes)
         steps, _, _ = replay(profile, sizes, costs, lambda i, j=j: j)
         assert steps == result.stats.target_forwards, size
@@ -455,3 +476,41 @@ def test_policy_part_prompts_spread_over_train_validation_and_test():
     parts = Counter(split_of(p, config) for p in ids)
     assert 0.6 < parts["train"] / len(ids) < 0.8
     assert 0.1 < parts["validation"] / len(ids) < 0.2 and 0.1 < parts["test"] / len(ids) < 0.2
+
+
+# --- the target fingerprint -----------------------------------------------------------------------
+def test_fingerprint_from_a_checkpoint_equals_the_loaded_models(tmp_path):
+    from blockpilot.runtime.target import TargetModel, target_fingerprint_from_checkpoint
+
+    target = tiny_target(seed=3)
+    target.hf_model.save_pretrained(tmp_path / "t")  # float32 safetensors
+    from_files = target_fingerprint_from_checkpoint(tmp_path / "t")
+    assert from_files == target.fingerprint() == target.weights_fingerprint()
+    bf16 = TargetModel(tiny_target(seed=3).hf_model.to(torch.bfloat16), tokenizer=None)  # the same weights in bf16
+    assert bf16.weights_fingerprint()["weights_sha256"] == from_files["weights_sha256"]
+
+
+def test_refuses_a_policy_for_a_fine_tune_that_keeps_the_embeddings(setup):
+    tuned = tiny_target()  # the setup's target, rebuilt
+    assert tuned.fingerprint() == setup["target"].fingerprint()
+    with torch.no_grad():
+        tuned.hf_model.model.layers[2].mlp.down_proj.weight[:8].mul_(1.01)  # a layer the fingerprint hashes
+    assert tuned.fingerprint()["embed_checksum"] == setup["target"].fingerprint()["embed_checksum"]
+    with pytest.raises(ValueError, match=r"trained for a different target model: weights_sha256 is"):
+        BlockSizePolicy.load(setup["path"], tuned, setup["drafter"])
+
+
+@pytest.mark.slow
+def test_shipped_policy_loads_for_the_shipped_pair(default_target):
+    """The shipped drafter and policy are part of the package: missing or stale assets fail here."""
+    from blockpilot.runtime.drafter import DFlashDraftModel
+    from blockpilot.runtime.target import target_fingerprint_from_checkpoint
+
+    assert default_target.fingerprint() == target_fingerprint_from_checkpoint(default_target.model_dir) == \
+        default_target.weights_fingerprint()
+    drafter = DFlashDraftModel.load(assets.DEFAULT_DRAFTER_DIR)
+    policy = BlockSizePolicy.load(assets.DEFAULT_POLICY_PATH, default_target, drafter)
+    assert policy.candidate_sizes == [1, 2, 3, 4, 5, 6]
+    # a server that runs the target its own way passes the checkpoint directory instead
+    assert BlockSizePolicy.load(assets.DEFAULT_POLICY_PATH, default_target.model_dir, drafter).candidate_sizes == \
+        policy.candidate_sizes

@@ -97,3 +97,46 @@ def test_candidates_may_lie_below_the_drafters_training_size(tiny_pair, tmp_path
     engine = _engine(recipe, 2)
     assert engine.drafter.config.block_size == 4
     assert engine.max_block_size == 3 and engine.default_block_size == 3
+
+
+def test_calibrate_and_evaluate_the_verify_rule(tiny_pair, tmp_path):
+    """calibrate-verify fits and writes the calibration with its diagram; eval-verify compares full
+    verify and the rule side by side, on held-apart and held-out prompts, through the command line."""
+    from blockpilot.runtime.step_verify import ConfidenceCalibration, StepCostTable
+
+    tokens = list(range(1, 33))
+    StepCostTable(tokens, [1e3 / (30 + 6 * (t - 1)) for t in tokens], 32, [2, 32], [0.005, 0.02]).save(
+        tmp_path / "costs.json")
+    recipe = tmp_path / "policy.yaml"
+    recipe.write_text(f"""
+work_dir: {tmp_path / 'work'}
+output: {tmp_path / 'no-policy.onnx'}
+model: {tiny_pair / 'target'}
+drafter: {tiny_pair / 'drafter'}
+candidate_sizes: "2-4"
+collect: {{prompts: {prompts_file(tmp_path / 'train.jsonl', 30, 't')}, num_prompts: 20, max_new_tokens: 8}}
+evaluate: {{prompts: {prompts_file(tmp_path / 'test.jsonl', 6, 'e')}, max_new_tokens: 12}}
+verify: {{calibration_prompts: 10, calibration_max_new_tokens: 12, calibration_block_size: 4,
+         calibration_output: {tmp_path / 'calibration.json'}, step_costs: {tmp_path / 'costs.json'},
+         eval_sizes: "2,4", report_dir: {tmp_path / 'docs'}}}
+""")
+    for stage in ("calibrate-verify", "eval-verify"):
+        run = subprocess.run([sys.executable, "-m", "blockpilot.runtime.cli", stage, "--config", str(recipe)],
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, f"{stage}: {run.stderr[-3000:]}"
+    calibration = ConfidenceCalibration.load(tmp_path / "calibration.json")
+    assert len(calibration.temperatures) == 3 and "held-apart" in calibration.dataset
+    assert calibration.num_samples > 0
+    assert (tmp_path / "docs" / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+    report = json.loads((tmp_path / "docs" / "verify_eval.json").read_text())
+    variants = report["variants"]
+    assert {"plain", "fixed 2, full verify", "fixed 2, verify rule", "fixed 4, full verify", "fixed 4, verify rule",
+            "random size + verify rule"} <= set(variants)
+    assert report["setup"]["prompts"] == 6 and report["setup"]["policy"] is None
+    oracle = next(v for k, v in variants.items() if k.startswith("per-step oracle"))
+    assert oracle["tokens_per_s"] >= max(v["tokens_per_s"] for k, v in variants.items() if "full verify" in k) - 1e-9
+    for name, v in variants.items():
+        assert v["verified_per_step"] <= v["drafted_per_step"] + 1e-9, name
+        if "full verify" in name:
+            assert v["cut_rate"] == 0.0
+    assert (tmp_path / "docs" / "verify_eval.png").read_bytes()[:4] == b"\x89PNG"

@@ -6,7 +6,8 @@ import random
 import numpy as np
 import torch
 
-from blockpilot.runtime.training.features import Sequence, _groups_by_tokens
+from blockpilot.runtime.target import _groups_by_tokens
+from blockpilot.runtime.training.features import Sequence
 from blockpilot.runtime.training.train_drafter import (drafter_hidden, expected_acceptance, make_batch,
                                                        position_weights, replayed_acceptance, split_by_part,
                                                        step_loss)

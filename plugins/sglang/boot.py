@@ -45,7 +45,7 @@ _KNOWN_TV_SCHEMAS = {
     "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
 }
-_STAND_IN_MODULE = "blockpilot.plugins.sglang.cpu_kernels"
+_STAND_IN_MODULE = "blockpilot.plugins.sglang.cpu.kernels"
 
 
 def cpu_engine_requested() -> bool:
@@ -155,7 +155,7 @@ class _StandInLoader(importlib.abc.Loader):
 
 
 class _SglKernelFinder(importlib.abc.MetaPathFinder):
-    """Serves ``sgl_kernel`` from :mod:`blockpilot.plugins.sglang.cpu_kernels`
+    """Serves ``sgl_kernel`` from :mod:`blockpilot.plugins.sglang.cpu.kernels`
     when ``SGLANG_USE_CPU_ENGINE=1`` and no real ``sgl_kernel`` is installed.
     Submodules (``sgl_kernel.mamba``, ...) are not provided: importing them
     fails as it would without the stand-in."""

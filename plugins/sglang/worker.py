@@ -3,95 +3,60 @@
 Every request in a decode step runs a block of one width W, the batch's widest (``pad_to:
 batch``) or the server's widest (``pad_to: server``); row r uses only its first B_r columns:
 
-* draft: row r's queries attend to its context and its own first B_r block keys only
-  (:class:`BlockPilotDraftBlockInfo` for backends that plan through the spec info, FlashInfer;
-  the torch_native hook in ``plugin.py`` on CPU);
+* draft: row r's queries attend to its context and its own first B_r block keys only (the draft
+  mask, ``info.BlockPilotDraftBlockInfo``);
 * verify: unchanged (causal, so the tail cannot reach the real positions);
-* accept: capped at B_r tokens (:meth:`BlockPilotWorker._accept_block`,
-  ``blocks.cap_commits``).
+* accept: capped at B_r tokens (:meth:`BlockPilotWorker._accept_block`, ``blocks.cap_commits``).
 
-B_r is chosen once per request right after its prefill (:meth:`_append_target_hidden_to_draft_kv_by_loc`,
-which is where DFlashWorkerV2 hands over the prefill's captured target hidden states): the
-request's own ``custom_params["blockpilot_block_size"]``, else the policy's choice from the last
-prompt token's states, else the drafter's training size. Four methods of DFlashWorkerV2 are
-overridden; nothing of its decode loop is copied. See docs/sglang-per-request-design.md.
+B_r is chosen once per request right after its prefill
+(:meth:`~BlockPilotWorker._append_target_hidden_to_draft_kv_by_loc`, which is where
+DFlashWorkerV2 hands over the prefill's captured target hidden states): the request's own
+``custom_params["blockpilot_block_size"]``, else the policy's choice from the last prompt
+token's states, else the drafter's training size. The choices then travel with the batch on its
+spec info (``info.BlockPilotDraftInput``, built by the two ``_make_next_draft_input_*`` factories).
+
+Per-step verify (issue 12): after the draft forward, DFlashWorkerV2's argmax over the draft logits
+(:meth:`~BlockPilotWorker._greedy_sample_from_vocab_parallel_head`) also gives each draft's
+calibrated confidence; the runtime's rule (``step_verify.VerifyRule.choose``, padded) picks one
+verify width w <= W for the step, and the target verifies, accepts and commits at w: the worker
+switches to w's width attributes before the verify is built, and ``info.hook_dflash_prepare_for_verify``
+narrows the verify to each row's first w columns of the draft window.
+
+Seven methods of DFlashWorkerV2 are overridden; nothing of its decode loop is copied. See
+docs/sglang-per-request-design.md.
 """
 
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
 
 import torch
-from sglang.srt.mem_cache.kv_loc_plan import IdSpaceKind
-from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
 from sglang.srt.model_executor.cuda_graph_config import Backend
+from sglang.srt.environ import envs
 from sglang.srt.runtime_context import get_exec, get_parallel
-from sglang.srt.speculative.dflash_info import DFlashVerifyInput
-from sglang.srt.speculative.dflash_utils import parse_dflash_draft_config
+from sglang.srt.speculative.dflash_utils import is_dense_head_weight, parse_dflash_draft_config
 from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
 from sglang.srt.speculative.draft_worker_common import build_block_pos_offsets
 
 from blockpilot.runtime import blocks
+from blockpilot.runtime.blocks import BlockSizeSource
+from blockpilot.runtime.step_verify import VerifyMode
 
-from . import per_request
+from . import metrics, plugin
+from . import settings as bp_settings
+from .info import BlockChoice, BlockPilotDraftBlockInfo, BlockPilotDraftInput, choices_of
 
 logger = logging.getLogger("blockpilot.plugins.sglang")
 
 
-@dataclass
-class BlockPilotDraftBlockInfo(DFlashVerifyInput):
-    """The draft pass's spec info. With widths set, row r's kv length is prefix + B_r, so its
-    queries see the context and its own B_r block keys; the K/V of all W block tokens is still
-    written. ``spec_input_type`` stays DFLASH_VERIFY, so backends treat it as DFLASH's."""
-
-    bp_widths: Optional[torch.Tensor] = None  # [bs] int32 on the device; None: every row is W wide
-    bp_widths_host: Optional[torch.Tensor] = None  # the same on the host (FlashInfer's host plan)
-
-    @classmethod
-    def for_width(cls, width: int, device) -> "BlockPilotDraftBlockInfo":
-        # As draft_worker_common.make_draft_block_spec_info.
-        return cls(
-            draft_token=torch.empty((0,), dtype=torch.long, device=device),
-            positions=torch.empty((0,), dtype=torch.int64, device=device),
-            draft_token_num=int(width),
-            custom_mask=None,
-            capture_hidden_mode=CaptureHiddenMode.NULL,
-        )
-
-    def set_widths(self, widths: Optional[torch.Tensor], widths_host: Optional[torch.Tensor]) -> None:
-        self.bp_widths, self.bp_widths_host = widths, widths_host
-
-    def generate_attn_arg_prefill(self, *, req_pool_indices, paged_kernel_lens, paged_kernel_lens_sum,
-                                  translator, plan, kv_start_idx=None, kv_indices_buf=None,
-                                  kind=IdSpaceKind.FULL):
-        if self.bp_widths is None:
-            return super().generate_attn_arg_prefill(
-                req_pool_indices=req_pool_indices, paged_kernel_lens=paged_kernel_lens,
-                paged_kernel_lens_sum=paged_kernel_lens_sum, translator=translator, plan=plan,
-                kv_start_idx=kv_start_idx, kv_indices_buf=kv_indices_buf, kind=kind)
-        device = req_pool_indices.device
-        bs, width = req_pool_indices.numel(), int(self.draft_token_num)
-        widths = blocks.pad_rows(self.bp_widths.to(device), bs, fill=width)  # a graph replay pads bs
-        qo_indptr = torch.arange(0, (bs + 1) * width, step=width, dtype=torch.int32, device=device)
-        kv_lens = paged_kernel_lens + widths.to(paged_kernel_lens.dtype)  # context + own block keys
-        kv_indptr = torch.zeros((bs + 1,), dtype=torch.int32, device=device)
-        kv_indptr[1:] = torch.cumsum(kv_lens, dim=0)
-        if kv_indices_buf is not None:
-            kv_indices = kv_indices_buf
-        else:
-            kv_indices = torch.empty(paged_kernel_lens_sum + width * bs, dtype=torch.int32, device=device)
-        translator.pack_read_stream(plan, req_pool_indices=req_pool_indices, seq_lens=kv_lens, indptr=kv_indptr,
-                                    out=kv_indices, kv_start_idx=kv_start_idx, kind=kind)
-        return kv_indices, kv_indptr, qo_indptr, None
-
-
 # Every width-dependent attribute DFlashWorkerV2's decode branch reads: set together per step width
-# (pad_to: batch). Buffers are (re)allocated lazily from `block_size` by _ensure_draft_block_buffers
-# and _ensure_accept_bonus_buffers. tests/test_worker.py checks the names against the installed SGLang.
+# (pad_to: batch). DFlashWorkerV2 fixes its width when it is built and has no per-step width, so a
+# narrower step swaps these in and out (docs/sglang-per-request-design.md, "What stays on the
+# worker"). Buffers are (re)allocated lazily from `block_size` by _ensure_draft_block_buffers and
+# _ensure_accept_bonus_buffers. tests/test_worker.py checks the names against the installed SGLang.
 WIDTH_ATTRS = (
     "block_size",
     "_block_pos_offsets",
@@ -113,15 +78,25 @@ WIDTH_ATTRS = (
 
 
 class BlockPilotWorker(DFlashWorkerV2):
-    """DFlashWorkerV2 with per-request block sizes. Overrides ``__init__``,
-    ``forward_batch_generation`` (a wrapper), ``_append_target_hidden_to_draft_kv_by_loc`` (the
-    prefill hook) and ``_accept_block`` (the cap)."""
+    """DFlashWorkerV2 with per-request block sizes and a per-step verify width. Overrides
+    ``__init__``, ``forward_batch_generation`` (a wrapper), ``_append_target_hidden_to_draft_kv_by_loc``
+    (the prefill hook: the choices; after a narrower verify, the verified columns),
+    ``_greedy_sample_from_vocab_parallel_head`` (the draft argmax: confidences and the verify width),
+    ``_accept_block`` (the cap) and ``_make_next_draft_input_prefill`` / ``_make_next_draft_input_decode``
+    (the batch's spec info, carrying the choices)."""
 
     def __init__(self, server_args, gpu_id, nccl_port, target_worker):
+        plugin.activate_in_this_process()  # before super(): its draft worker resolves an attention backend
+        cfg = bp_settings.settings()
+        verify_rule = bp_settings.build_verify_rule(cfg, server_args.speculative_draft_model_path)
+        if verify_rule.mode is VerifyMode.AUTO:
+            # The rule reads the draft logits; DFlashWorkerV2's head folded into the draft CUDA graph
+            # keeps none, so the draft head stays eager (GPU only: the CPU engine has no graphs).
+            envs.SGLANG_DFLASH_EAGER_DRAFT_SAMPLER.set(True)
         super().__init__(server_args, gpu_id, nccl_port, target_worker)
         # DFlashWorkerV2.__getattr__ forwards unknown names to the target worker: set every _bp_* here.
-        cfg = per_request.config()
         self._bp_cfg = cfg
+        self._bp_rule = verify_rule
         self._bp_max = int(self.block_size)  # handle_server_args set speculative_num_draft_tokens = the top
         self._bp_min, _ = cfg.size_range(self._bp_max)
         problems = []
@@ -130,33 +105,39 @@ class BlockPilotWorker(DFlashWorkerV2):
         if self.lilicorr is not None:
             problems.append("a LiLiCorr head")
         draft_config = parse_dflash_draft_config(draft_hf_config=self.draft_model_runner.model_config.hf_config)
-        problems += [p for p in per_request.unsupported_drafter_features(draft_config) if p not in problems]
+        problems += [p for p in bp_settings.unsupported_drafter_features(draft_config) if p not in problems]
         if problems:
             raise ValueError("BLOCKPILOT per-request block sizes do not support drafters with " + ", ".join(problems))
         if int(get_parallel().tp_size) != 1:
             raise ValueError("BLOCKPILOT per-request block sizes need tp_size 1 for now")
         self._bp_trained = draft_config.resolve_block_size(default=None)
-        self._bp_default, self._bp_default_source = per_request.default_choice(
+        self._bp_default, self._bp_default_source = bp_settings.default_choice(
             self._bp_trained, self._bp_min, self._bp_max)
-        path = per_request.resolve_policy_path(cfg, server_args.speculative_draft_model_path)
-        self._bp_policy = (per_request.load_policy(path, server_args.model_path,
+        path = bp_settings.resolve_policy_path(cfg, server_args.speculative_draft_model_path)
+        self._bp_policy = (bp_settings.load_policy(path, server_args.model_path,
                                                    server_args.speculative_draft_model_path)
                            if path is not None else None)
+        self._bp_fallbacks = metrics.Fallbacks.for_server(bool(getattr(server_args, "enable_metrics", False)))
         # The same question DFlashWorkerV2.init_cuda_graphs asks: are decode steps captured in graphs?
         graphs = (str(self.device).startswith("cuda")
                   and get_exec().graph.cuda_graph_config.decode.backend != Backend.DISABLED)
         self._bp_pad_to = cfg.pad_to or ("server" if graphs else "batch")
         self._draft_block_spec_info = BlockPilotDraftBlockInfo.for_width(self._bp_max, self.device)
-        self._bp_states: dict[int, dict] = {}  # width -> its WIDTH_ATTRS (pad_to: batch)
-        self._bp_prefill_batch = None  # the extend batch while its forward runs
+        self._bp_states: dict[int, dict] = {}  # width -> its WIDTH_ATTRS, kept while another width is installed
+        self._bp_width = self._bp_max  # the width whose WIDTH_ATTRS are installed
+        self._bp_batch = None  # the batch while its forward runs
+        self._bp_choices: Optional[list[Optional[BlockChoice]]] = None  # its rows' choices, once known
         self._bp_cap: Optional[torch.Tensor] = None  # [bs] widths on the device while a mixed step runs
+        self._bp_auto_rows: Optional[torch.Tensor] = None  # [bs] bool: rows the rule may cut, this step
+        self._bp_verify_width: Optional[int] = None  # the step's verify width, once the rule narrowed it
         capacity = max(int(server_args.max_running_requests or 0),
                        int(getattr(server_args, "cuda_graph_max_bs_decode", 0) or 0), 1) + 8
         self._bp_alloc_widths(capacity)
         logger.info(
             "BLOCKPILOT per-request block sizes: range %d-%d (server width %d), default %d (%s), policy %s, "
-            "pad_to %s, draft mask %s", self._bp_min, self._bp_max, self._bp_max, self._bp_default,
-            self._bp_default_source, path if path is not None else "none", self._bp_pad_to, cfg.draft_mask)
+            "pad_to %s, draft mask %s, verify %s%s", self._bp_min, self._bp_max, self._bp_max, self._bp_default,
+            self._bp_default_source, path if path is not None else "none", self._bp_pad_to, cfg.draft_mask,
+            verify_rule.describe(), f" (step costs {verify_rule.costs.source})" if verify_rule.costs else "")
 
     def _bp_alloc_widths(self, capacity: int) -> None:
         pin = str(self.device).startswith("cuda")
@@ -166,83 +147,159 @@ class BlockPilotWorker(DFlashWorkerV2):
                                 for _ in range(2)]  # double-buffered H2D source
         self._bp_host_slot = 0
 
-    # ---- per-request decisions --------------------------------------------------------------
-    def _bp_request_size(self, req) -> Optional[int]:
-        """The size a request asked for, or None for the server's choice (SamplingParams.verify
-        has already refused bad values; one that slips through gets the server's choice)."""
-        custom = getattr(req.sampling_params, "custom_params", None) or {}
+    # ---- per-request choices ----------------------------------------------------------------
+    def _bp_params(self, req) -> bp_settings.RequestParams:
+        """What a request asked for (SamplingParams.verify has already refused bad values; one
+        that slips through gets the server's choice)."""
+        custom = getattr(req.sampling_params, "custom_params", None)
         try:
-            return per_request.parse_request_size(custom.get(per_request.REQUEST_KEY), self._bp_min, self._bp_max,
-                                                  self._bp_cfg.allow_request_sizes)
+            return bp_settings.parse_request_params(custom, self._bp_min, self._bp_max,
+                                                    self._bp_cfg.allow_request_sizes)
         except ValueError as err:
             logger.warning("BLOCKPILOT: request %s: %s; using the server's choice", getattr(req, "rid", "?"), err)
+            return bp_settings.RequestParams()
+
+    def _bp_recorded(self, req) -> Optional[BlockChoice]:
+        """The choice recorded for a request earlier (a decode row of a mixed batch, a request
+        prefilled again after a retraction), or None."""
+        recorded = metrics.recorded_choice(req)
+        if recorded is None:
             return None
+        return BlockChoice(recorded[0], recorded[1], self._bp_params(req).verify)
 
-    def _bp_decide(self, batch, target_hidden: torch.Tensor) -> None:
-        """Choose B_r for the requests whose prompt ends in this extend batch."""
-        ends = blocks.last_token_rows(batch.extend_lens)
+    def _bp_verify_mode(self, requested: str) -> VerifyMode:
+        """A request's verify mode: "full" if it asked for it, else the server's."""
+        return VerifyMode.FULL if requested == VerifyMode.FULL.value else self._bp_rule.mode
+
+    def _bp_record(self, req, size: int, source: BlockSizeSource) -> BlockChoice:
+        verify = self._bp_params(req).verify
+        metrics.record_choice(req, size, source, verify=self._bp_rule.describe(self._bp_verify_mode(verify)))
+        return BlockChoice(int(size), source, verify)
+
+    def _bp_fall_back(self, reqs: list, cause: str, detail: str, size: Optional[int] = None,
+                      error: Optional[BaseException] = None, logged: bool = False) -> list[BlockChoice]:
+        """``reqs`` get ``size`` (default: the server's default size) because something failed."""
+        size = self._bp_default if size is None else size
+        self._bp_fallbacks.record(reqs, cause, detail, size, BlockSizeSource.FALLBACK, error=error, logged=logged)
+        choices = [BlockChoice(size, BlockSizeSource.FALLBACK, self._bp_params(req).verify) for req in reqs]
+        for req, choice in zip(reqs, choices):
+            metrics.record_verify(req, self._bp_rule.describe(self._bp_verify_mode(choice.verify)))
+        return choices
+
+    def _bp_policy_sizes(self, target_hidden: torch.Tensor, reqs: list, rows: list[int]):
+        """The policy's sizes for ``reqs`` from the target states at ``rows`` (their last prompt
+        tokens), its source (POLICY or FALLBACK), and the cause of a fallback."""
+        index = torch.tensor(rows, dtype=torch.long, device=target_hidden.device)
+        features = target_hidden.index_select(0, index)  # [k, n_layers * hidden]
+        prompts = [SimpleNamespace(prompt_ids=req.origin_input_ids) for req in reqs]
+        causes_before = dict(self._bp_policy.fallback_causes)
+        sizes, source = self._bp_policy.choose_for_prefill(features, prompts)
+        cause = next((c for c, n in self._bp_policy.fallback_causes.items() if n != causes_before.get(c)), None)
+        return sizes, source, cause
+
+    def _bp_decide(self, batch, target_hidden: torch.Tensor) -> list[Optional[BlockChoice]]:
+        """The choice of every row of an extend batch: recorded earlier, or chosen now for the
+        requests whose prompt ends in this batch, or None (the prompt continues in a later chunk)."""
+        choices: list[Optional[BlockChoice]] = [self._bp_recorded(req) for req in batch.reqs]
         new = [i for i, req in enumerate(batch.reqs)
-               if getattr(req, "bp_block_size", None) is None  # decode rows of a mixed batch, re-prefills
+               if choices[i] is None
                and batch.prefix_lens[i] + batch.extend_lens[i] >= len(req.origin_input_ids)]  # last chunk
-        ask = []
+        requested = {i: self._bp_params(batch.reqs[i]).block_size for i in new}
+        ask = [i for i in new if requested[i] is None]
+        chosen, chosen_source, cause = {}, BlockSizeSource.POLICY, None
+        if ask and self._bp_policy is not None:
+            ends = blocks.last_token_rows(batch.extend_lens)
+            sizes, chosen_source, cause = self._bp_policy_sizes(target_hidden, [batch.reqs[i] for i in ask],
+                                                                [ends[i] for i in ask])
+            chosen = dict(zip(ask, sizes))
+        fallen = []
         for i in new:
-            size = self._bp_request_size(batch.reqs[i])
-            if size is None:
-                ask.append(i)
+            size, source = blocks.decide_block_size(requested[i], self._bp_default, self._bp_default_source,
+                                                    chosen.get(i), chosen_source, low=self._bp_min, high=self._bp_max)
+            if source == BlockSizeSource.FALLBACK:
+                fallen.append((i, size))
             else:
-                per_request.set_choice(batch.reqs[i], size, "request")
-        if not ask:
-            return
-        if self._bp_policy is None:
-            for i in ask:
-                per_request.set_choice(batch.reqs[i], self._bp_default, self._bp_default_source)
-            return
-        rows = torch.tensor([ends[i] for i in ask], dtype=torch.long, device=target_hidden.device)
-        features = target_hidden.index_select(0, rows)  # [k, n_layers * hidden]: the last prompt tokens
-        prompts = [SimpleNamespace(prompt_ids=batch.reqs[i].origin_input_ids) for i in ask]
-        sizes, source = self._bp_policy.choose_for_prefill(features, prompts)  # "fallback" if inference failed
-        for i, size in zip(ask, sizes):
-            per_request.set_choice(batch.reqs[i], blocks.clamp_block_size(size, self._bp_min, self._bp_max), source)
+                choices[i] = self._bp_record(batch.reqs[i], size, source)
+        if fallen:  # the policy's inference failed (the policy has logged why)
+            reqs = [batch.reqs[i] for i, _ in fallen]
+            for (i, _), choice in zip(fallen, self._bp_fall_back(reqs, "policy", f"the policy failed: {cause}",
+                                                                  size=fallen[0][1], logged=True)):
+                choices[i] = choice
+        return choices
 
-    def _bp_width(self, req) -> int:
-        size = getattr(req, "bp_block_size", None)
-        if size is None:  # never prefilled here (e.g. a disaggregated decode server): the default size
-            per_request.set_choice(req, self._bp_default, "fallback")
-            size = self._bp_default
-        return int(size)
+    def _bp_decode_choices(self, batch) -> list[BlockChoice]:
+        """The choice of every row of a decode batch, from its spec info; a row it does not know
+        is the request's recorded choice, else (never prefilled here) a counted fallback."""
+        choices = choices_of(batch.spec_info)
+        if len(choices) != len(batch.reqs):
+            choices = [None] * len(batch.reqs)
+        choices = [c if c is not None else self._bp_recorded(req) for c, req in zip(choices, batch.reqs)]
+        unknown = [i for i, c in enumerate(choices) if c is None]
+        if unknown:
+            fallen = self._bp_fall_back([batch.reqs[i] for i in unknown], "not_prefilled_here",
+                                        "no block size was chosen for this request on this server")
+            for i, choice in zip(unknown, fallen):
+                choices[i] = choice
+        return choices
 
-    # ---- the four overrides -----------------------------------------------------------------
+    # ---- the overrides ----------------------------------------------------------------------
     def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None, pp_proxy_tensors=None):
         args = (batch, on_publish, grammar_barrier, pp_proxy_tensors)
         if batch.forward_mode.is_extend() or batch.is_extend_in_batch:  # the same test as DFlashWorkerV2
-            self._bp_prefill_batch = batch
-            try:
+            with self._bp_forward(batch, None):
                 return super().forward_batch_generation(*args)
-            finally:
-                self._bp_prefill_batch = None
         if batch.forward_mode.is_idle() or not batch.reqs:
             return super().forward_batch_generation(*args)
-        widths = [self._bp_width(req) for req in batch.reqs]
-        if len(widths) != len(batch.seq_lens):
+        if len(batch.reqs) != len(batch.seq_lens):
             logger.error("BLOCKPILOT: %d requests for %d rows; this step runs at the server width uncapped",
-                         len(widths), len(batch.seq_lens))
+                         len(batch.reqs), len(batch.seq_lens))
             return super().forward_batch_generation(*args)
-        with self._bp_step(widths):
-            return super().forward_batch_generation(*args)
+        choices = self._bp_decode_choices(batch)
+        with self._bp_forward(batch, choices), self._bp_step([c.block_size for c in choices]):
+            self._bp_auto_rows = self._bp_rows_the_rule_may_cut(batch, choices)
+            result = super().forward_batch_generation(*args)
+            # SGLang's per-row verify window (DSpark's cap_lens): verified tokens, bonus included. It
+            # feeds spec_cap_length (meta_info, Prometheus) and the verified-draft counts (metrics.py).
+            verified = self._bp_verify_width or self._bp_max
+            result.cap_lens = torch.tensor([min(c.block_size, verified) for c in choices], dtype=torch.int32)
+            return result
 
     def _append_target_hidden_to_draft_kv_by_loc(self, **kwargs):
         # DFlashWorkerV2 calls this with extend_lens only from its prefill branch, with the prefill's
         # captured target hidden states, right before it drops them.
-        if kwargs.get("extend_lens") is not None and self._bp_prefill_batch is not None:
-            batch = self._bp_prefill_batch
+        if kwargs.get("commit_lens") is not None and self._bp_verify_width is not None:
+            kwargs = self._bp_verified_columns(kwargs)
+        if kwargs.get("extend_lens") is not None and self._bp_batch is not None:
+            batch = self._bp_batch
             try:
-                self._bp_decide(batch, kwargs["target_hidden"])
-            except Exception:  # never break serving: those requests get the default size
-                logger.exception("BLOCKPILOT: choosing block sizes failed; using %d", self._bp_default)
-                for req in batch.reqs:
-                    if getattr(req, "bp_block_size", None) is None:
-                        per_request.set_choice(req, self._bp_default, "fallback")
+                self._bp_choices = self._bp_decide(batch, kwargs["target_hidden"])
+            except Exception as err:  # never break serving: the undecided requests get the default size
+                choices = [self._bp_recorded(req) for req in batch.reqs]
+                undecided = [i for i, c in enumerate(choices) if c is None]
+                fallen = self._bp_fall_back([batch.reqs[i] for i in undecided], "decision",
+                                            f"choosing block sizes failed: {type(err).__name__}: {err}", error=err)
+                for i, choice in zip(undecided, fallen):
+                    choices[i] = choice
+                self._bp_choices = choices
         return super()._append_target_hidden_to_draft_kv_by_loc(**kwargs)
+
+    def _greedy_sample_from_vocab_parallel_head(self, *, hidden_states, lm_head, chunk_size: int = 256):
+        # DFlashWorkerV2's argmax over the draft logits, called once per decode step right after the
+        # draft forward and before the target verify is built. With the rule on, the same logits give
+        # each draft's confidence and the step's verify width is chosen here.
+        weight = getattr(lm_head, "weight", None)
+        shard = getattr(lm_head, "shard_indices", None)
+        if (self._bp_auto_rows is None or hidden_states.numel() == 0 or not is_dense_head_weight(weight)
+                or (shard is not None and int(shard.num_added_elements))):
+            return super()._greedy_sample_from_vocab_parallel_head(hidden_states=hidden_states, lm_head=lm_head,
+                                                                    chunk_size=chunk_size)
+        step = int(self.block_size)
+        drafts, confidence = self._bp_drafts_and_confidence(hidden_states, weight, shard, step - 1)
+        bs = drafts.shape[0] // (step - 1)
+        width = self._bp_choose_verify_width(confidence.view(bs, step - 1))
+        if width < step:
+            self._bp_narrow_verify(width, bs)
+        return drafts.view(bs, step - 1)[:, :width - 1].reshape(-1)
 
     def _accept_block(self, **kwargs):
         accept_len, commit_lens, bonus, out_tokens, new_seq_lens = super()._accept_block(**kwargs)
@@ -252,29 +309,115 @@ class BlockPilotWorker(DFlashWorkerV2):
         # None: the caller recomputes prefix + commit_lens before publishing (and the mamba commit).
         return accept_len, commit_lens, bonus, out_tokens, None
 
-    # ---- the step width ---------------------------------------------------------------------
+    def _make_next_draft_input_prefill(self, *, bonus_tokens, seq_lens):
+        return BlockPilotDraftInput.build(bonus_tokens=bonus_tokens, new_seq_lens=seq_lens,
+                                          choices=self._bp_choices_of_this_forward(int(seq_lens.numel())))
+
+    def _make_next_draft_input_decode(self, *, bonus_tokens, new_seq_lens):
+        return BlockPilotDraftInput.build(bonus_tokens=bonus_tokens, new_seq_lens=new_seq_lens,
+                                          choices=self._bp_choices_of_this_forward(int(new_seq_lens.numel())))
+
+    def _bp_choices_of_this_forward(self, rows: int) -> list[Optional[BlockChoice]]:
+        choices = self._bp_choices if self._bp_choices is not None else []
+        return choices if len(choices) == rows else [None] * rows  # e.g. an idle batch
+
+    # ---- the per-step verify width ------------------------------------------------------------
+    def _bp_rows_the_rule_may_cut(self, batch, choices: list[BlockChoice]) -> Optional[torch.Tensor]:
+        """[bs] bool: the rows whose drafts the rule may cut this step (AUTO, with drafts), or None
+        when the rule does not run: no such row, or a step whose later stages read the step width
+        from DFlashWorkerV2's locals (logprobs: their chain stride; a hybrid target's mamba commit)."""
+        if (not self._bp_rule.can_choose or getattr(batch, "return_logprob", False)
+                or getattr(self, "_need_mamba_verify_commit", False)):
+            return None
+        auto = torch.tensor([c.block_size > 1 and self._bp_verify_mode(c.verify) is VerifyMode.AUTO
+                             for c in choices])
+        return auto if bool(auto.any()) else None
+
+    def _bp_drafts_and_confidence(self, hidden_states: torch.Tensor, weight: torch.Tensor, shard,
+                                  drafts_per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The drafts (argmax over the target's lm_head, as DFlashWorkerV2's tp=1 path) and their
+        calibrated confidences (the runtime's ``VerifyRule.confidences``) from the same logits,
+        in chunks so the vocabulary-wide logits of a large batch are never held at once."""
+        num_org = int(shard.num_org_elements) if shard is not None else int(weight.shape[0])
+        vocab_start = int(shard.org_vocab_start_index) if shard is not None else 0
+        head = weight[:num_org]
+        n = int(hidden_states.shape[0])
+        positions = torch.arange(n) % drafts_per_row + 1  # each draft's 1-based column in its block
+        drafts = torch.empty((n,), dtype=torch.long, device=hidden_states.device)
+        confidence = torch.empty((n,), dtype=torch.float32)
+        for start in range(0, n, 1024):
+            end = min(n, start + 1024)
+            logits = torch.matmul(hidden_states[start:end].to(head.dtype), head.T)
+            drafts[start:end] = logits.argmax(dim=-1) + vocab_start
+            confidence[start:end] = self._bp_rule.confidences(logits, positions[start:end]).float().cpu()
+        return drafts, confidence
+
+    def _bp_choose_verify_width(self, confidence: torch.Tensor) -> int:
+        """The step's verify width in tokens (1 + drafts): the runtime's padded rule over the rows'
+        confidences; FULL rows count as certain and keep all their drafts."""
+        auto = self._bp_auto_rows
+        counts = torch.tensor([max(c.block_size - 1, 0) for c in self._bp_choices])  # each row's own drafts
+        grid = torch.where(auto[:, None], confidence, torch.ones_like(confidence))
+        drafted = int(confidence.shape[0]) * (int(confidence.shape[1]) + 1)  # the padded draft forward's tokens
+        chosen = self._bp_rule.choose(grid, counts, drafted_tokens=drafted, padded=True)
+        keep_whole = int(counts[~auto].max()) if bool((~auto).any()) else 0
+        return max(int(chosen.max()), keep_whole) + 1
+
+    def _bp_narrow_verify(self, width: int, bs: int) -> None:
+        """From here on the step runs at `width`: the verify, the accept, the commit and the result
+        read `self.block_size` and its buffers; rows narrower than `width` keep their own cap."""
+        self._bp_switch_width(width)
+        self._ensure_draft_block_buffers(bs)  # the verify's token buffer, read without asking
+        self._bp_verify_width = width
+        caps = [min(c.block_size, width) for c in self._bp_choices]
+        self._bp_cap = self._bp_stage_widths(caps)[0] if any(cap != width for cap in caps) else None
+
+    def _bp_verified_columns(self, kwargs: dict) -> dict:
+        """DFlashWorkerV2 hands the draft-KV write the draft window's slots and positions ([bs, W]);
+        after a narrower verify the target states cover each row's first w columns only."""
+        loc_2d = kwargs.get("cache_loc_2d")
+        if loc_2d is None:
+            return kwargs
+        width, bs = self._bp_verify_width, int(loc_2d.shape[0])
+        loc_2d = loc_2d[:, :width].contiguous()
+        positions = kwargs["positions"].view(bs, -1)[:, :width].reshape(-1)
+        return {**kwargs, "cache_loc_2d": loc_2d, "cache_loc": loc_2d.reshape(-1), "positions": positions}
+
+    # ---- the running forward and its step width ----------------------------------------------
     @contextmanager
-    def _bp_step(self, widths: list[int]):
-        step = blocks.batch_width(widths) if self._bp_pad_to == "batch" else self._bp_max
-        saved = self._bp_install(step) if step != self._bp_max else None
-        if any(w != step for w in widths):
-            device_widths, host_widths = self._bp_stage_widths(widths)
-            self._bp_cap = device_widths
-            if self._bp_cfg.draft_mask:
-                self._draft_block_spec_info.set_widths(device_widths, host_widths)
+    def _bp_forward(self, batch, choices: Optional[list[BlockChoice]]):
+        """The batch (and, in a decode step, its rows' choices) while its forward runs."""
+        self._bp_batch, self._bp_choices = batch, choices
         try:
             yield
         finally:
-            self._bp_cap = None
-            self._draft_block_spec_info.set_widths(None, None)
-            if saved is not None:
-                self._bp_states[step] = {name: getattr(self, name) for name in WIDTH_ATTRS}
-                for name, value in saved.items():
-                    setattr(self, name, value)
+            self._bp_batch = self._bp_choices = None
 
-    def _bp_install(self, width: int) -> dict:
-        """Make the worker run at `width`; returns what was installed (restored after the step)."""
-        saved = {name: getattr(self, name) for name in WIDTH_ATTRS}
+    @contextmanager
+    def _bp_step(self, widths: list[int]):
+        step = blocks.batch_width(widths) if self._bp_pad_to == "batch" else self._bp_max
+        draft_info = None
+        try:
+            self._bp_switch_width(step)
+            if any(w != step for w in widths):
+                device_widths, host_widths = self._bp_stage_widths(widths)
+                self._bp_cap = device_widths
+                if self._bp_cfg.draft_mask:
+                    draft_info = self._draft_block_spec_info
+                    draft_info.set_widths(device_widths, host_widths)
+            yield
+        finally:
+            self._bp_cap = self._bp_auto_rows = self._bp_verify_width = None
+            if draft_info is not None:
+                draft_info.set_widths(None, None)
+            self._bp_switch_width(self._bp_max)
+
+    def _bp_switch_width(self, width: int) -> None:
+        """Make the worker run at `width`: install its WIDTH_ATTRS, keeping the installed width's
+        (each width keeps its own, so buffers grown at a width are reused)."""
+        if width == self._bp_width:
+            return
+        self._bp_states[self._bp_width] = {name: getattr(self, name) for name in WIDTH_ATTRS}
         state = self._bp_states.get(width)
         if state is None:  # DFlashWorkerV2.__init__'s initial values, at this width
             state = dict.fromkeys(WIDTH_ATTRS)
@@ -284,7 +427,7 @@ class BlockPilotWorker(DFlashWorkerV2):
                          _bonus_id_bufs=[], _out_tokens_bufs=[], _new_seq_lens_bufs=[])
         for name, value in state.items():
             setattr(self, name, value)
-        return saved
+        self._bp_width = width
 
     def _bp_stage_widths(self, widths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(widths)

@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from .. import blocks
 from ..target import TargetModel
 
 
@@ -32,22 +30,6 @@ def feature_dir(data_dir: Path, layer_ids: list[int]) -> Path:
     return data_dir / ("features-layers-" + "-".join(map(str, layer_ids)))
 
 
-@torch.inference_mode()
-def sequence_features(target: TargetModel, layer_ids: list[int], sequences: list[list[int]],
-                      batch_tokens: int = 4096) -> list[np.ndarray]:
-    """float16 `[len(seq), k * hidden]` target features of each token sequence, in the given order."""
-    out: list[np.ndarray | None] = [None] * len(sequences)
-    for group in _groups_by_tokens(sequences, batch_tokens):
-        lengths = torch.tensor([len(sequences[i]) for i in group])
-        layout = blocks.RaggedLayout.build(lengths, torch.zeros(len(group), dtype=torch.long))
-        cache = target.new_cache(len(group), int(lengths.max()))
-        tokens = torch.tensor([t for i in group for t in sequences[i]])
-        _, features = target.forward(tokens, layout, cache, 0, tuple(layer_ids))
-        for r, i in enumerate(group):
-            out[i] = features[int(layout.offsets[r]): int(layout.offsets[r + 1])].to(torch.float16).numpy()
-    return out
-
-
 def compute_features(target: TargetModel, data_dir: Path, layer_ids: list[int], batch_tokens: int = 4096) -> Path:
     """Features of every response shard not done yet; the shard's index file marks it complete."""
     out_dir = feature_dir(data_dir, layer_ids)
@@ -57,7 +39,7 @@ def compute_features(target: TargetModel, data_dir: Path, layer_ids: list[int], 
     for shard in tqdm(todo, desc="target features", unit="shard"):
         rows = [json.loads(line) for line in shard.read_text().splitlines()]
         sequences = [r["prompt_ids"] + r["response_ids"] for r in rows]
-        arrays = sequence_features(target, layer_ids, sequences, batch_tokens)
+        arrays = target.sequence_features(sequences, layer_ids, batch_tokens)
         index, offset = [], 0
         for row, tokens, array in zip(rows, sequences, arrays):
             index.append({"id": row["id"], "offset": offset, "length": len(tokens),
@@ -68,21 +50,6 @@ def compute_features(target: TargetModel, data_dir: Path, layer_ids: list[int], 
         (out_dir / f"{stem}.json.part").write_text(json.dumps(index))
         (out_dir / f"{stem}.json.part").rename(out_dir / f"{stem}.json")
     return out_dir
-
-
-def _groups_by_tokens(sequences: list[list[int]], budget: int) -> list[list[int]]:
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    groups, current, longest = [], [], 0
-    for i in order:
-        longest_if_added = max(longest, len(sequences[i]))
-        if current and longest_if_added * (len(current) + 1) > budget:
-            groups.append(current)
-            current, longest_if_added = [], len(sequences[i])
-        current.append(i)
-        longest = longest_if_added
-    if current:
-        groups.append(current)
-    return groups
 
 
 def load_sequences(out_dir: Path) -> list[Sequence]:

@@ -11,7 +11,9 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from ..step_cost import per_prompt_scores, step_ms
+from blockpilot.policy_export.collect import per_prompt_scores
+
+from ..step_cost import step_ms
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -100,6 +102,8 @@ mask token `<empty_output>` (id 16).
   templated assistant tasks (writing, role-play, reasoning, maths, extraction, science/humanities)
   and questions the target wrote itself (`data.self_questions`);
   {training.get('response_tokens', '?')} response tokens. MT-Bench is never used for training.
+  The standard-library prompts depend on the Python version that builds them: the recipe pins
+  their digest (`data.prompt_set_sha256: {recipe.data.prompt_set_sha256}`) and a rebuild checks it.
 - Steps: {training.get('steps', '?')}, wall time {training.get('wall_time_s', '?')} s on a 2-core x86-64 CPU
   (no GPU); final loss {training.get('final_loss', '?')}; held-out acceptance (validation prompts of
   the training distribution, block size {recipe.drafter.block_size}): {training.get('val_replayed_acceptance_length', '?')}

@@ -15,8 +15,11 @@ MT-Bench (the evaluation set) is never used here: train and evaluation differ by
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib
 import inspect
+import json
+import logging
 import random
 import re
 import sys
@@ -24,6 +27,8 @@ import warnings
 import zlib
 
 from ..prompts import PromptRecord
+
+log = logging.getLogger(__name__)
 
 _SKIP_MODULES = ("antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "lib2to3", "ensurepip",
                  "venv", "pydoc", "__phello__", "_", "msvcrt", "winreg", "winsound", "nt", "sre_", "crypt", "nis",
@@ -123,7 +128,9 @@ def code_prompts() -> list[PromptRecord]:
                 signature = str(inspect.signature(obj))
             except (TypeError, ValueError):
                 continue
-            if summary and "<" not in signature:  # skip defaults that print as object reprs
+            # skip defaults that print as object reprs, and those that print this process's state
+            # (os.environ, the interpreter's path): the set must not depend on where it is built
+            if summary and "<" not in signature and "environ(" not in signature and sys.executable not in signature:
                 records.append(PromptRecord(
                     id=f"code-write-{module.__name__}.{name}",
                     prompt=f"Write a Python function `{name}{signature}` that does the following: {summary}"))
@@ -426,3 +433,32 @@ def training_prompts(seed: int = 0) -> list[PromptRecord]:
             records.append(record)
     random.Random(seed).shuffle(records)
     return records
+
+
+def prompt_set_digest(records: list[PromptRecord]) -> str:
+    """A short SHA-256 of a prompt set: every id and text, in order."""
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(json.dumps([r.id, r.prompt, r.messages], ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def check_prompt_set(records: list[PromptRecord], pinned: str | None, where: str) -> str:
+    """The digest of `records` (the whole `training_prompts()`), refused if it is not the `pinned` one.
+
+    The prompts are built from the running interpreter's standard library (docstrings, sources,
+    `pydoc_data`), so another Python version builds another set: a recipe pins the digest of the set
+    it was built with, and a rebuild elsewhere says so instead of silently training on other data.
+    """
+    actual = prompt_set_digest(records)
+    version = sys.version.split()[0]
+    if pinned and pinned != actual:
+        raise ValueError(
+            f"{where}: the training prompts this Python ({version}) builds hash to {actual} ({len(records)} "
+            f"prompts), but the recipe pins prompt_set_sha256 {pinned}: the set is built from the interpreter's "
+            f"standard library, so this Python builds a different one. Run with the Python the recipe was "
+            f"built with, or set prompt_set_sha256: {actual} to use this set.")
+    if not pinned:
+        log.warning("%s: the training prompt set (Python %s, %d prompts) hashes to %s; pin it in the recipe "
+                    "(prompt_set_sha256) so a rebuild can check it", where, version, len(records), actual)
+    return actual

@@ -6,11 +6,10 @@ Stages: `data` (the target's own responses), `train` (drafter layers only, targe
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
+from ..blocks import DEFAULT_BLOCK_SIZE
 
 
 @dataclass
@@ -20,13 +19,16 @@ class DataConfig:
     num_prompts: int | None = None
     self_questions: int = 0  # question requests: the target writes questions, then answers them
     question_temperature: float = 0.8
+    # SHA-256 (16 hex) of `training_prompts()` as built when the recipe was made: the set depends on
+    # the interpreter's standard library, so a rebuild checks it (prompt_sets.check_prompt_set).
+    prompt_set_sha256: str | None = None
 
 
 @dataclass
 class DrafterShape:
     num_layers: int = 1
     num_target_features: int = 4
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
 
 
 @dataclass
@@ -66,20 +68,9 @@ class DrafterRecipe:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "DrafterRecipe":
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        sections = {"data": DataConfig, "drafter": DrafterShape, "train": TrainConfig, "eval": EvalConfig}
-        values = {}
-        for key, value in raw.items():
-            if key in sections:
-                values[key] = _typed(sections[key], value or {}, f"{path}: {key}")
-            elif key in {f.name for f in fields(cls)}:
-                values[key] = os.path.expandvars(value) if isinstance(value, str) else value
-            else:
-                raise ValueError(f"{path}: unknown setting {key!r}")
-        if "${BLOCKPILOT_CACHE}" in raw.get("work_dir", "") and "BLOCKPILOT_CACHE" not in os.environ:
-            from ..assets import cache_dir
-            values["work_dir"] = raw["work_dir"].replace("${BLOCKPILOT_CACHE}", str(cache_dir()))
-        return cls(**values)
+        from ..config import load_yaml_config
+
+        return load_yaml_config(cls, path)
 
     @property
     def data_dir(self) -> Path:
@@ -90,23 +81,18 @@ class DrafterRecipe:
         return Path(self.work_dir) / "checkpoints"
 
 
-def _typed(kind, values: dict, where: str):
-    known = {f.name for f in fields(kind)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"{where}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
-    return kind(**values)
-
-
 def run_data_stage(recipe: DrafterRecipe) -> None:
     from ..config import EngineConfig, build_engine
     from .datagen import generate_responses, read_responses
-    from .prompt_sets import prompt_part, question_requests, self_question_prompts, training_prompts
+    from .prompt_sets import (check_prompt_set, prompt_part, question_requests, self_question_prompts,
+                              training_prompts)
 
+    prompts = training_prompts()
+    check_prompt_set(prompts, recipe.data.prompt_set_sha256, "drafter recipe data.prompt_set_sha256")
     engine = build_engine(EngineConfig(model=recipe.model, drafter=None, dtype=recipe.dtype,
                                        max_batch_size=recipe.data.batch_size))
     # The policy's prompts are never the drafter's: their responses would go unused here.
-    records = [r for r in training_prompts() if prompt_part(r.id) != "policy"]
+    records = [r for r in prompts if prompt_part(r.id) != "policy"]
     if recipe.data.num_prompts:
         records = records[: recipe.data.num_prompts]
     if recipe.data.self_questions:
@@ -160,8 +146,7 @@ def run_eval_stage(recipe: DrafterRecipe) -> None:
     on it (runtime/replay.py: the engine's exact counts, drafter forwards only)."""
     import json
 
-    from ..cli import parse_sizes
-    from ..config import EngineConfig, build_engine
+    from ..config import EngineConfig, build_engine, parse_sizes
     from ..prompts import mtbench_records
     from ..replay import replay_every_size
     from ..step_cost import measure_step_costs

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
+from ..blocks import accepted_prefix, anchored_draft_mask
 from ..drafter import DFlashDraftModel
-from ..replay import accepted_prefix
 from ..target import TargetModel
 from .features import Sequence
 from .prompt_sets import prompt_part
@@ -58,7 +58,6 @@ def batch_for_anchors(sequences: list[Sequence], chosen: list[list[int]], anchor
     tokens = torch.full((batch_size, width), mask_token_id, dtype=torch.long)
     positions = torch.zeros(batch_size, width, dtype=torch.long)
     labels = torch.full((batch_size, width), -100, dtype=torch.long)
-    visible = torch.zeros(batch_size, width, context_len + width, dtype=torch.bool)
     offsets = torch.arange(block_size)
     for i, (s, anchor_list) in enumerate(zip(sequences, chosen)):
         features[i, : min(context_len, len(s.tokens))] = torch.from_numpy(
@@ -71,23 +70,14 @@ def batch_for_anchors(sequences: list[Sequence], chosen: list[list[int]], anchor
             targets = p + offsets[1:]
             valid = targets < len(seq)
             labels[i, a * block_size + 1: (a + 1) * block_size][valid] = seq[targets[valid]]
-            visible[i, cols, :p] = True  # context strictly before the anchor
-            visible[i, cols, context_len + a * block_size: context_len + (a + 1) * block_size] = True  # own block
-        for a in range(len(anchor_list), anchors):  # unused anchor slots: see their own block only
-            cols = slice(a * block_size, (a + 1) * block_size)
-            visible[i, cols, context_len + a * block_size: context_len + (a + 1) * block_size] = True
-    return features, tokens, positions, labels, visible[:, None]
+    visible = anchored_draft_mask(chosen, anchors, block_size, context_len)
+    return features, tokens, positions, labels, visible
 
 
 def drafter_hidden(drafter: DFlashDraftModel, target: TargetModel, features, tokens, positions, visible):
     """Drafter outputs `[b, W, hidden]` for a training batch (context K/V built with gradients)."""
-    context = drafter.project_context(features)
     context_positions = torch.arange(features.shape[1]).expand(features.shape[0], -1)
-    cos, sin = drafter.rotary(context_positions, context.dtype)
-    kv = []
-    for layer in drafter.layers:
-        k, v = layer.self_attn.key_value(context, cos, sin)
-        kv.append((k.transpose(1, 2), v.transpose(1, 2)))
+    kv = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in drafter.context_kv(features, context_positions)]
     return drafter.forward_block(target.embed_tokens(tokens), positions, kv, visible)
 
 

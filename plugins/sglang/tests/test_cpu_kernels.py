@@ -16,7 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from blockpilot.plugins.sglang import cpu_kernels as ck  # noqa: E402
+from blockpilot.plugins.sglang.cpu import kernels as ck  # noqa: E402
 
 
 def _ranges(seed, bs, pool_len, num_reqs, dtype):

@@ -32,6 +32,7 @@ pytest.importorskip("openai")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_server, whatever pytest's --import-mode
 from test_server import (  # noqa: E402,F401  (the fixtures are used by name)
     CANDIDATES,
+    FALLBACK_LINES,
     MAX_NEW_TOKENS,
     NEAR_TIE_MARGIN,
     POLICY_MARGIN,
@@ -116,6 +117,8 @@ def test_offline_batch_engine_is_lossless(target, drafter_dir, policy, reference
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=START_TIMEOUT + REQUEST_TIMEOUT)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     assert "tokens/s" in done.stdout, done.stdout
+    fallbacks = [line for line in (done.stdout + done.stderr).splitlines() if any(m in line for m in FALLBACK_LINES)]
+    assert not fallbacks, fallbacks
 
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert [row["id"] for row in rows] == [line["id"] for line in lines]
@@ -151,8 +154,10 @@ def served(drafter_dir, policy, tmp_path_factory):
     try:
         server.wait_ready()
         yield server, candidates
+        fallbacks = server.fallbacks()
     finally:
         server.stop()
+    assert not fallbacks, fallbacks  # no request of these tests asked for one
 
 
 def test_frontend_program_is_lossless(served, target):

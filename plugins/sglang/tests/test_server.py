@@ -14,15 +14,22 @@ What it proves:
 * with every draft accepted (SGLang's SGLANG_SIMULATE_ACC_LEN knob) each request commits
   exactly its own B_r tokens per verify in a mixed batch, and the per-request and server accept
   rates count each request's own drafts;
-* a bad per-request size is refused with HTTP 400; a bad policy file (random bytes) makes the
-  server refuse to start with a clear message.
+* a bad per-request size, a misspelt ``blockpilot_*`` key or a bad ``blockpilot_verify`` is refused
+  with HTTP 400 (other plugins' keys pass); a bad policy file (random bytes) makes the server refuse
+  to start with a clear message;
+* no request fell back to the default size (no server log names a fallback), and the fallback
+  counter is exported to Prometheus;
+* a server WITHOUT speculation, in the same environment with the plugin installed, behaves exactly
+  as one where SGLang does not load the plugin (``SGLANG_PLUGINS``): the same tokens, the same
+  meta_info fields, ``torch.Tensor.record_stream`` untouched (a probe in its scheduler process,
+  through SGLang's ``--forward-hooks``, reports what the plugin changed there).
 
 The drafter is a fresh ``DFlashDraftModel.for_target`` (untrained: acceptance is about 1; the
 accept/cap logic with partly correct drafts is covered in process by test_worker.py) and the
 policy a random MLP exported for the real target + drafter fingerprints.
 
 Run: python -m pytest plugins/sglang/tests/test_server.py -q -s
-Knobs: BLOCKPILOT_SGLANG_TEST_PLAIN=0 skips the plain-server comparison (one launch fewer).
+Knobs: BLOCKPILOT_SGLANG_TEST_PLAIN=0 skips the plain-server comparisons (two launches fewer).
 """
 
 from __future__ import annotations
@@ -62,6 +69,8 @@ TEXTS = [
     "Translate 'good morning' into Spanish, French and German.",
 ]
 READY = "The server is fired up and ready to roll"
+# What a server log says when a request fell back to the default block size (the plugin, the runtime's policy).
+FALLBACK_LINES = ("BLOCKPILOT fallback", "block-size policy failed")
 START_TIMEOUT = 900  # s, two busy cores
 REQUEST_TIMEOUT = 1800
 
@@ -173,7 +182,7 @@ def free_port() -> int:
 class Server:
     """One SGLang server process group on 127.0.0.1, its output in a log file; always killed."""
 
-    def __init__(self, log_path: Path, extra_args: list[str], env: dict | None = None):
+    def __init__(self, log_path: Path, extra_args: list[str], env: dict | None = None, probe: Path | None = None):
         from blockpilot.runtime.assets import default_model_dir
 
         self.port = free_port()
@@ -184,7 +193,13 @@ class Server:
                 "--host", "127.0.0.1", "--port", str(self.port), "--max-total-tokens", "8192",
                 "--mem-fraction-static", "0.05", "--sleep-on-idle", *extra_args]
         full_env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", **(env or {})}
-        for name in ("BLOCKPILOT_POLICY", "BLOCKPILOT_BLOCK_SIZES", "BLOCKPILOT_PAD_TO", "BLOCKPILOT_SGLANG_CONFIG"):
+        if probe is not None:  # see write_probe
+            args += ["--forward-hooks", json.dumps([{"name": "blockpilot-probe", "target_modules": ["model.norm"],
+                                                     "hook_factory": "blockpilot_probe:factory",
+                                                     "config": {"out": str(probe.with_suffix(".json"))}}])]
+            full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(probe.parent), full_env.get("PYTHONPATH")]))
+        for name in ("BLOCKPILOT_POLICY", "BLOCKPILOT_BLOCK_SIZES", "BLOCKPILOT_PAD_TO", "BLOCKPILOT_SGLANG_CONFIG",
+                     "BLOCKPILOT_VERIFY", "BLOCKPILOT_STEP_COSTS"):
             if name not in (env or {}):
                 full_env.pop(name, None)
         self.log = open(log_path, "w")
@@ -194,6 +209,10 @@ class Server:
     def text(self) -> str:
         self.log.flush()
         return self.log_path.read_text(errors="replace")
+
+    def fallbacks(self) -> list[str]:
+        """The log lines that name a fallback to the default block size."""
+        return [line for line in self.text().splitlines() if any(marker in line for marker in FALLBACK_LINES)]
 
     def wait_ready(self) -> None:
         for _ in range(START_TIMEOUT):
@@ -241,12 +260,47 @@ class Server:
         return chunks
 
 
-def greedy(prompt, size=None, **extra):
+def greedy(prompt, size=None, custom=None, **extra):
     params = {"temperature": 0, "max_new_tokens": MAX_NEW_TOKENS, "ignore_eos": True}
+    custom = dict(custom or {})
     if size is not None:
-        params["custom_params"] = {"blockpilot_block_size": size}
+        custom["blockpilot_block_size"] = size
+    if custom:
+        params["custom_params"] = custom
     params.update(extra)
     return {"input_ids": prompt, "sampling_params": params}
+
+
+PROBE = """
+import json, sys
+import torch
+
+def factory(config):
+    # SGLang's --forward-hooks: imported in the scheduler process after the plugins loaded; reports
+    # on every forward of the hooked module what the BlockPilot plugin changed in this process.
+    def hook(module, inputs, output):
+        plugin = sys.modules.get("blockpilot.plugins.sglang.plugin")
+        report = {
+            "plugin_registered": bool(plugin and plugin._registered),
+            "patches": sorted(plugin.PATCHES) if plugin else [],
+            "record_stream_untouched": torch.Tensor.record_stream is torch._C.TensorBase.record_stream,
+        }
+        with open(config["out"], "w") as f:
+            json.dump(report, f)
+    return hook
+"""
+
+
+def write_probe(directory: Path) -> Path:
+    """A module for SGLang's ``--forward-hooks`` that reports, from inside the scheduler process, whether
+    the plugin was loaded there and what it patched (see Server(probe=...))."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "blockpilot_probe.py").write_text(PROBE)
+    return directory / "blockpilot_probe"
+
+
+def read_probe(probe: Path) -> dict:
+    return json.loads(probe.with_suffix(".json").read_text())
 
 
 def run_concurrently(server, bodies):
@@ -273,14 +327,25 @@ def blockpilot_run(drafter_dir, policy, prompts, tmp_path_factory):
         narrow_results = run_concurrently(server, [greedy(prompts[i], size) for i, size in narrow])
         streamed = server.stream(greedy(prompts[4], 5))
         bad = {value: server.post("/generate", greedy(prompts[0], value)) for value in (17, 0, "big", 2.5)}
+        bad_keys = {json.dumps(custom): server.post("/generate", greedy(prompts[0], custom=custom))
+                    for custom in BAD_KEYS}
+        params = run_concurrently(server, [greedy(prompts[i], size, custom) for i, size, custom in GOOD_KEYS])
         run = dict(mixed=list(zip(mixed, results[:len(mixed)])), sampling=results[len(mixed)],
                    auto=results[len(mixed) + 1], narrow=list(zip(narrow, narrow_results)), streamed=streamed,
-                   bad=bad, log=server.text())
+                   bad=bad, bad_keys=bad_keys, params=list(zip(GOOD_KEYS, params)), log=server.text(),
+                   fallbacks=server.fallbacks())
     finally:
         server.stop()
     write_summary(run, log.with_name("run.json"))
     return run
 
+
+# Request parameters: a misspelt BlockPilot key and bad verify modes are refused (HTTP 400); the
+# verify mode and other plugins' keys are accepted (prompt, size, custom_params).
+BAD_KEYS = [{"blockpilot_blok_size": 4}, {"blockpilot_verify": "sometimes"},
+            {"blockpilot_block_size": 4, "blockpilot_verify": "full", "blockpilot_extra": 1}]
+GOOD_KEYS = [(2, 4, {"blockpilot_verify": "full"}), (3, 3, {"blockpilot_verify": "auto", "other_plugin_knob": 1}),
+             (5, None, {"other_plugin_knob": {"nested": True}})]
 
 SUMMARY_KEYS = ("blockpilot_block_size", "blockpilot_block_source", "spec_verify_ct", "spec_num_correct_drafts",
                 "completion_tokens", "spec_accept_length", "blockpilot_accept_length", "blockpilot_accept_rate",
@@ -303,16 +368,36 @@ def write_summary(run, path):
     path.write_text(json.dumps(rows, indent=1))
 
 
-@pytest.fixture(scope="module")
-def plain_run(prompts, tmp_path_factory, blockpilot_run):  # after the BLOCKPILOT server is gone
-    if os.environ.get("BLOCKPILOT_SGLANG_TEST_PLAIN", "1") == "0":
-        pytest.skip("BLOCKPILOT_SGLANG_TEST_PLAIN=0")
-    server = Server(tmp_path_factory.mktemp("logs") / "plain.log", [])
+def run_plain_server(prompts, directory: Path, env: dict | None = None, concurrent: bool = True) -> dict:
+    """A server without speculation: the prompts one at a time (greedy, so the same tokens every time),
+    then concurrently; and what the probe saw in its scheduler process."""
+    probe = write_probe(directory / "probe")
+    server = Server(directory / "server.log", [], env=env, probe=probe)
     try:
         server.wait_ready()
-        return run_concurrently(server, [greedy(p) for p in prompts])
+        sequential = [server.post("/generate", greedy(p)) for p in prompts]
+        together = run_concurrently(server, [greedy(p) for p in prompts]) if concurrent else None
+        return dict(sequential=sequential, concurrent=together, probe=read_probe(probe), log=server.text())
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def plain_run(prompts, tmp_path_factory, blockpilot_run):  # after the BLOCKPILOT server is gone
+    """A server without speculation, with the plugin installed and loaded (as SGLang loads it)."""
+    if os.environ.get("BLOCKPILOT_SGLANG_TEST_PLAIN", "1") == "0":
+        pytest.skip("BLOCKPILOT_SGLANG_TEST_PLAIN=0")
+    from importlib.metadata import entry_points
+
+    assert "blockpilot" in [ep.name for ep in entry_points(group="sglang.srt.plugins")], "the plugin is not installed"
+    return run_plain_server(prompts, tmp_path_factory.mktemp("plain"), env={"SGLANG_PLUGINS": ""})
+
+
+@pytest.fixture(scope="module")
+def unplugged_run(prompts, tmp_path_factory, plain_run):
+    """The same server with SGLang told not to load the plugin (SGLANG_PLUGINS lists only others)."""
+    return run_plain_server(prompts, tmp_path_factory.mktemp("unplugged"), env={"SGLANG_PLUGINS": "not-blockpilot"},
+                            concurrent=False)
 
 
 # ---- checks -----------------------------------------------------------------------------------------
@@ -423,11 +508,58 @@ def test_server_log_names_the_plugin_and_policy(blockpilot_run, drafter_dir):
 
 def test_plain_server_gives_the_same_tokens(plain_run, blockpilot_run, reference):
     policy_rows = {i: out for (i, size), (_, out) in blockpilot_run["mixed"] if size is None}
-    for i, (status, out) in enumerate(plain_run):
+    for i, (status, out) in enumerate(plain_run["concurrent"]):
         assert status == 200, out
         assert_greedy_equal(out["output_ids"], *reference[i], f"plain server, prompt {i}")
         assert_greedy_equal(policy_rows[i]["output_ids"], out["output_ids"], reference[i][1],
                             f"BLOCKPILOT vs plain server, prompt {i}")
+
+
+TIMING_FIELDS = {"id", "e2e_latency", "response_sent_to_client_ts", "cached_tokens", "cached_tokens_details"}
+
+
+def test_a_plain_server_is_untouched_by_the_installed_plugin(plain_run, unplugged_run):
+    """No speculation: the plugin, loaded, changes nothing; the same tokens and meta_info fields as a
+    server that does not load it, and nothing patched in its scheduler process."""
+    assert plain_run["probe"]["plugin_registered"], plain_run["probe"]  # loaded there: the comparison means something
+    assert not unplugged_run["probe"]["plugin_registered"], unplugged_run["probe"]
+    for run in (plain_run, unplugged_run):
+        assert run["probe"]["record_stream_untouched"], run["probe"]
+        assert "torch.Tensor.record_stream" not in run["probe"]["patches"], run["probe"]
+        assert "BLOCKPILOT" not in run["log"], [line for line in run["log"].splitlines() if "BLOCKPILOT" in line]
+    for i, ((status, out), (ref_status, ref)) in enumerate(zip(plain_run["sequential"], unplugged_run["sequential"])):
+        assert status == ref_status == 200, (out, ref)
+        assert out["output_ids"] == ref["output_ids"], f"prompt {i}: {out['output_ids']} != {ref['output_ids']}"
+        assert set(out["meta_info"]) == set(ref["meta_info"]), (out["meta_info"], ref["meta_info"])
+        for key in set(ref["meta_info"]) - TIMING_FIELDS:
+            assert out["meta_info"][key] == ref["meta_info"][key], (i, key, out["meta_info"], ref["meta_info"])
+        assert not any(key.startswith("blockpilot_") for key in out["meta_info"]), out["meta_info"]
+
+
+def test_request_parameters_are_checked(blockpilot_run, reference):
+    for custom, (status, body) in blockpilot_run["bad_keys"].items():
+        assert status == 400, (custom, status, body)
+    messages = [str(body) for _, body in blockpilot_run["bad_keys"].values()]
+    assert "unknown BlockPilot request parameter 'blockpilot_blok_size'; known: blockpilot_block_size, " \
+           "blockpilot_verify" in messages[0], messages[0]
+    assert "blockpilot_verify must be one of 'auto', 'full'; got 'sometimes'" in messages[1], messages[1]
+    assert "unknown BlockPilot request parameter 'blockpilot_extra'" in messages[2], messages[2]
+    for (i, size, custom), (status, out) in blockpilot_run["params"]:
+        assert status == 200, (custom, out)
+        assert_greedy_equal(out["output_ids"], *reference[i], f"prompt {i} with {custom}")
+        if size is not None:
+            assert (out["meta_info"]["blockpilot_block_size"], out["meta_info"]["blockpilot_block_source"]) == \
+                (size, "request"), out["meta_info"]
+        else:
+            assert out["meta_info"]["blockpilot_block_source"] == "policy", out["meta_info"]
+
+
+def test_no_request_fell_back(blockpilot_run):
+    """Every size came from the request or the policy (check_meta checks each source); a fallback
+    would also be named in the server log."""
+    assert not blockpilot_run["fallbacks"], blockpilot_run["fallbacks"]
+    metas = [out["meta_info"] for _, (_, out) in blockpilot_run["mixed"] + blockpilot_run["narrow"]]
+    assert all(m["blockpilot_block_source"] != "fallback" and "blockpilot_fallback" not in m for m in metas), metas
 
 
 SIMULATED_SIZES = [1, 2, 3, 7, 16, None]  # None: no policy here, so the drafter's 16 ("default")
@@ -438,20 +570,25 @@ def simulated_run(drafter_dir, prompts, tmp_path_factory):
     """A BLOCKPILOT server where every draft is accepted (SGLang's SGLANG_SIMULATE_ACC_LEN knob forces
     the commit length to the step width; outputs are junk, the counters are what matter): the cap
     must hold each request to its own B_r tokens per verify, in mixed batches."""
-    log = tmp_path_factory.mktemp("logs") / "simulated.log"
-    server = Server(log, ["--speculative-algorithm", "blockpilot", "--speculative-draft-model-path",
-                          str(drafter_dir[0]), "--decode-log-interval", "1"],
-                    env={"SGLANG_SIMULATE_ACC_LEN": "64", "BLOCKPILOT_POLICY": "none"})
+    directory = tmp_path_factory.mktemp("simulated")
+    probe = write_probe(directory / "probe")
+    server = Server(directory / "simulated.log", ["--speculative-algorithm", "blockpilot",
+                                                  "--speculative-draft-model-path", str(drafter_dir[0]),
+                                                  "--decode-log-interval", "1", "--enable-metrics"],
+                    env={"SGLANG_SIMULATE_ACC_LEN": "64", "BLOCKPILOT_POLICY": "none"}, probe=probe)
     try:
         server.wait_ready()
         results = run_concurrently(server, [greedy(prompts[i], size) for i, size in enumerate(SIMULATED_SIZES)])
-        return results, server.text()
+        with urllib.request.urlopen(server.url + "/metrics", timeout=REQUEST_TIMEOUT) as response:
+            prometheus = response.read().decode()
+        return results, server.text(), dict(probe=read_probe(probe), prometheus=prometheus,
+                                            fallbacks=server.fallbacks())
     finally:
         server.stop()
 
 
 def test_cap_and_accept_rate_with_every_draft_accepted(simulated_run):
-    results, log = simulated_run
+    results, log, _ = simulated_run
     for size, (status, out) in zip(SIMULATED_SIZES, results):
         assert status == 200, out
         meta = out["meta_info"]
@@ -473,6 +610,18 @@ def test_cap_and_accept_rate_with_every_draft_accepted(simulated_run):
 
     rates = [float(r) for r in re.findall(r"Decode batch.*?accept rate: ([0-9.]+)", log)]
     assert rates and 1.0 in rates and set(rates) <= {0.0, 1.0}, rates
+
+
+def test_a_blockpilot_server_patches_its_scheduler_and_exports_fallbacks(simulated_run):
+    """The positive side of the plain-server check: on a BLOCKPILOT server the process patches are
+    there (the probe sees them), and Prometheus exports the fallback counter, at zero."""
+    _, _, seen = simulated_run
+    assert seen["probe"]["plugin_registered"] and not seen["probe"]["record_stream_untouched"], seen["probe"]
+    assert "torch.Tensor.record_stream" in seen["probe"]["patches"], seen["probe"]
+    for cause in ("policy", "decision", "not_prefilled_here"):
+        assert f'sglang:blockpilot_fallbacks_total{{cause="{cause}"}} 0.0' in seen["prometheus"], cause
+    assert "sglang:spec_accept_rate" in seen["prometheus"]
+    assert not seen["fallbacks"], seen["fallbacks"]
 
 
 def test_a_bad_policy_file_stops_the_server_at_start_up(drafter_dir, tmp_path):

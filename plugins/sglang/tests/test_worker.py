@@ -1,7 +1,9 @@
-"""BlockPilotWorker's pieces, in process (no server): the accept cap on hand-made partly correct
-drafts through DFlashWorkerV2's own accept code, the step-width scope, the prefill decision, the
-per-request draft mask on torch_native (against a direct masked SDPA) and in the FlashInfer
-metadata, and the attribute names the width scope relies on. Needs sglang 0.5.23 (skipped without).
+"""BlockPilotWorker's pieces and its spec infos, in process (no server): the accept cap on hand-made
+partly correct drafts through DFlashWorkerV2's own accept code, the step-width scope, the prefill
+decision and its fallbacks, the batch's choices through SGLang's filter/merge, the per-request draft
+mask on torch_native (against a direct masked SDPA) and in the FlashInfer metadata, and the
+attribute names the width scope relies on. A test fails on any fallback it did not ask for.
+Needs sglang 0.5.23 (skipped without).
 
 Run: python -m pytest plugins/sglang/tests -q
 """
@@ -23,8 +25,28 @@ from sglang.srt.speculative import dflash_worker_v2  # noqa: E402
 from sglang.srt.speculative.dflash_info import DFlashVerifyInput  # noqa: E402
 from sglang.srt.speculative.draft_worker_common import build_block_pos_offsets  # noqa: E402
 
-from blockpilot.plugins.sglang import per_request, plugin  # noqa: E402
-from blockpilot.plugins.sglang.worker import WIDTH_ATTRS, BlockPilotDraftBlockInfo, BlockPilotWorker  # noqa: E402
+from blockpilot.plugins.sglang import info, metrics, settings  # noqa: E402
+from blockpilot.plugins.sglang.info import (  # noqa: E402
+    BlockChoice,
+    BlockPilotDraftBlockInfo,
+    BlockPilotDraftInput,
+)
+from blockpilot.plugins.sglang.worker import WIDTH_ATTRS, BlockPilotWorker  # noqa: E402
+from blockpilot.runtime.step_verify import StepCostTable, VerifyMode, VerifyRule  # noqa: E402
+
+WORKERS: list = []  # every bare worker of the running test
+
+
+@pytest.fixture(autouse=True)
+def no_unexpected_fallbacks(request):
+    """Fail a test whose workers fell back to the default size unless it is marked `expect_fallback`
+    (as tests/conftest.py does for the runtime's policy): a fallback keeps serving going, so it would
+    otherwise pass unseen."""
+    WORKERS.clear()
+    yield
+    counts = {cause: n for w in WORKERS for cause, n in w._bp_fallbacks.counts.items()}
+    if counts and request.node.get_closest_marker("expect_fallback") is None:
+        pytest.fail(f"unexpected BlockPilot fallbacks: {counts}")
 
 
 def bare_worker(width: int = 16, pad_to: str = "batch") -> BlockPilotWorker:
@@ -39,13 +61,17 @@ def bare_worker(width: int = 16, pad_to: str = "batch") -> BlockPilotWorker:
     w._draft_block_spec_info = BlockPilotDraftBlockInfo.for_width(width, "cpu")
     w._accept_bonus_buffer_cap, w._accept_bonus_buffer_slot = 0, 0
     w._commit_lens_bufs, w._bonus_id_bufs, w._out_tokens_bufs, w._new_seq_lens_bufs = [], [], [], []
-    w._bp_cfg = per_request.PerRequestConfig()
+    w._bp_cfg = settings.ServerSettings()
     w._bp_max, w._bp_min = width, 2
     w._bp_pad_to = pad_to
-    w._bp_states, w._bp_cap, w._bp_prefill_batch = {}, None, None
+    w._bp_states, w._bp_cap, w._bp_batch, w._bp_choices = {}, None, None, None
+    w._bp_width, w._bp_auto_rows, w._bp_verify_width = width, None, None
+    w._bp_rule = VerifyRule()  # full verify (no step-cost table)
     w._bp_default, w._bp_default_source = width, "default"
     w._bp_policy = None
+    w._bp_fallbacks = metrics.Fallbacks()
     w._bp_alloc_widths(4)
+    WORKERS.append(w)
     # what DFlashWorkerV2._accept_block reads on its greedy path
     w._selector_sample = None
     w._tp_sync = SimpleNamespace(sync=lambda *args, **kwargs: None)
@@ -64,10 +90,13 @@ def test_width_attributes_exist_in_the_installed_dflash_worker():
         assert needle in source, needle
 
 
-def test_overrides_are_exactly_the_four_of_the_design():
+def test_overrides_are_exactly_the_seven_of_the_design():
     own = {name for name, value in vars(BlockPilotWorker).items()
            if callable(value) and not name.startswith("_bp_")}
-    assert own == {"__init__", "forward_batch_generation", "_append_target_hidden_to_draft_kv_by_loc", "_accept_block"}
+    assert own == {"__init__", "forward_batch_generation", "_append_target_hidden_to_draft_kv_by_loc", "_accept_block",
+                   "_make_next_draft_input_prefill", "_make_next_draft_input_decode",
+                   "_greedy_sample_from_vocab_parallel_head"}
+    assert all(name in vars(dflash_worker_v2.DFlashWorkerV2) for name in own)  # overrides, not additions
 
 
 # ---- the accept cap --------------------------------------------------------------------------
@@ -140,17 +169,17 @@ def test_step_scope_installs_the_batch_width_and_restores():
         assert w.block_size == 4 and w._block_pos_offsets.tolist() == [0, 1, 2, 3]
         assert w._draft_block_spec_info is not server_info and w._draft_block_spec_info.draft_token_num == 4
         assert w._bp_cap.tolist() == [4, 1, 4]
-        assert w._draft_block_spec_info.bp_widths.tolist() == [4, 1, 4]
+        assert w._draft_block_spec_info.widths.tolist() == [4, 1, 4]
         w._draft_block_ids_buf = torch.zeros(3, 4)  # a buffer grown during the step
     assert w.block_size == 16 and w._draft_block_spec_info is server_info and w._bp_cap is None
     assert w._bp_states[4]["_draft_block_ids_buf"].shape == (3, 4)  # kept for the next width-4 step
     with w._bp_step([4, 4]):  # uniform: no cap, no mask, exactly DFLASH at width 4
-        assert w.block_size == 4 and w._bp_cap is None and w._draft_block_spec_info.bp_widths is None
+        assert w.block_size == 4 and w._bp_cap is None and w._draft_block_spec_info.widths is None
         assert w._draft_block_ids_buf.shape == (3, 4)
     with w._bp_step([16, 3]):  # the server width: nothing swapped, row 1 capped and masked
         assert w.block_size == 16 and w._draft_block_spec_info is server_info
         assert w._bp_cap.tolist() == [16, 3]
-    assert server_info.bp_widths is None
+    assert server_info.widths is None
 
 
 def test_step_scope_pad_to_server_keeps_the_server_width():
@@ -167,15 +196,161 @@ def test_step_scope_restores_after_an_error():
     assert w.block_size == 16 and w._bp_cap is None
 
 
+# ---- the per-step verify width ---------------------------------------------------------------
+def steep_rule(per_token_ms: float = 6.0) -> VerifyRule:
+    """As tests/test_verify_engine.py: a verify whose cost grows fast with its width."""
+    tokens = list(range(1, 257))
+    costs = StepCostTable(tokens, [1e3 / (30 + per_token_ms * (t - 1)) for t in tokens], 256,
+                          [2, 8, 256], [0.004, 0.008, 0.05])
+    return VerifyRule(VerifyMode.AUTO, costs)
+
+
+class FakeHead:
+    """The target's lm_head as the draft argmax sees it (dense, tp=1, no shard metadata)."""
+
+    def __init__(self, weight):
+        self.weight = weight
+
+
+def confident_head(sure_columns: int, width: int, hidden=8, vocab=12, seed=0):
+    """Draft hidden states and a head whose drafts are near-certain in the first `sure_columns`
+    draft columns of every row and near-uniform after: the rule should verify about that many."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, hidden, generator=g)
+
+    def states(bs):
+        h = torch.randn(bs, width - 1, hidden, generator=g) * 1e-3  # ~uniform logits
+        h[:, :sure_columns] = weight[3] * 50  # token 3, probability ~1
+        return h.reshape(-1, hidden)
+
+    return FakeHead(weight), states
+
+
+def verify_worker(width=8, rule=None):
+    w = bare_worker(width)
+    w._bp_rule = rule or steep_rule()
+    return w
+
+
+def run_draft_argmax(w, choices, head, hidden):
+    """One decode step's draft argmax, as DFlashWorkerV2 calls it inside the step scope."""
+    w._bp_choices = choices
+    batch = SimpleNamespace(return_logprob=False)
+    with w._bp_step([c.block_size for c in choices]):
+        w._bp_auto_rows = w._bp_rows_the_rule_may_cut(batch, choices)
+        step = int(w.block_size)
+        drafts = w._greedy_sample_from_vocab_parallel_head(hidden_states=hidden, lm_head=head)
+        seen = dict(step=step, width=int(w.block_size), verify_width=w._bp_verify_width,
+                    cap=None if w._bp_cap is None else w._bp_cap.tolist(),
+                    tokens_buf=tuple(w._draft_block_tokens_buf.shape) if w._draft_block_tokens_buf is not None else None,
+                    drafts=drafts.view(len(choices), int(w.block_size) - 1))
+    assert w.block_size == w._bp_max and w._bp_verify_width is None and w._bp_auto_rows is None  # restored
+    return seen
+
+
+def test_the_rule_cuts_unsure_drafts_and_the_step_verifies_at_the_chosen_width():
+    head, states = confident_head(sure_columns=2, width=8)
+    w = verify_worker(8)
+    choices = [BlockChoice(8, "request"), BlockChoice(6, "request"), BlockChoice(2, "request")]
+    seen = run_draft_argmax(w, choices, head, states(3))
+    assert seen["step"] == 8 and seen["verify_width"] is not None and seen["verify_width"] < 8
+    assert seen["width"] == seen["verify_width"] == seen["drafts"].shape[1] + 1  # the verify runs this wide
+    assert seen["tokens_buf"][1] == seen["width"]  # DFlashWorkerV2's verify-token buffer at the new width
+    assert (seen["drafts"][:, :2] == 3).all()  # the sure drafts are the argmax
+    width = seen["width"]
+    expected_cap = [min(8, width), min(6, width), min(2, width)]
+    assert seen["cap"] == (expected_cap if any(c != width for c in expected_cap) else None)
+
+
+def test_a_flat_cost_table_verifies_every_draft():
+    head, states = confident_head(sure_columns=0, width=8)  # every draft unsure
+    tokens = [1, 256]
+    flat = VerifyRule(VerifyMode.AUTO, StepCostTable(tokens, [30.0, 30.0], 256, [2, 256], [0.004, 0.004]))
+    seen = run_draft_argmax(verify_worker(8, flat), [BlockChoice(8, "request"), BlockChoice(5, "request")],
+                            head, states(2))
+    assert seen["verify_width"] is None and seen["width"] == 8 and seen["drafts"].shape == (2, 7)
+
+
+def test_a_full_row_keeps_all_its_drafts():
+    head, states = confident_head(sure_columns=0, width=8)  # unsure drafts: AUTO rows alone would verify none
+    w = verify_worker(8)
+    alone = run_draft_argmax(w, [BlockChoice(8, "request"), BlockChoice(8, "request")], head, states(2))
+    assert alone["width"] < 6, alone
+    mixed = run_draft_argmax(w, [BlockChoice(8, "request"), BlockChoice(6, "request", verify="full")],
+                             head, states(2))
+    assert mixed["width"] >= 6 and mixed["drafts"].shape[1] >= 5  # the FULL row's 5 drafts are all verified
+    every = run_draft_argmax(w, [BlockChoice(8, "request", verify="full")], head, states(1))
+    assert every["verify_width"] is None and every["width"] == 8  # no AUTO row: the rule does not run
+
+
+def test_without_a_table_or_with_logprobs_the_rule_does_not_run():
+    choices = [BlockChoice(8, "request")]
+    assert bare_worker(8)._bp_rows_the_rule_may_cut(SimpleNamespace(return_logprob=False), choices) is None
+    w = verify_worker(8)
+    assert w._bp_rows_the_rule_may_cut(SimpleNamespace(return_logprob=True), choices) is None
+    assert w._bp_rows_the_rule_may_cut(SimpleNamespace(return_logprob=False), [BlockChoice(1, "request")]) is None
+    assert w._bp_rows_the_rule_may_cut(SimpleNamespace(return_logprob=False), choices).tolist() == [True]
+
+
+def test_the_narrow_verify_takes_each_rows_first_columns_of_the_window():
+    """DFlashVerifyInput.prepare_for_verify with w tokens per row over a W-wide window: positions,
+    KV write columns and host kv bounds of the first w columns."""
+    bs, window, width = 3, 8, 3
+    prefix = torch.tensor([5, 9, 20])
+    positions = (prefix[:, None] + torch.arange(window)).reshape(-1)
+    verify = DFlashVerifyInput(draft_token=torch.zeros(bs * width, dtype=torch.long), positions=positions,
+                               draft_token_num=width, custom_mask=None)
+    batch = SimpleNamespace(seq_lens=prefix, seq_lens_cpu=prefix + window, seq_lens_sum=int((prefix + window).sum()))
+    seen = {}
+
+    def original(self, batch, target_worker, **kwargs):
+        seen.update(positions=self.positions.tolist(), cols=self.kv_loc_cols, per_req=self.num_tokens_per_req,
+                    host=batch.seq_lens_cpu.tolist(), host_sum=batch.seq_lens_sum)
+        return "forward batch", False
+
+    assert info.hook_dflash_prepare_for_verify(original, verify, batch, None) == ("forward batch", False)
+    assert seen["positions"] == (prefix[:, None] + torch.arange(width)).reshape(-1).tolist()
+    assert seen["cols"] == slice(0, width) and seen["per_req"] == width
+    assert seen["host"] == (prefix + width).tolist() and seen["host_sum"] == int((prefix + width).sum())
+    full = DFlashVerifyInput(draft_token=torch.zeros(bs * window, dtype=torch.long), positions=positions,
+                             draft_token_num=window, custom_mask=None)
+    info.hook_dflash_prepare_for_verify(original, full, batch, None)  # a full-width verify: untouched
+    assert seen["cols"] is None and len(seen["positions"]) == bs * window
+
+
+def test_the_draft_kv_write_after_a_narrow_verify_takes_the_verified_columns():
+    w = bare_worker(8)
+    w._bp_verify_width = 3
+    loc = torch.arange(16)
+    kwargs = dict(target_hidden=torch.zeros(6, 4), cache_loc=loc, cache_loc_2d=loc.view(2, 8),
+                  positions=loc + 100, commit_lens=torch.tensor([1, 3]))
+    got = w._bp_verified_columns(kwargs)
+    assert got["cache_loc_2d"].tolist() == [[0, 1, 2], [8, 9, 10]]
+    assert got["cache_loc"].tolist() == [0, 1, 2, 8, 9, 10]
+    assert got["positions"].tolist() == [100, 101, 102, 108, 109, 110]
+
+
+def test_a_verify_of_the_bonus_alone_accepts_through_dflash():
+    """The rule may verify no draft (width 1): DFlashWorkerV2's accept commits the target's token."""
+    w = bare_worker(1)
+    target = torch.tensor([[7], [4]])
+    accept_len, commit_lens, bonus, out_tokens, _ = accept(w, torch.tensor([[1], [2]]), target)
+    assert accept_len.tolist() == [0, 0] and commit_lens.tolist() == [1, 1] and bonus.tolist() == [7, 4]
+
+
 # ---- the prefill decision --------------------------------------------------------------------
 def make_req(rid, prompt_len, custom=None):
     return SimpleNamespace(rid=rid, origin_input_ids=list(range(prompt_len)), customized_info=None,
                            sampling_params=SimpleNamespace(custom_params=custom))
 
 
+def sizes_and_sources(choices):
+    return [(c.block_size, c.source) if c is not None else (None, None) for c in choices]
+
+
 class FakePolicy:
     def __init__(self, sizes):
-        self.sizes, self.calls = sizes, []
+        self.sizes, self.calls, self.fallback_causes = sizes, [], {}
 
     def choose_for_prefill(self, features, requests):
         self.calls.append((features.clone(), [len(r.prompt_ids) for r in requests]))
@@ -186,39 +361,136 @@ def test_prefill_decides_once_per_request_from_the_last_prompt_token():
     w = bare_worker(16)
     w._bp_policy = FakePolicy([5, 30])  # 30 is clamped into the range
     reqs = [make_req("a", 3), make_req("b", 4, {"blockpilot_block_size": 8}), make_req("c", 10),
-            make_req("d", 2), make_req("e", 3, {"blockpilot_block_size": "off"}), make_req("f", 5)]
-    reqs[5].bp_block_size = 7  # already decided (a decode row of a mixed batch)
+            make_req("d", 2), make_req("e", 3, {"blockpilot_block_size": "off", "blockpilot_verify": "full"}),
+            make_req("f", 5)]
+    metrics.record_choice(reqs[5], 7, "default")  # already decided (a decode row of a mixed batch)
     batch = SimpleNamespace(reqs=reqs, prefix_lens=[0, 0, 2, 0, 0, 5], extend_lens=[3, 4, 4, 2, 3, 1])
     hidden = torch.arange(17, dtype=torch.float32)[:, None].repeat(1, 6)  # row i holds i
-    w._bp_decide(batch, hidden)
+    choices = w._bp_decide(batch, hidden)
     (features, lengths), = w._bp_policy.calls
     assert features[:, 0].tolist() == [2.0, 12.0]  # last tokens of a (rows 0-2) and d (rows 11-12)
     assert lengths == [3, 2]
-    got = [(getattr(r, "bp_block_size", None), getattr(r, "bp_block_source", None)) for r in reqs]
-    assert got == [(5, "policy"), (8, "request"), (None, None), (16, "policy"), (1, "request"), (7, None)]
-    assert reqs[0].customized_info == {"blockpilot_block_size": [5], "blockpilot_block_source": ["policy"]}
+    got = sizes_and_sources(choices)
+    assert got == [(5, "policy"), (8, "request"), (None, None), (16, "policy"), (1, "request"), (7, "default")]
+    assert [metrics.recorded_choice(r) for r in reqs] == [c if c != (None, None) else None for c in got]
+    assert reqs[0].customized_info == {"blockpilot_block_size": [5], "blockpilot_block_source": ["policy"],
+                                       "blockpilot_verify": ["full (no step-cost table)"]}
+    assert [c.verify for c in choices if c is not None] == ["auto", "auto", "auto", "full", "auto"]
 
 
-def test_prefill_without_policy_uses_the_default_and_lazy_fallback():
+def test_prefill_without_policy_uses_the_default():
     w = bare_worker(16)
     w._bp_default, w._bp_default_source = 12, "default"
     reqs = [make_req("a", 2), make_req("b", 2, {"blockpilot_block_size": 99})]  # 99 slipped past verify
-    w._bp_decide(SimpleNamespace(reqs=reqs, prefix_lens=[0, 0], extend_lens=[2, 2]), torch.zeros(4, 3))
-    assert [(r.bp_block_size, r.bp_block_source) for r in reqs] == [(12, "default"), (12, "default")]
-    late = make_req("c", 2)
-    assert w._bp_width(late) == 12 and late.bp_block_source == "fallback"
+    choices = w._bp_decide(SimpleNamespace(reqs=reqs, prefix_lens=[0, 0], extend_lens=[2, 2]), torch.zeros(4, 3))
+    assert sizes_and_sources(choices) == [(12, "default"), (12, "default")]
 
 
-def test_prefill_hook_falls_back_when_the_decision_fails(monkeypatch):
+@pytest.mark.expect_fallback
+def test_a_decode_row_nobody_chose_for_is_a_counted_fallback():
+    """A decode row the batch's spec info does not know is the request's recorded choice; a request
+    never prefilled here (e.g. a disaggregated decode server) gets the default size as a fallback,
+    logged, counted and named in its meta_info."""
     w = bare_worker(16)
-    w._bp_prefill_batch = SimpleNamespace(reqs=[make_req("a", 2)], prefix_lens=[0], extend_lens=[2])
+    w._bp_default = 12
+    known, recorded, late = make_req("a", 2), make_req("b", 2), make_req("c", 2)
+    metrics.record_choice(recorded, 5, "policy")
+    spec_info = SimpleNamespace(future_indices=None, new_seq_lens=torch.zeros(3))  # one SGLang built: no choices
+    batch = SimpleNamespace(reqs=[known, recorded, late], spec_info=spec_info)
+    assert sizes_and_sources(w._bp_decode_choices(batch)) == [(12, "fallback"), (5, "policy"), (12, "fallback")]
+    assert late.customized_info["blockpilot_fallback"] == ["not_prefilled_here: no block size was chosen for this "
+                                                           "request on this server"]
+    assert w._bp_fallbacks.counts == {"not_prefilled_here": 2}
+    batch.spec_info = BlockPilotDraftInput.build(bonus_tokens=torch.zeros(3, dtype=torch.long),
+                                                 new_seq_lens=torch.zeros(3, dtype=torch.long),
+                                                 choices=[BlockChoice(3, "request"), None, BlockChoice(7, "policy")])
+    assert sizes_and_sources(w._bp_decode_choices(batch)) == [(3, "request"), (5, "policy"), (7, "policy")]
+    assert w._bp_fallbacks.counts == {"not_prefilled_here": 2}  # nothing new
+
+
+@pytest.mark.expect_fallback
+def test_prefill_hook_falls_back_when_the_decision_fails(monkeypatch, caplog):
+    w = bare_worker(16)
+    decided = make_req("b", 2)
+    metrics.record_choice(decided, 4, "request")
+    w._bp_batch = SimpleNamespace(reqs=[make_req("a", 2), decided], prefix_lens=[0, 0], extend_lens=[2, 2])
     monkeypatch.setattr(BlockPilotWorker, "_bp_decide", lambda *a: 1 / 0)
     seen = {}
     monkeypatch.setattr(dflash_worker_v2.DFlashWorkerV2, "_append_target_hidden_to_draft_kv_by_loc",
                         lambda self, **kw: seen.update(kw))
-    w._append_target_hidden_to_draft_kv_by_loc(target_hidden=torch.zeros(2, 3), cache_loc=None, positions=None,
-                                               extend_lens=torch.tensor([2]))
-    assert w._bp_prefill_batch.reqs[0].bp_block_source == "fallback" and "extend_lens" in seen
+    with caplog.at_level("WARNING", logger="blockpilot.plugins.sglang"):
+        w._append_target_hidden_to_draft_kv_by_loc(target_hidden=torch.zeros(2, 3), cache_loc=None, positions=None,
+                                                   extend_lens=torch.tensor([2]))
+    assert sizes_and_sources(w._bp_choices) == [(16, "fallback"), (4, "request")] and "extend_lens" in seen
+    assert w._bp_batch.reqs[0].customized_info["blockpilot_fallback"] == [
+        "decision: choosing block sizes failed: ZeroDivisionError: division by zero"]
+    assert w._bp_fallbacks.counts == {"decision": 1}
+    logged = [r for r in caplog.records if "BLOCKPILOT" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None  # once, with the cause and its traceback
+
+
+class FailingPolicy:
+    """As the runtime's policy when its inference fails: the drafter's size for all, FALLBACK."""
+
+    def __init__(self):
+        self.fallback_causes = {"ValueError: old": 1}
+
+    def choose_for_prefill(self, features, requests):
+        self.fallback_causes["ValueError: nan logits"] = self.fallback_causes.get("ValueError: nan logits", 0) + 1
+        return [20] * len(requests), "fallback"
+
+
+@pytest.mark.expect_fallback
+def test_a_policy_fallback_is_counted():
+    w = bare_worker(16)
+    w._bp_policy = FailingPolicy()
+    reqs = [make_req("a", 2), make_req("b", 2, {"blockpilot_block_size": 3})]
+    choices = w._bp_decide(SimpleNamespace(reqs=reqs, prefix_lens=[0, 0], extend_lens=[2, 2]), torch.zeros(4, 3))
+    assert sizes_and_sources(choices) == [(16, "fallback"), (3, "request")]  # the policy's 20, clamped
+    assert w._bp_fallbacks.counts == {"policy": 1}
+    assert reqs[0].customized_info["blockpilot_fallback"] == ["policy: the policy failed: ValueError: nan logits"]
+
+
+# ---- the batch's choices on its spec info ------------------------------------------------------
+def draft_input(choices):
+    n = len(choices)
+    return BlockPilotDraftInput.build(bonus_tokens=torch.arange(n), new_seq_lens=torch.arange(n) + 10,
+                                      choices=choices)
+
+
+def test_choices_follow_the_rows_through_filter_and_merge():
+    """SGLang filters a batch's spec info when requests finish or are retracted, and merges the
+    spec info of a prefilled batch into the running one; choices[i] stays the choice of row i."""
+    a, b, c, d = (BlockChoice(s, "request") for s in (2, 3, 4, 5))
+    running = draft_input([a, b, c])
+    running.filter_batch(torch.tensor([0, 2]), [0, 2])
+    assert running.choices == [a, c] and running.bonus_tokens.tolist() == [0, 2]
+    running.filter_batch(torch.tensor([1]))  # without the host indices
+    assert running.choices == [c] and running.new_seq_lens.tolist() == [12]
+    running.merge_batch(draft_input([d, None]))
+    assert running.choices == [c, d, None] and running.bonus_tokens.tolist() == [2, 0, 1]
+    from sglang.srt.speculative.draft_worker_common import make_draft_input_v2
+
+    running.merge_batch(make_draft_input_v2(bonus_tokens=torch.zeros(2, dtype=torch.long),
+                                            new_seq_lens=torch.zeros(2, dtype=torch.long)))
+    assert running.choices == [c, d, None, None, None] and running.bonus_tokens.shape == (5,)
+    # under overlap scheduling DFLASH's tensors are relayed (future_indices); the choices still follow
+    running.future_indices = torch.arange(5)
+    running.filter_batch(torch.tensor([1, 4]), [1, 4])
+    assert running.choices == [d, None] and running.future_indices.tolist() == [1, 4]
+    with pytest.raises(ValueError, match="2 block choices for 3 rows"):
+        BlockPilotDraftInput.build(bonus_tokens=torch.zeros(3), new_seq_lens=torch.zeros(3), choices=[a, b])
+
+
+def test_the_factories_put_this_forwards_choices_on_the_next_spec_info():
+    w = bare_worker(16)
+    choices = [BlockChoice(3, "request"), BlockChoice(16, "policy")]
+    with w._bp_forward(SimpleNamespace(reqs=[None, None]), choices):
+        made = w._make_next_draft_input_decode(bonus_tokens=torch.tensor([5, 6]), new_seq_lens=torch.tensor([9, 9]))
+    assert isinstance(made, BlockPilotDraftInput) and made.choices == choices
+    assert made.bonus_tokens.tolist() == [5, 6] and w._bp_choices is None
+    idle = w._make_next_draft_input_prefill(bonus_tokens=torch.zeros(0), seq_lens=torch.zeros(0))
+    assert idle.choices == []
 
 
 # ---- the draft mask on torch_native -----------------------------------------------------------
@@ -270,13 +542,13 @@ def test_torch_native_draft_mask_matches_a_direct_masked_attention():
     q = torch.randn(bs * width, hq * dim, generator=g)
     k = torch.randn(bs * width, hkv, dim, generator=g)
     v = torch.randn(bs * width, hkv, dim, generator=g)
-    info = BlockPilotDraftBlockInfo.for_width(width, "cpu")
-    info.set_widths(widths, widths)
+    block_info = BlockPilotDraftBlockInfo.for_width(width, "cpu")
+    block_info.set_widths(widths, widths)
     fb = SimpleNamespace(forward_mode=Mode(), seq_lens=prefix, extend_prefix_lens=None, extend_seq_lens=None,
                          out_cache_loc=torch.cat(block_loc), req_pool_indices=torch.arange(bs), encoder_lens=None,
-                         spec_info=info)
+                         spec_info=block_info)
     original = TorchNativeAttnBackend.forward_extend
-    out = plugin._hook_torch_native_forward_extend(original, backend, q, k, v, layer, fb)
+    out = info.hook_torch_native_forward_extend(original, backend, q, k, v, layer, fb)
     assert fb.seq_lens is prefix and fb.extend_seq_lens is None  # restored
     out = out.view(bs, width, hq, dim)
     for r in range(bs):
@@ -289,8 +561,8 @@ def test_torch_native_draft_mask_matches_a_direct_masked_attention():
         torch.testing.assert_close(out[r, :b], ref[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
         assert torch.count_nonzero(out[r, b:]) == 0  # tail rows: zeros, never accepted
     # without widths (a uniform step) every row sees all W block keys, as DFLASH
-    info.set_widths(None, None)
-    full = plugin._hook_torch_native_forward_extend(original, backend, q, k, v, layer, fb).view(bs, width, hq, dim)
+    block_info.set_widths(None, None)
+    full = info.hook_torch_native_forward_extend(original, backend, q, k, v, layer, fb).view(bs, width, hq, dim)
     keys = torch.cat([pool.k[req_to_token[2, :9]], k.view(bs, width, hkv, dim)[2]])
     values = torch.cat([pool.v[req_to_token[2, :9]], v.view(bs, width, hkv, dim)[2]])
     ref = F.scaled_dot_product_attention(q.view(bs, width, hq, dim)[2].transpose(0, 1)[None],
@@ -312,15 +584,15 @@ class FakeTranslator:
 def test_draft_block_info_gives_each_row_its_own_block_keys():
     req_to_token = torch.arange(100, dtype=torch.int32).view(4, 25)
     translator = FakeTranslator(req_to_token)
-    info = BlockPilotDraftBlockInfo.for_width(6, "cpu")
+    block_info = BlockPilotDraftBlockInfo.for_width(6, "cpu")
     args = dict(req_pool_indices=torch.tensor([2, 0, 3]), paged_kernel_lens=torch.tensor([3, 5, 0]),
                 paged_kernel_lens_sum=8, translator=translator, plan=None)
-    dflash = DFlashVerifyInput.generate_attn_arg_prefill(info, **args)
-    plain = info.generate_attn_arg_prefill(**args)  # no widths: DFLASH's metadata
+    dflash = DFlashVerifyInput.generate_attn_arg_prefill(block_info, **args)
+    plain = block_info.generate_attn_arg_prefill(**args)  # no widths: DFLASH's metadata
     for a, b in zip(dflash[:3], plain[:3]):
         assert torch.equal(a, b)
-    info.set_widths(torch.tensor([2, 6], dtype=torch.int32), None)  # 2 live rows, a graph pads to 3
-    kv_indices, kv_indptr, qo_indptr, mask = info.generate_attn_arg_prefill(**args)
+    block_info.set_widths(torch.tensor([2, 6], dtype=torch.int32), None)  # 2 live rows, a graph pads to 3
+    kv_indices, kv_indptr, qo_indptr, mask = block_info.generate_attn_arg_prefill(**args)
     assert mask is None
     assert qo_indptr.tolist() == [0, 6, 12, 18]  # still W queries per row
     assert kv_indptr.tolist() == [0, 3 + 2, 5 + 5 + 6, 16 + 0 + 6]  # context + own B_r (padding rows: W)
@@ -336,12 +608,12 @@ def test_flashinfer_host_lengths_follow_the_row_widths():
                            custom_kv_indices=None, window_left=-1, *, plan):
         return seq_lens_cpu
 
-    info = BlockPilotDraftBlockInfo.for_width(8, "cpu")
+    block_info = BlockPilotDraftBlockInfo.for_width(8, "cpu")
     host = torch.tensor([10, 20, 30]) + 8  # prefix + W, one padded row
     args = (None,) * 11
-    assert torch.equal(plugin._hook_flashinfer_call_begin_forward(
-        call_begin_forward, None, *args, info, seq_lens_cpu=host, plan=None), host)
-    info.set_widths(torch.tensor([3, 8], dtype=torch.int32), torch.tensor([3, 8], dtype=torch.int32))
-    got = plugin._hook_flashinfer_call_begin_forward(call_begin_forward, None, *args, info, seq_lens_cpu=host,
-                                                     plan=None)
+    assert torch.equal(info.hook_flashinfer_call_begin_forward(
+        call_begin_forward, None, *args, block_info, seq_lens_cpu=host, plan=None), host)
+    block_info.set_widths(torch.tensor([3, 8], dtype=torch.int32), torch.tensor([3, 8], dtype=torch.int32))
+    got = info.hook_flashinfer_call_begin_forward(call_begin_forward, None, *args, block_info, seq_lens_cpu=host,
+                                                  plan=None)
     assert got.tolist() == [13, 28, 38]

@@ -5,7 +5,8 @@ No CPU build of sgl-kernel is published; SGLang's CPU path imports these ops
 from ``sgl_kernel`` at module level (``srt/mem_cache/allocation.py``,
 ``kernels/ops/kvcache/cache_move.py``, ``kernels/ops/speculative/cache_locs.py``,
 ``kernels/ops/speculative/eagle.py``). :mod:`blockpilot.plugins.sglang.boot`
-serves this module under the name ``sgl_kernel`` when no real one is installed.
+serves this module under the name ``sgl_kernel`` when no real one is installed,
+so it must import nothing of SGLang (it is imported while SGLang imports).
 
 Semantics follow the C++ CPU kernels of sgl-kernel (and the Triton kernels
 they mirror); see ``plugins/sglang/tests/test_cpu_kernels.py``. Dtype contracts

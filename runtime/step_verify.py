@@ -1,0 +1,371 @@
+"""Per-step verify width: the step-cost table, the drafter's calibrated confidence, and the rule
+that ties them together (which prefix of each row's drafts the target verifies this step).
+
+A block drafter pays for its whole block in one forward; the verify is what can be saved. After
+the drafter has proposed a row's block, the survival products of its per-position confidences
+give the expected committed tokens of every prefix (`blocks.expected_committed`), and the
+machine's measured step costs say what each prefix costs. `blocks.choose_verify_lengths` picks the
+prefixes that maximise the batch's expected committed tokens per second. Truncating the verified
+prefix keeps the output exactly the target's: a shorter block is still a block.
+
+The two files speak SGLang's DSpark formats, so a user who knows DSpark knows these:
+- the step-cost table is a `SpsCostTable` (`sample_batch_tokens`, `sample_steps_per_sec`,
+  `max_batch_tokens`: target verify passes per second against the batch's verify tokens, bonus
+  tokens included), plus a `blockpilot` section with the drafter's cost per drafted block, which
+  DSpark folds into its steps but a DFlash drafter pays whatever is verified;
+- the calibration is a `DSparkStsCalibration` (`temperatures` per draft position, `dataset`,
+  `num_samples`, `ece_before`, `ece_after`), here applied to the drafter's softmax over the
+  target's lm_head (a DFlash drafter has no confidence head of its own).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import torch
+
+from . import blocks
+
+STEP_COSTS_ENV = "BLOCKPILOT_STEP_COSTS"
+
+
+class VerifyMode(str, Enum):
+    """`full`: verify every draft (DFlash's own behaviour). `auto`: verify the prefix that pays."""
+
+    FULL = "full"
+    AUTO = "auto"
+
+    @classmethod
+    def parse(cls, value, what: str = "verify mode") -> "VerifyMode":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"{what} must be one of {[m.value for m in cls]}, got {value!r}") from None
+
+
+# --- the step-cost table ---------------------------------------------------------------------------
+
+def _interpolate(xs: list[int], ys: list[float], x: float) -> float:
+    """Piecewise-linear through the probes; beyond the last probe, the last segment's slope."""
+    if x <= xs[0]:
+        return ys[0] * x / xs[0] if xs[0] > 0 else ys[0]
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            frac = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+            return ys[i - 1] + frac * (ys[i] - ys[i - 1])
+    if len(xs) == 1:
+        return ys[0] * x / xs[0]
+    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    return ys[-1] + slope * (x - xs[-1])
+
+
+@dataclass(frozen=True)
+class StepCostTable:
+    """Seconds of a decode step's two parts, measured on the serving machine.
+
+    `verify_seconds(n)`: one target verify over `n` tokens (all rows' verified tokens, bonus
+    included). `draft_seconds(n)`: one drafter forward over `n` block tokens. Both interpolate
+    linearly between probes.
+    """
+
+    sample_batch_tokens: list[int]
+    sample_steps_per_sec: list[float]
+    max_batch_tokens: int
+    draft_block_tokens: list[int]
+    draft_seconds_per_block: list[float]
+    setup: dict = field(default_factory=dict)  # how it was measured (dtype, threads, context, batch)
+    source: str = ""
+
+    def __post_init__(self):
+        where = f"step-cost table {self.source}" if self.source else "step-cost table"
+        for name, probes, values in (("sample_batch_tokens", self.sample_batch_tokens, self.sample_steps_per_sec),
+                                     ("blockpilot.draft_block_tokens", self.draft_block_tokens,
+                                      self.draft_seconds_per_block)):
+            if not probes:
+                raise ValueError(f"{where}: {name} is empty")
+            if list(probes) != sorted(set(probes)) or probes[0] < 1:
+                raise ValueError(f"{where}: {name} must be strictly increasing positive token counts, got {probes}")
+            if len(probes) != len(values):
+                raise ValueError(f"{where}: {name} has {len(probes)} probes but {len(values)} values")
+            if any(not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0) for v in values):
+                raise ValueError(f"{where}: the values for {name} must be finite and > 0, got {values}")
+
+    def verify_seconds(self, tokens: int) -> float:
+        return _interpolate(self.sample_batch_tokens, [1.0 / s for s in self.sample_steps_per_sec], tokens)
+
+    def draft_seconds(self, tokens: int) -> float:
+        return _interpolate(self.draft_block_tokens, self.draft_seconds_per_block, tokens) if tokens > 0 else 0.0
+
+    def verify_seconds_table(self, max_tokens: int) -> torch.Tensor:
+        """[max_tokens + 1] float64: entry n is `verify_seconds(n)` (entry 0 unused)."""
+        return torch.tensor([0.0] + [self.verify_seconds(n) for n in range(1, max_tokens + 1)], dtype=torch.float64)
+
+    @property
+    def is_flat(self) -> bool:
+        return len(set(self.sample_steps_per_sec)) == 1
+
+    # --- files -------------------------------------------------------------------------------
+    def to_json_dict(self) -> dict:
+        return {"sample_batch_tokens": list(self.sample_batch_tokens),
+                "sample_steps_per_sec": [round(s, 4) for s in self.sample_steps_per_sec],
+                "max_batch_tokens": self.max_batch_tokens,
+                "blockpilot": {"draft_block_tokens": list(self.draft_block_tokens),
+                               "draft_seconds_per_block": [round(s, 7) for s in self.draft_seconds_per_block],
+                               "setup": self.setup}}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_json_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "StepCostTable":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"step-cost table {str(path)!r} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"step-cost table {path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"step-cost table {path}: expected a JSON object")
+        missing = [k for k in ("sample_batch_tokens", "sample_steps_per_sec") if k not in data]
+        extra = data.get("blockpilot") or {}
+        missing += [f"blockpilot.{k}" for k in ("draft_block_tokens", "draft_seconds_per_block") if k not in extra]
+        if missing:
+            raise ValueError(f"step-cost table {path} lacks {', '.join(missing)} (write one with "
+                             f"`blockpilot step-costs --output FILE`)")
+        tokens = [int(t) for t in data["sample_batch_tokens"]]
+        return cls(tokens, [float(s) for s in data["sample_steps_per_sec"]],
+                   int(data.get("max_batch_tokens", tokens[-1] if tokens else 0)),
+                   [int(t) for t in extra["draft_block_tokens"]], [float(s) for s in extra["draft_seconds_per_block"]],
+                   extra.get("setup", {}), str(path))
+
+    @classmethod
+    def from_measurement(cls, costs: dict) -> "StepCostTable":
+        """From `step_cost.measure_step_costs`' report (milliseconds per width, batch 1)."""
+        def by_width(table):
+            return {int(k): float(v) for k, v in table.items()}
+        target, drafter = by_width(costs["target_ms"]), by_width(costs["drafter_ms"])
+        verify_tokens = sorted(target)
+        draft_tokens = sorted(drafter)
+        setup = {k: costs[k] for k in ("context_tokens", "batch_size", "repeats", "dtype", "threads") if k in costs}
+        return cls(verify_tokens, [1e3 / target[w] for w in verify_tokens], verify_tokens[-1],
+                   draft_tokens, [drafter[w] / 1e3 for w in draft_tokens], setup)
+
+    def as_ms_costs(self, widths) -> dict:
+        """The `{"target_ms": {w: ms}, "drafter_ms": {w: ms}}` form the policy's label maths reads."""
+        return {"target_ms": {w: self.verify_seconds(w) * 1e3 for w in widths},
+                "drafter_ms": {w: self.draft_seconds(w) * 1e3 for w in widths if w > 1}}
+
+
+def resolve_step_costs_path(path: str | os.PathLike | None) -> Path | None:
+    """The table to use: the given path, else $BLOCKPILOT_STEP_COSTS, else None (the caller decides
+    whether the shipped default applies)."""
+    chosen = path or os.environ.get(STEP_COSTS_ENV)
+    return Path(chosen) if chosen else None
+
+
+# --- confidence calibration -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConfidenceCalibration:
+    """One softmax temperature per draft position (DSpark's STS format), fitted so that the
+    drafter's top probability at position i matches how often draft i is accepted once drafts
+    1..i-1 were. Positions past the last temperature use the last one."""
+
+    temperatures: list[float]
+    dataset: str = ""
+    num_samples: int = 0
+    ece_before: list[float] = field(default_factory=list)
+    ece_after: list[float] = field(default_factory=list)
+    source: str = ""
+
+    def __post_init__(self):
+        if not self.temperatures:
+            raise ValueError(f"calibration {self.source}: needs at least one temperature")
+        if any(not (math.isfinite(t) and t > 0) for t in self.temperatures):
+            raise ValueError(f"calibration {self.source}: temperatures must all be > 0, got {self.temperatures}")
+
+    def temperature_row(self, positions: int) -> torch.Tensor:
+        temps = self.temperatures + [self.temperatures[-1]] * max(positions - len(self.temperatures), 0)
+        return torch.tensor(temps[:positions], dtype=torch.float32)
+
+    def to_json_dict(self) -> dict:
+        return {"temperatures": [round(t, 5) for t in self.temperatures], "dataset": self.dataset,
+                "num_samples": self.num_samples, "ece_before": [round(e, 5) for e in self.ece_before],
+                "ece_after": [round(e, 5) for e in self.ece_after]}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ConfidenceCalibration":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            return cls([float(t) for t in data["temperatures"]], str(data.get("dataset", "")),
+                       int(data.get("num_samples", 0)), [float(e) for e in data.get("ece_before", [])],
+                       [float(e) for e in data.get("ece_after", [])], str(path))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"calibration file {str(path)!r} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"calibration file {path} is not a DSpark STS calibration "
+                             f"(JSON with a 'temperatures' list): {err!r}") from None
+
+
+CALIBRATION_FILE = "verify_calibration.json"  # beside the drafter's config.json
+
+
+def draft_confidences(draft_logits: torch.Tensor, temperatures: torch.Tensor | None) -> torch.Tensor:
+    """Logits `[..., V]` of drafts -> `[...]` probability of each draft (the argmax) under the
+    temperature of its position (`temperatures` broadcastable to `[...]`; None: the raw softmax)."""
+    logits = draft_logits.float()
+    if temperatures is not None:
+        logits = logits / temperatures.to(logits.device)[..., None]
+    return torch.softmax(logits, dim=-1).amax(dim=-1)
+
+
+def expected_calibration_error(confidence: torch.Tensor, accepted: torch.Tensor, bins: int = 10) -> float:
+    """ECE with equal-width bins: sum over bins of |mean confidence - acceptance rate| x bin share."""
+    if confidence.numel() == 0:
+        return 0.0
+    edges = torch.linspace(0, 1, bins + 1)
+    index = torch.bucketize(confidence.clamp(0, 1), edges[1:-1])
+    error = 0.0
+    for b in range(bins):
+        inside = index == b
+        if inside.any():
+            error += float(inside.float().mean()) * abs(float(confidence[inside].mean() - accepted[inside].float().mean()))
+    return error
+
+
+def reliability_bins(confidence: torch.Tensor, accepted: torch.Tensor, bins: int = 10) -> list[tuple[float, float, int]]:
+    """(mean confidence, acceptance rate, count) per non-empty equal-width bin: the reliability diagram."""
+    edges = torch.linspace(0, 1, bins + 1)
+    index = torch.bucketize(confidence.clamp(0, 1), edges[1:-1])
+    out = []
+    for b in range(bins):
+        inside = index == b
+        if inside.any():
+            out.append((float(confidence[inside].mean()), float(accepted[inside].float().mean()), int(inside.sum())))
+    return out
+
+
+# Temperatures a calibration may choose from (log-spaced); the fit scores every one.
+TEMPERATURE_GRID = torch.exp(torch.linspace(math.log(0.25), math.log(8.0), 41))
+
+
+def confidence_grid(draft_logits: torch.Tensor) -> torch.Tensor:
+    """[..., V] logits -> [..., len(TEMPERATURE_GRID)]: the draft's probability at every grid
+    temperature. Collected once per draft, so fitting never holds vocabulary-wide logits."""
+    logits = draft_logits.float()
+    top = logits.amax(-1, keepdim=True)
+    grid = TEMPERATURE_GRID.to(logits.device)
+    # p(T) = 1 / sum_v exp((l_v - l_max) / T), computed per temperature to bound memory
+    return torch.stack([1.0 / torch.exp((logits - top) / t).sum(-1) for t in grid.tolist()], dim=-1)
+
+
+def fit_calibration(grids: list[torch.Tensor], accepted: list[torch.Tensor], dataset: str,
+                    min_samples: int = 20) -> ConfidenceCalibration:
+    """Per-position temperatures. `grids[i]` [m_i, G] holds `confidence_grid` of the drafts at
+    position i+1 of steps whose drafts 1..i were all accepted; `accepted[i]` [m_i] whether draft
+    i+1 was. Each position takes the grid temperature of least Bernoulli negative log-likelihood."""
+    raw_column = int(torch.argmin((TEMPERATURE_GRID - 1.0).abs()))
+    temperatures, before, after, count = [], [], [], 0
+    for grid, hits in zip(grids, accepted):
+        if len(hits) < min_samples:  # too few to fit: keep the previous position's temperature
+            temperatures.append(temperatures[-1] if temperatures else 1.0)
+            before.append(0.0)
+            after.append(0.0)
+            continue
+        count += len(hits)
+        p = grid.double().clamp(1e-6, 1 - 1e-6)
+        y = hits.double()[:, None]
+        nll = -(y * p.log() + (1 - y) * (1 - p).log()).mean(0)
+        best = int(torch.argmin(nll))
+        temperatures.append(float(TEMPERATURE_GRID[best]))
+        before.append(expected_calibration_error(grid[:, raw_column], hits))
+        after.append(expected_calibration_error(grid[:, best], hits))
+    return ConfidenceCalibration(temperatures, dataset, count, before, after)
+
+
+# --- the rule, as the engine holds it ---------------------------------------------------------------
+
+@dataclass
+class VerifyRule:
+    """What the engine needs to choose verify widths: the default mode of its requests, the
+    machine's step costs (without them every step verifies the whole block) and the calibration
+    (without it, the drafter's raw probabilities)."""
+
+    mode: VerifyMode = VerifyMode.FULL
+    costs: StepCostTable | None = None
+    calibration: ConfidenceCalibration | None = None
+    # Longest run of plain steps (no drafter) a request takes after a step whose drafts did not pay
+    # (`blocks.drafting_paid`), doubling from 1 while they keep not paying; 0 = never skip the drafter.
+    # Off by default: on held-out MT-Bench with the shipped drafter it lost 0.5-1.5 % at block sizes
+    # 2-4 (one step's confidence predicts the next step's too weakly; docs/measurements.md).
+    drafter_backoff: int = 0
+
+    def __post_init__(self):
+        self.mode = VerifyMode.parse(self.mode)
+        if self.drafter_backoff < 0:
+            raise ValueError(f"drafter_backoff must be >= 0, got {self.drafter_backoff}")
+        if self.mode is VerifyMode.AUTO and self.costs is None:
+            raise ValueError(NO_TABLE)
+
+    @property
+    def can_choose(self) -> bool:
+        return self.costs is not None
+
+    def mode_for(self, requested: VerifyMode | None) -> VerifyMode:
+        """A request's mode: its own, else the rule's default."""
+        mode = VerifyMode.parse(requested) if requested is not None else self.mode
+        if mode is VerifyMode.AUTO and self.costs is None:
+            raise ValueError(NO_TABLE)
+        return mode
+
+    def describe(self, mode: VerifyMode | None = None) -> str:
+        """What a request's stats say about the verify in force."""
+        mode = mode or self.mode
+        if mode is VerifyMode.FULL:
+            return "full" if self.costs is not None else "full (no step-cost table)"
+        return "auto (calibrated)" if self.calibration is not None else "auto (raw drafter probabilities)"
+
+    def confidences(self, draft_logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`draft_logits` [m, V] of drafts at 1-based block `positions` [m] -> [m] calibrated confidences."""
+        if self.calibration is None or len(positions) == 0:
+            return draft_confidences(draft_logits, None)
+        temps = self.calibration.temperature_row(int(positions.max()))
+        return draft_confidences(draft_logits, temps[positions.cpu() - 1])
+
+    def choose(self, confidence: torch.Tensor, draft_counts: torch.Tensor, drafted_tokens: int,
+               padded: bool = False) -> torch.Tensor:
+        """[n] drafts to verify per row (0..draft_counts[r]) this step: `blocks.choose_verify_lengths`
+        over this machine's step costs (all of them without a table)."""
+        if self.costs is None:
+            return draft_counts.clone()
+        n, k = confidence.shape
+        verify_costs = self.costs.verify_seconds_table(n * (k + 1))
+        return blocks.choose_verify_lengths(blocks.survival(confidence, draft_counts), draft_counts, verify_costs,
+                                            self.costs.draft_seconds(drafted_tokens), padded=padded)
+
+
+    def drafting_paid(self, confidence: torch.Tensor, draft_counts: torch.Tensor,
+                      verified: torch.Tensor) -> torch.Tensor:
+        """[n] bool: whether each row's draft this step beat a plain step in expectation
+        (`blocks.drafting_paid`; every row pays without a table)."""
+        if self.costs is None:
+            return torch.ones(len(draft_counts), dtype=torch.bool)
+        k = confidence.shape[1]
+        draft_seconds = torch.tensor([self.costs.draft_seconds(int(d) + 1) if d > 0 else 0.0 for d in draft_counts])
+        return blocks.drafting_paid(blocks.survival(confidence, draft_counts), verified,
+                                    self.costs.verify_seconds_table(k + 1), draft_seconds)
+
+
+NO_TABLE = (f"verify 'auto' needs a step-cost table: write one with `blockpilot step-costs --output FILE` and pass "
+            f"it with --step-costs FILE or ${STEP_COSTS_ENV}")

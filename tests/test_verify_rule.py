@@ -1,0 +1,199 @@
+"""The per-step verify rule (`blocks.choose_verify_lengths`) and its inputs (`step_verify`)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from blockpilot.runtime import blocks
+from blockpilot.runtime.step_verify import (ConfidenceCalibration, StepCostTable, VerifyMode, VerifyRule,
+                                            confidence_grid, draft_confidences, expected_calibration_error,
+                                            fit_calibration)
+
+
+def cpu_like_costs(max_tokens: int = 64, per_token: float = 0.004, base: float = 0.028) -> torch.Tensor:
+    """verify_seconds[t]: a CPU-like verify whose cost grows with the tokens verified."""
+    return torch.tensor([0.0] + [base + per_token * t for t in range(1, max_tokens + 1)], dtype=torch.float64)
+
+
+def rate(products, lengths, verify_seconds, draft_seconds, padded=False):
+    n = products.shape[0]
+    tokens = n * (int(lengths.max()) + 1) if padded else int(lengths.sum()) + n
+    return float(blocks.expected_committed(products, lengths).sum()) / (draft_seconds + float(verify_seconds[tokens]))
+
+
+def random_case(seed: int, n: int, k: int):
+    generator = torch.Generator().manual_seed(seed)
+    confidence = torch.rand(n, k, generator=generator) ** 0.5
+    counts = torch.randint(0, k + 1, (n,), generator=generator)
+    return confidence, counts
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ragged_choice_is_the_best_of_every_combination(seed):
+    confidence, counts = random_case(seed, n=3, k=4)
+    products = blocks.survival(confidence, counts)
+    costs = cpu_like_costs(per_token=0.002 * (1 + seed % 4))
+    chosen = blocks.choose_verify_lengths(products, counts, costs, draft_seconds=0.007)
+    assert ((chosen >= 0) & (chosen <= counts)).all()
+    best = max(rate(products, torch.tensor(combo), costs, 0.007)
+               for combo in itertools.product(*[range(int(c) + 1) for c in counts]))
+    assert rate(products, chosen, costs, 0.007) == pytest.approx(best, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_padded_choice_is_the_best_width_and_never_beyond_the_block(seed):
+    confidence, counts = random_case(seed, n=4, k=6)
+    products = blocks.survival(confidence, counts)
+    costs = cpu_like_costs()
+    chosen = blocks.choose_verify_lengths(products, counts, costs, draft_seconds=0.01, padded=True)
+    assert ((chosen >= 0) & (chosen <= counts)).all()
+    widths = range(int(counts.max()) + 1)
+    best = max(rate(products, torch.clamp(counts, max=w), costs, 0.01, padded=True) for w in widths)
+    assert rate(products, chosen, costs, 0.01, padded=True) == pytest.approx(best, rel=1e-12)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_flat_costs_verify_the_whole_block(padded):
+    confidence, counts = random_case(3, n=5, k=7)
+    flat = torch.full((64,), 0.03, dtype=torch.float64)
+    chosen = blocks.choose_verify_lengths(blocks.survival(confidence, counts), counts, flat, 0.01, padded=padded)
+    assert torch.equal(chosen, counts)
+    zero = torch.zeros_like(confidence)  # even drafts that will surely fail: verifying them is free
+    assert torch.equal(blocks.choose_verify_lengths(blocks.survival(zero, counts), counts, flat, 0.01, padded=padded),
+                       counts)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_hopeless_drafts_are_not_verified(padded):
+    counts = torch.tensor([7, 3, 5])
+    confidence = torch.full((3, 7), 1e-4)
+    chosen = blocks.choose_verify_lengths(blocks.survival(confidence, counts), counts, cpu_like_costs(), 0.01,
+                                          padded=padded)
+    assert chosen.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("padded", [False, True])
+def test_batch_choice_never_worse_than_every_row_at_full_width(seed, padded):
+    confidence, counts = random_case(100 + seed, n=8, k=7)
+    products = blocks.survival(confidence, counts)
+    costs = cpu_like_costs(per_token=0.0005 * (seed + 1))
+    chosen = blocks.choose_verify_lengths(products, counts, costs, 0.008, padded=padded)
+    assert rate(products, chosen, costs, 0.008, padded) >= rate(products, counts, costs, 0.008, padded) - 1e-12
+
+
+def test_sure_drafts_are_verified_where_they_pay():
+    counts = torch.tensor([4])
+    sure = torch.ones(1, 4)
+    # each verified token costs 4 ms on a 28 ms step: a certain draft is worth far more
+    assert blocks.choose_verify_lengths(blocks.survival(sure, counts), counts, cpu_like_costs(), 0.007).tolist() == [4]
+
+
+def test_survival_is_zero_past_a_rows_drafts():
+    products = blocks.survival(torch.full((2, 4), 0.5), torch.tensor([4, 2]))
+    assert products[0].tolist() == [0.5, 0.25, 0.125, 0.0625]
+    assert products[1].tolist() == [0.5, 0.25, 0.0, 0.0]
+    assert blocks.expected_committed(products, torch.tensor([2, 2])).tolist() == [1.75, 1.75]
+
+
+# --- the step-cost table --------------------------------------------------------------------------
+
+def table(**overrides) -> StepCostTable:
+    values = dict(sample_batch_tokens=[1, 2, 4], sample_steps_per_sec=[32.0, 26.0, 19.0], max_batch_tokens=4,
+                  draft_block_tokens=[2, 4], draft_seconds_per_block=[0.007, 0.012])
+    values.update(overrides)
+    return StepCostTable(**values)
+
+
+def test_step_cost_table_round_trips_in_sglangs_sps_format(tmp_path):
+    path = tmp_path / "costs.json"
+    table().save(path)
+    data = json.loads(path.read_text())
+    assert set(data) == {"sample_batch_tokens", "sample_steps_per_sec", "max_batch_tokens", "blockpilot"}
+    loaded = StepCostTable.load(path)
+    assert loaded.verify_seconds(1) == pytest.approx(1 / 32)
+    assert loaded.verify_seconds(3) == pytest.approx((1 / 26 + 1 / 19) / 2)  # linear between probes
+    assert loaded.verify_seconds(6) > loaded.verify_seconds(4)  # beyond the last probe: keeps growing
+    assert loaded.draft_seconds(3) == pytest.approx(0.0095)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(sample_batch_tokens=[2, 1, 4]), "strictly increasing"),
+    (dict(sample_steps_per_sec=[32.0, 0.0, 19.0]), "> 0"),
+    (dict(draft_seconds_per_block=[0.007]), "2 probes but 1 values"),
+    (dict(sample_batch_tokens=[]), "empty"),
+])
+def test_bad_step_cost_tables_are_refused_with_the_reason(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        table(**overrides)
+
+
+def test_unreadable_step_cost_files_name_the_problem(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        StepCostTable.load(bad)
+    dspark_only = tmp_path / "dspark.json"
+    dspark_only.write_text(json.dumps({"sample_batch_tokens": [1], "sample_steps_per_sec": [3.0],
+                                       "max_batch_tokens": 1}))
+    with pytest.raises(ValueError, match="blockpilot.draft_block_tokens"):
+        StepCostTable.load(dspark_only)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        StepCostTable.load(tmp_path / "missing.json")
+
+
+def test_verify_auto_without_a_table_is_refused_and_full_says_so():
+    with pytest.raises(ValueError, match="step-cost table"):
+        VerifyRule(VerifyMode.AUTO, None)
+    assert VerifyRule(VerifyMode.FULL).describe() == "full (no step-cost table)"
+    assert VerifyRule(VerifyMode.AUTO, table()).describe() == "auto (raw drafter probabilities)"
+    with pytest.raises(ValueError, match="step-cost table"):
+        VerifyRule(VerifyMode.FULL).mode_for(VerifyMode.AUTO)
+    with pytest.raises(ValueError, match="verify mode must be one of"):
+        VerifyMode.parse("sometimes")
+
+
+# --- calibration ----------------------------------------------------------------------------------
+
+def test_calibration_fit_recovers_a_known_temperature():
+    """Drafts accepted with the probability the softmax gives at temperature 2: the fit finds ~2."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4000, 50, generator=generator) * 3
+    true_p = torch.softmax(logits / 2.0, -1).amax(-1)
+    accepted = torch.rand(4000, generator=generator) < true_p
+    calibration = fit_calibration([confidence_grid(logits)], [accepted], dataset="synthetic")
+    assert calibration.temperatures[0] == pytest.approx(2.0, rel=0.15)
+    assert calibration.ece_after[0] < calibration.ece_before[0]
+    fitted = draft_confidences(logits, calibration.temperature_row(1))
+    assert expected_calibration_error(fitted, accepted) < 0.03
+
+
+def test_calibration_file_round_trip_and_refusal(tmp_path):
+    path = tmp_path / "calibration.json"
+    ConfidenceCalibration([1.5, 2.0], "held-apart prompts", 100, [0.2, 0.3], [0.02, 0.03]).save(path)
+    loaded = ConfidenceCalibration.load(path)
+    assert loaded.temperatures == [1.5, 2.0] and loaded.dataset == "held-apart prompts"
+    assert loaded.temperature_row(4).tolist() == [1.5, 2.0, 2.0, 2.0]
+    path.write_text(json.dumps({"temps": [1.0]}))
+    with pytest.raises(ValueError, match="temperatures"):
+        ConfidenceCalibration.load(path)
+    path.write_text(json.dumps({"temperatures": [0.0]}))
+    with pytest.raises(ValueError, match="> 0"):
+        ConfidenceCalibration.load(path)
+
+
+def test_drafting_pays_only_when_it_beats_a_plain_step():
+    costs = cpu_like_costs()  # a plain step: 32 ms
+    counts = torch.tensor([3, 3, 3])
+    confidence = torch.tensor([[0.95, 0.9, 0.9], [0.01, 0.5, 0.5], [0.3, 0.3, 0.3]])
+    products = blocks.survival(confidence, counts)
+    verified = blocks.choose_verify_lengths(products, counts, costs, 0.006)
+    paid = blocks.drafting_paid(products, verified, costs, torch.full((3,), 0.006))
+    assert paid.tolist() == [True, False, False]
+    # the same drafts pay when the drafter is free and a verify costs nothing more than a plain step
+    flat = torch.full((64,), 0.032, dtype=torch.float64)
+    assert blocks.drafting_paid(products, counts, flat, torch.zeros(3)).all()
