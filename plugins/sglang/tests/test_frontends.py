@@ -110,6 +110,7 @@ def test_offline_batch_engine_is_lossless(target, drafter_dir, policy, reference
     prompt_file, output = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
     prompt_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
     env = {key: value for key, value in os.environ.items() if key not in SERVER_SETTINGS}
+    env["BLOCKPILOT_VERIFY"] = "full"  # exact per-width draft counts below; the rule has its own server test
     command = [sys.executable, str(EXAMPLES / "offline_batch.py"), "--device", "cpu",
                "--model", str(target.model_dir), "--drafter", str(drafter_dir[0]),
                "--prompts", str(prompt_file), "--output", str(output),

@@ -202,6 +202,9 @@ class Server:
                      "BLOCKPILOT_VERIFY", "BLOCKPILOT_STEP_COSTS"):
             if name not in (env or {}):
                 full_env.pop(name, None)
+        # These tests pin the per-request block-size mechanics with exact draft counts, so every draft
+        # is verified unless a test asks otherwise; the per-step rule has its own (test_server_verify.py).
+        full_env.setdefault("BLOCKPILOT_VERIFY", "full")
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=full_env,
                                      start_new_session=True)
