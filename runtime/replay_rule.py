@@ -123,6 +123,14 @@ def _outcomes(target, drafter, sequences, positions, width, rule) -> tuple[torch
     return matched, confidence
 
 
+def _outcome_at(target, drafter, sequence, rule):
+    """`walk`'s `outcome_at` for one sequence: a single narrower block drafted on demand."""
+    def outcome_at(position, width):
+        matched, confidence = _outcomes(target, drafter, [sequence], [position], width, rule)
+        return int(matched[0]), confidence[0]
+    return outcome_at
+
+
 def walk(profile: DraftProfile, rule: VerifyRule, mode: VerifyMode, outcome_at=None) -> RuleReplay:
     """Greedy decoding of the profile's output under the rule, batch 1, step by step as the engine
     does: the step's width is the block size cut to what may still be committed; under AUTO a
@@ -173,10 +181,7 @@ def replay_with_rule(target: TargetModel, drafter: DFlashDraftModel, sequences: 
     mode = mode or rule.mode
     results = []
     for profile in draft_profiles(target, drafter, sequences, block_size, rule):
-        def outcome_at(position, width, s=profile.sequence):
-            matched, confidence = _outcomes(target, drafter, [s], [position], width, rule)
-            return int(matched[0]), confidence[0]
-        results.append(walk(profile, rule, mode, outcome_at))
+        results.append(walk(profile, rule, mode, _outcome_at(target, drafter, profile.sequence, rule)))
     return results
 
 
@@ -248,17 +253,11 @@ def compare_verify_rules(target: TargetModel, drafter: DFlashDraftModel, sequenc
     profiles = {b: draft_profiles(target, drafter, sequences, b, rule, show_progress=show_progress)
                 for b in sizes if b > 1}
 
-    def outcome_fn(s):
-        def outcome_at(position, width):
-            matched, confidence = _outcomes(target, drafter, [s], [position], width, rule)
-            return int(matched[0]), confidence[0]
-        return outcome_at
-
     def decode(choice: dict[str, int], mode: VerifyMode) -> list[RuleReplay]:
         out = []
         for i, s in enumerate(sequences):
             size = choice[s.id]
-            out.append(plain_replay(s) if size == 1 else walk(profiles[size][i], rule, mode, outcome_fn(s)))
+            out.append(plain_replay(s) if size == 1 else walk(profiles[size][i], rule, mode, _outcome_at(target, drafter, s, rule)))
         return out
 
     def entry(replays, seconds=None):

@@ -102,8 +102,14 @@ class StepCostTable:
         return _interpolate(self.draft_block_tokens, self.draft_seconds_per_block, tokens) if tokens > 0 else 0.0
 
     def verify_seconds_table(self, max_tokens: int) -> torch.Tensor:
-        """[max_tokens + 1] float64: entry n is `verify_seconds(n)` (entry 0 unused)."""
-        return torch.tensor([0.0] + [self.verify_seconds(n) for n in range(1, max_tokens + 1)], dtype=torch.float64)
+        """[max_tokens + 1] float64: entry n is `verify_seconds(n)` (entry 0 unused). Built once and
+        grown on demand: the rule reads it every decode step."""
+        cached = self.__dict__.get("_verify_table")
+        if cached is None or len(cached) <= max_tokens:
+            cached = torch.tensor([0.0] + [self.verify_seconds(n) for n in range(1, 2 * max_tokens + 1)],
+                                  dtype=torch.float64)
+            object.__setattr__(self, "_verify_table", cached)  # frozen dataclass: a derived cache only
+        return cached[: max_tokens + 1]
 
     @property
     def is_flat(self) -> bool:
@@ -156,11 +162,6 @@ class StepCostTable:
         setup = {k: costs[k] for k in ("context_tokens", "batch_size", "repeats", "dtype", "threads") if k in costs}
         return cls(verify_tokens, [1e3 / target[w] for w in verify_tokens], verify_tokens[-1],
                    draft_tokens, [drafter[w] / 1e3 for w in draft_tokens], setup)
-
-    def as_ms_costs(self, widths) -> dict:
-        """The `{"target_ms": {w: ms}, "drafter_ms": {w: ms}}` form the policy's label maths reads."""
-        return {"target_ms": {w: self.verify_seconds(w) * 1e3 for w in widths},
-                "drafter_ms": {w: self.draft_seconds(w) * 1e3 for w in widths if w > 1}}
 
 
 def resolve_step_costs_path(path: str | os.PathLike | None) -> Path | None:
@@ -234,14 +235,8 @@ def expected_calibration_error(confidence: torch.Tensor, accepted: torch.Tensor,
     """ECE with equal-width bins: sum over bins of |mean confidence - acceptance rate| x bin share."""
     if confidence.numel() == 0:
         return 0.0
-    edges = torch.linspace(0, 1, bins + 1)
-    index = torch.bucketize(confidence.clamp(0, 1), edges[1:-1])
-    error = 0.0
-    for b in range(bins):
-        inside = index == b
-        if inside.any():
-            error += float(inside.float().mean()) * abs(float(confidence[inside].mean() - accepted[inside].float().mean()))
-    return error
+    return sum(count / confidence.numel() * abs(mean_confidence - rate)
+               for mean_confidence, rate, count in reliability_bins(confidence, accepted, bins))
 
 
 def reliability_bins(confidence: torch.Tensor, accepted: torch.Tensor, bins: int = 10) -> list[tuple[float, float, int]]:
