@@ -14,7 +14,7 @@ SGL_VENV := .venv-sglang
 SGL_BIN := $(SGL_VENV)/bin
 SGL_STAMP := $(SGL_VENV)/.installed
 
-.PHONY: install install-sglang demo test test-core test-sglang test-fast bench padding-cost step-costs \
+.PHONY: install install-sglang demo test test-core test-sglang test-fast bench serve-bench serve-64 padding-cost step-costs \
 	calibrate-verify eval-verify clean
 
 install: $(STAMP)
@@ -63,6 +63,24 @@ bench: install
 	$(BIN)/blockpilot bench --num-prompts 6 --block-sizes $(BENCH_SIZES) --block-size auto --repeats 2 \
 		--max-new-tokens 256 --batch-size $(BENCH_BATCH) --max-batch-size $(BENCH_BATCH) --verify both \
 		--output-dir runs/bench-batch$(BENCH_BATCH)
+
+# The BlockPilot SGLang server against SGLang without speculation, same model and flags, concurrency
+# 1/8/16, alternating (about 25 min here; outside CI). SERVE_VARIANTS: policy mixed dflash fixed-N fixed-N-full;
+# SERVE_ENV: BLOCKPILOT_* settings for the BlockPilot server, e.g. BLOCKPILOT_VERIFY=full.
+SERVE_CONCURRENCY ?= 1 8 16
+SERVE_VARIANTS ?= policy mixed dflash
+SERVE_ENV ?=
+serve-bench: install install-sglang
+	$(BIN)/blockpilot prepare
+	$(SGL_BIN)/python -m blockpilot.plugins.sglang.serve_bench --concurrency $(SERVE_CONCURRENCY) \
+		--variants $(SERVE_VARIANTS) $(if $(SERVE_ENV),--env $(SERVE_ENV)) --output-dir runs/serve-bench
+
+# 64 concurrent requests at mixed block sizes (1, 2, 3, 8, auto, policy) against the plain server:
+# all complete, and how many outputs equal the plain server's token for token (issue 14; outside CI).
+serve-64: install install-sglang
+	$(BIN)/blockpilot prepare
+	$(SGL_BIN)/python -m blockpilot.plugins.sglang.serve_bench --concurrency 64 --rounds 1 --max-new-tokens 48 \
+		--variants mixed --output-dir runs/serve-64
 
 # Ragged vs padded-to-widest decode steps for mixed-width batches (the SGLang plugin pads).
 padding-cost: install

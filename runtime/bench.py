@@ -24,27 +24,31 @@ from .sampling import SamplingParams
 from .step_verify import VerifyMode
 
 
-Variant = tuple  # (block size: int or "auto" for the policy's choice, verify mode: "full" or "auto")
+# (block size: int or "auto" for the policy's choice, verify mode: "full" or "auto", draft plan on)
+Variant = tuple
 
 
 def variant_name(variant: Variant) -> str:
-    size, verify = variant
+    size, verify, plan = variant
     if size == 1:
         return "plain"
     block = str(size)  # "auto": the policy's size per request
-    return f"{block} +verify" if verify == "auto" else block
+    if verify != "auto":
+        return block
+    return f"{block} +verify" if plan else f"{block} +verify -plan"
 
 
 def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_sizes: list[int], *,
               repeats: int = 3, max_new_tokens: int = 256, batch_size: int = 1,
               sampling: SamplingParams | None = None, show_progress: bool = True, include_auto: bool = False,
-              verify_modes: list[str] = ("full",)) -> dict:
+              verify_modes: list[str] = ("full",), compare_plan: bool = False) -> dict:
     """Run every prompt at every block size (1 = plain decoding) `repeats` times, interleaved.
 
     With `include_auto`, one more block size, "auto", leaves each request's size to the engine's
     block-size chooser (the policy). Every speculative size runs once per verify mode in
     `verify_modes` ("full": every draft verified; "auto": the per-step verify rule), side by side;
-    "auto" is skipped, with a note, when the engine has no step-cost table.
+    "auto" is skipped, with a note, when the engine has no step-cost table. With `compare_plan`,
+    every "auto" variant also runs with the draft plan off (`VerifyRule.draft_plan`, "-plan").
     """
     sizes: list[int | str] = sorted(set([1, *block_sizes]))
     for size in sizes:
@@ -57,7 +61,11 @@ def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_size
     if VerifyMode.AUTO in modes and not engine.verify_rule.can_choose:
         print("bench: no step-cost table, so no '+verify' variants (blockpilot step-costs --output FILE)")
         modes = [m for m in modes if m is not VerifyMode.AUTO] or [VerifyMode.FULL]
-    variants: list[Variant] = [(1, "full")] + [(size, mode.value) for size in sizes if size != 1 for mode in modes]
+    rule = engine.verify_rule
+    plans = {VerifyMode.FULL: [rule.draft_plan],
+             VerifyMode.AUTO: [rule.draft_plan, not rule.draft_plan] if compare_plan else [rule.draft_plan]}
+    variants: list[Variant] = [(1, "full", rule.draft_plan)] + [
+        (size, mode.value, plan) for size in sizes if size != 1 for mode in modes for plan in plans[mode]]
     prompts = [encode_prompt(engine.target.tokenizer, r) for r in records]
     base = sampling or SamplingParams()
     runs = {v: [] for v in variants}  # per repeat: totals
@@ -67,7 +75,8 @@ def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_size
     for repeat in range(repeats):
         order = variants[repeat % len(variants):] + variants[: repeat % len(variants)]
         for variant in order:
-            size, verify = variant
+            size, verify, plan = variant
+            rule.draft_plan = plan
             totals = {"new_tokens": 0, "decode_tokens": 0, "decode_s": 0.0, "wall_s": 0.0, "target_forwards": 0,
                       "drafted": 0, "verified": 0}
             for start in range(0, len(prompts), batch_size):
@@ -95,6 +104,7 @@ def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_size
                 bar.update(len(chunk))
             runs[variant].append(totals)
     bar.close()
+    rule.draft_plan = plans[VerifyMode.FULL][0]
     return _summarise(engine, records, variants, runs, tokens, per_prompt, repeats, max_new_tokens, batch_size, base)
 
 
@@ -108,7 +118,7 @@ def _summarise(engine, records, variants, runs, tokens, per_prompt, repeats, max
     def decode_tps(t):
         return t["decode_tokens"] / t["decode_s"] if t["decode_s"] > 0 else 0.0
 
-    plain = (1, "full")
+    plain = variants[0]
     rows = []
     for variant in variants:
         ratios = [decode_tps(t) / decode_tps(p) for t, p in zip(runs[variant], runs[plain]) if decode_tps(p) > 0]
@@ -120,6 +130,7 @@ def _summarise(engine, records, variants, runs, tokens, per_prompt, repeats, max
             "name": variant_name(variant),
             "block_size": variant[0],
             "verify": variant[1],
+            "draft_plan": variant[2] if variant[1] == "auto" else None,
             "acceptance_length": committed / forwards if forwards else 0.0,
             "target_forwards_per_token": forwards / committed if committed else 0.0,
             "drafted_per_step": last["drafted"] / last["target_forwards"] if last["target_forwards"] else 0.0,

@@ -300,23 +300,23 @@ def expected_committed(survival_products: torch.Tensor, verify_lengths: torch.Te
     return 1 + (survival_products * verified).sum(dim=1)
 
 
-def choose_verify_lengths(survival_products: torch.Tensor, draft_counts: torch.Tensor, verify_seconds: torch.Tensor,
-                          draft_seconds: float, padded: bool = False) -> torch.Tensor:
-    """[n] drafts each row verifies this step (0..draft_counts[r]), maximising the batch's expected
-    committed tokens per second of the step.
+def choose_prefix_lengths(survival_products: torch.Tensor, draft_counts: torch.Tensor, step_seconds: torch.Tensor,
+                          padded: bool = False) -> torch.Tensor:
+    """[n] how many of its first drafts each row takes (0..draft_counts[r]), maximising the batch's
+    expected committed tokens per second of the step, where `step_seconds[t]` is the whole step's
+    time when the batch's verify covers `t` tokens in all (each row its bonus plus its drafts).
 
-    `verify_seconds[t]` is the target's verify over `t` tokens in all (each row verifies its bonus
-    token plus its chosen drafts); `draft_seconds` is this step's drafter forward, already paid but
-    part of the step's time. Ragged (`padded=False`, the reference engine): rows verify different
-    prefixes and the cost follows the total; since a row's survival products only fall along the
-    block, taking the batch's t highest products picks the best prefixes for each total t, and the
-    rule keeps the t with the best ratio. Padded (the SGLang plugin's layout): one width w for the
-    batch, every row verifies min(w, its drafts) and pays w + 1 columns. Ties go to verifying more,
-    so where a wider verify costs nothing the whole block is verified.
+    Ragged (`padded=False`, the reference engine): rows take different prefixes and the cost follows
+    the total; since a row's survival products only fall along the block, taking the batch's t
+    highest products picks the best prefixes for each total t, and the rule keeps the t with the
+    best ratio. Padded (the SGLang plugin's layout): one width w for the batch, every row takes
+    min(w, its drafts) and pays w + 1 columns. Ties go to taking more, so where a wider step costs
+    nothing the whole block is taken.
     """
     n = survival_products.shape[0]
     counts = draft_counts.to(torch.long).cpu()
     products = survival_products.double().cpu()
+    seconds = step_seconds.double().cpu()
     if n == 0:
         return counts.clone()
     if padded:
@@ -324,8 +324,8 @@ def choose_verify_lengths(survival_products: torch.Tensor, draft_counts: torch.T
         best_width, best_rate = widest, -1.0
         for width in range(widest + 1):
             lengths = torch.clamp(counts, max=width)
-            rate = float(expected_committed(products, lengths).sum()) / (draft_seconds + float(verify_seconds[n * (width + 1)]))
-            if rate >= best_rate:  # >=: ties go to the wider verify
+            rate = float(expected_committed(products, lengths).sum()) / float(seconds[n * (width + 1)])
+            if rate >= best_rate:  # >=: ties go to the wider step
                 best_width, best_rate = width, rate
         return torch.clamp(counts, max=best_width).to(draft_counts.device)
     k = products.shape[1]
@@ -335,18 +335,31 @@ def choose_verify_lengths(survival_products: torch.Tensor, draft_counts: torch.T
     order = torch.sort(candidates, descending=True, stable=True).indices  # stable: a row's tie keeps its order
     gains = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(candidates[order], 0)])
     totals = n + torch.arange(len(gains))
-    rates = (n + gains) / (draft_seconds + verify_seconds.double()[totals])
+    rates = (n + gains) / seconds[totals]
     best = int(len(rates) - 1 - torch.argmax(rates.flip(0)))  # the largest total among the best rates
     lengths = torch.bincount(rows[order[:best]], minlength=n)
     return lengths.to(draft_counts.device)
 
 
-def drafting_paid(survival_products: torch.Tensor, verify_lengths: torch.Tensor, verify_seconds: torch.Tensor,
-                  draft_seconds: torch.Tensor) -> torch.Tensor:
-    """[n] bool: whether each row's step beat a plain step in expectation, priced alone: expected
-    committed tokens over (its drafter forward `draft_seconds[r]` + a verify of its chosen prefix)
-    against one token per one-token verify. The drafter's cost is only known to be wasted after the
-    fact; a row whose drafts did not pay is the engine's signal to stop drafting for a while."""
-    expected = expected_committed(survival_products.double().cpu(), verify_lengths.cpu())
-    seconds = draft_seconds.double().cpu() + verify_seconds.double()[verify_lengths.cpu() + 1]
-    return expected / seconds >= 1.0 / float(verify_seconds[1])
+def choose_verify_lengths(survival_products: torch.Tensor, draft_counts: torch.Tensor, verify_seconds: torch.Tensor,
+                          draft_seconds: float, padded: bool = False) -> torch.Tensor:
+    """After the draft: [n] drafts each row verifies this step (0..draft_counts[r]).
+    `verify_seconds[t]` is the target's verify over `t` tokens in all; `draft_seconds` is this
+    step's drafter forward, already paid but part of the step's time (`choose_prefix_lengths`)."""
+    return choose_prefix_lengths(survival_products, draft_counts, draft_seconds + verify_seconds.double(), padded)
+
+
+def plan_draft_lengths(expected_products: torch.Tensor, draft_counts: torch.Tensor, verify_seconds: torch.Tensor,
+                       draft_seconds: torch.Tensor, padded: bool = False) -> torch.Tensor:
+    """Before the draft: [n] drafts each row drafts this step (0: a plain step for it, no drafter),
+    from the survival products its drafts are expected to have (what its recent steps' calibrated
+    confidences averaged). The step is priced as a verify of every drafted token plus the drafter's
+    forward over the drafting rows' blocks (`draft_seconds[t]` for t block tokens; nothing when no
+    row drafts). So drafting stops where, on this machine and at this batch size, it would not pay
+    on average: a wide verify of a large batch costs more than its expected extra tokens."""
+    n = len(draft_counts)
+    seconds = verify_seconds.double().cpu().clone()
+    totals = torch.arange(len(seconds))
+    drafting = totals > n  # some row drafts: the drafter runs over (about) every verified token
+    seconds[drafting] += draft_seconds.double().cpu()[: len(seconds)][drafting]
+    return choose_prefix_lengths(expected_products, draft_counts, seconds, padded)

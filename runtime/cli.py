@@ -28,6 +28,9 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                                             "$BLOCKPILOT_STEP_COSTS, else the one shipped with the shipped drafter")
     group.add_argument("--verify-calibration", help="drafter confidence calibration JSON (default: "
                                                     "verify_calibration.json beside the drafter)")
+    group.add_argument("--draft-plan", choices=["on", "off"],
+                       help="plan each step before drafting: rows whose drafts are not expected to pay at this "
+                            "batch size draft less or not at all (default: on)")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +57,8 @@ def _engine_config(args):
         config.policy = args.policy
     if getattr(args, "verify", None) in ("auto", "full"):
         config.verify = args.verify
+    if getattr(args, "draft_plan", None) is not None:
+        config.draft_plan = args.draft_plan == "on"
     return config
 
 
@@ -111,7 +116,7 @@ def cmd_bench(args) -> None:
     verify_modes = ["full", "auto"] if args.verify == "both" else [args.verify]
     report = run_bench(engine, records, args.block_sizes, repeats=args.repeats, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, sampling=_sampling(args), include_auto=args.block_size == "auto",
-                       verify_modes=verify_modes)
+                       verify_modes=verify_modes, compare_plan=args.compare_plan)
     out = Path(args.output_dir)
     save_report(report, out / "bench.json", out / "bench.png")
     print(format_table(report))
@@ -267,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", choices=["auto", "full", "both"], default="both",
                    help="verify rule of the speculative variants; both: each of them with full and auto verify, "
                         "side by side (auto needs a step-cost table)")
+    p.add_argument("--compare-plan", action="store_true",
+                   help="also run every auto-verify variant with the draft plan off ('-plan'), side by side")
     _engine_args(p)
     _sampling_args(p)
     p.set_defaults(func=cmd_bench)

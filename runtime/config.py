@@ -47,6 +47,9 @@ class EngineConfig:
     # one shipped beside the shipped drafter; "none" for no table
     step_costs: str | None = None
     verify_calibration: str | None = None  # DSpark STS JSON; unset: verify_calibration.json beside the drafter
+    # plan each step before the drafter runs (`VerifyRule.plan`): rows whose drafts are not expected
+    # to pay at this batch size draft less or not at all
+    draft_plan: bool = True
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "EngineConfig":
@@ -220,4 +223,4 @@ def build_verify_rule(config: EngineConfig, drafter_dir: Path | None):
         mode = VerifyMode.AUTO if costs is not None and drafter_dir is not None else VerifyMode.FULL
     else:
         mode = VerifyMode.parse(config.verify, "verify")
-    return VerifyRule(mode, costs, calibration)
+    return VerifyRule(mode, costs, calibration, draft_plan=bool(config.draft_plan))

@@ -25,7 +25,7 @@ from .blocks import DEFAULT_MAX_BLOCK_SIZE, MAX_BLOCK_SIZE, BlockSizeSource
 from .drafter import DFlashDraftModel
 from .requests import GenerationRequest, GenerationResult, RequestStats
 from .sampling import choose_tokens
-from .step_verify import VerifyMode, VerifyRule
+from .step_verify import DraftOutlook, VerifyMode, VerifyRule
 from .target import TargetModel
 from .text import RequestText
 
@@ -52,8 +52,7 @@ class _Running:
     finish_reason: str | None = None
     first_token_time: float = 0.0
     verify: VerifyMode = VerifyMode.FULL
-    drafter_backoff: int = 0  # length of the last back-off (plain steps after drafts that did not pay)
-    plain_steps_left: int = 0  # plain steps still to take before drafting again
+    outlook: DraftOutlook = field(default_factory=DraftOutlook)  # what its drafts are expected to be worth
 
     @property
     def remaining(self) -> int:
@@ -205,8 +204,9 @@ class SpeculativeEngine:
 
     # --- one decode step for the whole batch ------------------------------------------------------
     def _decode_step(self, running, target_cache, draft_cache, on_commit) -> None:
-        # 1. blocks: each row's [bonus, MASK...] at its own width (never past what it may still commit)
-        widths = torch.tensor([self._draft_width(s) for s in running])
+        # 1. blocks: each row's [bonus, MASK...] at its own width (never past what it may still commit),
+        # narrowed by the plan where its drafts are not expected to pay (plain: width 1)
+        widths = self._plan_widths(running)
         starts = torch.tensor([s.processed for s in running])
         layout = blocks.RaggedLayout.build(widths, starts)
         bonus = torch.tensor([s.tokens[-1] for s in running])
@@ -214,7 +214,7 @@ class SpeculativeEngine:
         # 2. draft: one drafter forward fills every row's masks, and says how sure it is of each draft
         proposed, confidence = self._propose(running, blocks.block_tokens(bonus, layout, mask_id), layout, draft_cache)
         # 3. choose: the prefix of its drafts each row verifies (the whole block unless the rule is on)
-        verified, paid = self._choose_verified(running, layout, confidence)
+        verified = self._choose_verified(running, layout, confidence)
         step = blocks.RaggedLayout.build(verified + 1, starts)
         proposed = proposed[layout.col <= verified[layout.row]]
         # 4. verify: one target forward; the target's own token at every verified position
@@ -232,19 +232,24 @@ class SpeculativeEngine:
         # 6. commit: the accepted drafts plus the target's next token (the new bonus)
         for r, (state, accepted_r, tokens) in enumerate(zip(running, accepted.tolist(),
                                                             blocks.new_tokens(chosen, step, accepted))):
-            self._count_step(state, int(widths[r]) - 1, int(verified[r]), bool(paid[r]),
-                             self.verify_rule.drafter_backoff)
+            self._count_step(state, int(widths[r]) - 1, int(verified[r]))
             state.processed += accepted_r + 1
             state.stats.target_forwards += 1
             state.stats.committed_per_step[len(tokens)] += 1
             self._commit(state, tokens, on_commit)
 
-    def _draft_width(self, state: _Running) -> int:
-        """This step's block for a request: its block size, cut to what it may still commit; 1 (a
-        plain step, no drafter) while it backs off after drafts that paid nothing."""
-        if state.plain_steps_left > 0:
-            return 1
-        return blocks.step_width(state.stats.block_size, state.remaining)
+    def _plan_widths(self, running: list[_Running]) -> torch.Tensor:
+        """[n] this step's block per row: its block size cut to what it may still commit; for AUTO rows
+        the plan's (`VerifyRule.plan`: fewer drafts, or none, where they are not expected to pay)."""
+        widths = torch.tensor([blocks.step_width(s.stats.block_size, s.remaining) for s in running])
+        if self.drafter is None or not any(s.verify is VerifyMode.AUTO for s in running):
+            return widths
+        outlooks = [s.outlook if s.verify is VerifyMode.AUTO else None for s in running]
+        planned = self.verify_rule.plan(outlooks, widths - 1) + 1
+        for state, wanted, width in zip(running, widths.tolist(), planned.tolist()):
+            if wanted > 1 and width == 1:
+                state.stats.drafter_skipped_steps += 1
+        return planned
 
     def _propose(self, running: list[_Running], proposed: torch.Tensor, layout: blocks.RaggedLayout,
                  draft_cache) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -262,39 +267,30 @@ class SpeculativeEngine:
         return proposed, confidence
 
     def _choose_verified(self, running: list[_Running], layout: blocks.RaggedLayout,
-                         confidence: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                         confidence: torch.Tensor | None) -> torch.Tensor:
         """[n] drafts each row verifies this step: all of them for FULL rows; for AUTO rows the
         prefix that maximises the batch's expected tokens per second (`blocks.choose_verify_lengths`).
-        And [n] whether each row's drafts paid for themselves (`blocks.drafting_paid`)."""
+        The AUTO rows' outlooks take this step's survival products."""
         drafts = (layout.widths - 1).clamp(min=0)
         auto = torch.tensor([s.verify is VerifyMode.AUTO for s in running])
         if confidence is None or not auto.any():
-            return drafts, torch.ones(len(running), dtype=torch.bool)
+            return drafts
         # FULL rows verify everything: as drafts of certain success they are priced in, then kept whole
         grid = torch.where(auto[:, None], layout.pad(confidence)[:, 1:], 1.0)
+        products = blocks.survival(grid, drafts)
+        for r in torch.nonzero(auto & (drafts > 0)).flatten().tolist():
+            running[r].outlook.observe(products[r, : int(drafts[r])])
         drafting = int(layout.widths[layout.widths > 1].sum())
-        chosen = torch.where(auto, self.verify_rule.choose(grid, drafts, drafted_tokens=drafting), drafts)
-        return chosen, self.verify_rule.drafting_paid(grid, drafts, chosen)
+        return torch.where(auto, self.verify_rule.choose(grid, drafts, drafted_tokens=drafting), drafts)
 
     @staticmethod
-    def _count_step(state: _Running, drafted: int, verified: int, paid: bool, max_backoff: int) -> None:
-        """Stats of one step, and the drafter back-off (`VerifyRule.drafter_backoff`, off by default):
-        a request whose drafts did not pay for their step (expected tokens per second below a plain
-        step's) decodes plainly for 1, 2, 4, ... up to `max_backoff` steps before drafting again; the
-        first step that pays resets it."""
+    def _count_step(state: _Running, drafted: int, verified: int) -> None:
+        """Stats of one step."""
         stats = state.stats
         stats.drafted_tokens += drafted
         stats.verified_drafts += verified
         if drafted > 0:
             stats.verified_per_step[verified] += 1
-            if state.verify is VerifyMode.AUTO and not paid and max_backoff > 0:
-                state.drafter_backoff = min(max(2 * state.drafter_backoff, 1), max_backoff)
-                state.plain_steps_left = state.drafter_backoff
-            else:
-                state.drafter_backoff = 0
-        elif state.plain_steps_left > 0:
-            state.plain_steps_left -= 1
-            stats.drafter_skipped_steps += 1
 
     # --- committing tokens, finishing, streaming ---------------------------------------------------
     def _commit(self, state: _Running, tokens: list[int], on_commit: CommitCallback | None) -> None:

@@ -10,6 +10,7 @@ accepted: the data the calibration is fitted on.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from . import blocks
 from .drafter import DFlashDraftModel
 from .replay import ReplaySequence, draft_block_at
-from .step_verify import VerifyMode, VerifyRule, confidence_grid
+from .step_verify import DraftOutlook, VerifyMode, VerifyRule, confidence_grid
 from .target import TargetModel
 
 
@@ -133,18 +134,20 @@ def _outcome_at(target, drafter, sequence, rule):
 
 def walk(profile: DraftProfile, rule: VerifyRule, mode: VerifyMode, outcome_at=None) -> RuleReplay:
     """Greedy decoding of the profile's output under the rule, batch 1, step by step as the engine
-    does: the step's width is the block size cut to what may still be committed; under AUTO a
-    step whose drafts did not pay (`blocks.drafting_paid`) starts a back-off of 1, 2, 4, ... plain
-    steps (no drafter) up to `rule.drafter_backoff`, as the engine's.
+    does: the step's width is the block size cut to what may still be committed; under AUTO the plan
+    (`VerifyRule.plan`, from the request's `DraftOutlook`) may narrow it, to 1 (a plain step, no
+    drafter), and the rule picks the verified prefix of what was drafted.
     `outcome_at(position, width)` supplies (matched, confidence) where a step is narrower than
-    the profile (the last tokens of a length-capped output)."""
+    the profile (a planned narrower block, the last tokens of a length-capped output)."""
     s, block = profile.sequence, profile.width
     result = RuleReplay(s.id, block)
-    committed, backoff, plain_left = 1, 0, 0
+    outlook = DraftOutlook()
+    committed = 1
     while committed < s.response_len and committed < s.max_new_tokens:
         width = blocks.step_width(block, s.max_new_tokens - committed)
-        if width == 1 or plain_left > 0:
-            plain_left = max(plain_left - 1, 0)
+        if mode is VerifyMode.AUTO and width > 1:
+            width = int(rule.plan([outlook], torch.tensor([width - 1]))[0]) + 1
+        if width == 1:
             result.drafted.append(0)
             result.verified.append(0)
             result.accepted.append(0)
@@ -156,21 +159,16 @@ def walk(profile: DraftProfile, rule: VerifyRule, mode: VerifyMode, outcome_at=N
         else:
             matched, confidence = outcome_at(s.prompt_len + index, width)
         drafts = width - 1
-        verified, paid = drafts, True
+        verified = drafts
         if mode is VerifyMode.AUTO:
             grid, counts = confidence[None, :drafts], torch.tensor([drafts])
-            chosen = rule.choose(grid, counts, drafted_tokens=width)
-            verified, paid = int(chosen[0]), bool(rule.drafting_paid(grid, counts, chosen)[0])
+            outlook.observe(blocks.survival(grid, counts)[0])
+            verified = int(rule.choose(grid, counts, drafted_tokens=width)[0])
         accepted = min(matched, verified, s.response_len - committed - 1)
         result.drafted.append(drafts)
         result.verified.append(verified)
         result.accepted.append(accepted)
         committed += accepted + 1
-        if mode is VerifyMode.AUTO and not paid and rule.drafter_backoff > 0:
-            backoff = min(max(2 * backoff, 1), rule.drafter_backoff)
-            plain_left = backoff
-        else:
-            backoff = 0
     return result
 
 
@@ -246,18 +244,22 @@ def compare_verify_rules(target: TargetModel, drafter: DFlashDraftModel, sequenc
                          sizes: list[int], rule: VerifyRule, policy_choice: dict[str, int] | None = None,
                          seed: int = 0, show_progress: bool = True) -> dict:
     """Side by side on the same greedy outputs, batch 1, projected with the rule's step-cost table:
-    every fixed size with full verify and with the rule, the policy's sizes with both, random sizes
-    with the rule, and the per-step oracle of the rule's choices (`per_step_oracle_seconds`)."""
+    every fixed size with full verify, with the rule (and the draft plan, `rule.draft_plan`) and with
+    the rule without the plan, the policy's sizes the same three ways, random sizes with the rule,
+    and the per-step oracle of the rule's choices (`per_step_oracle_seconds`)."""
     import random
 
     profiles = {b: draft_profiles(target, drafter, sequences, b, rule, show_progress=show_progress)
                 for b in sizes if b > 1}
 
-    def decode(choice: dict[str, int], mode: VerifyMode) -> list[RuleReplay]:
+    without_plan = dataclasses.replace(rule, draft_plan=False)
+
+    def decode(choice: dict[str, int], mode: VerifyMode, walk_rule: VerifyRule = rule) -> list[RuleReplay]:
         out = []
         for i, s in enumerate(sequences):
             size = choice[s.id]
-            out.append(plain_replay(s) if size == 1 else walk(profiles[size][i], rule, mode, _outcome_at(target, drafter, s, rule)))
+            out.append(plain_replay(s) if size == 1
+                       else walk(profiles[size][i], walk_rule, mode, _outcome_at(target, drafter, s, rule)))
         return out
 
     def entry(replays, seconds=None):
@@ -275,10 +277,12 @@ def compare_verify_rules(target: TargetModel, drafter: DFlashDraftModel, sequenc
         full = decode(fixed, VerifyMode.FULL)
         variants[f"fixed {b}, full verify"] = entry(full)
         variants[f"fixed {b}, verify rule"] = entry(decode(fixed, VerifyMode.AUTO))
+        variants[f"fixed {b}, verify rule, no plan"] = entry(decode(fixed, VerifyMode.AUTO, without_plan))
         oracle[b] = entry(full, per_step_oracle_seconds(full, rule))
     if policy_choice is not None:
         variants["policy, full verify"] = entry(decode(policy_choice, VerifyMode.FULL))
         variants["policy + verify rule"] = entry(decode(policy_choice, VerifyMode.AUTO))
+        variants["policy + verify rule, no plan"] = entry(decode(policy_choice, VerifyMode.AUTO, without_plan))
     rng = random.Random(seed)
     spec = [b for b in sizes if b > 1]
     variants["random size + verify rule"] = entry(decode({s.id: rng.choice(spec) for s in sequences}, VerifyMode.AUTO))

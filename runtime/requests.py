@@ -33,7 +33,7 @@ class RequestStats:
     drafted_tokens: int = 0  # drafts the drafter proposed, over all steps
     verified_drafts: int = 0  # drafts the target verified (the rest were cut before the verify)
     verified_per_step: Counter = field(default_factory=Counter)  # drafts verified by a step -> count
-    drafter_skipped_steps: int = 0  # steps decoded plainly because recent drafts did not pay
+    drafter_skipped_steps: int = 0  # steps the plan decoded plainly: its drafts were not expected to pay
 
     @property
     def acceptance_length(self) -> float:

@@ -111,6 +111,14 @@ class StepCostTable:
             object.__setattr__(self, "_verify_table", cached)  # frozen dataclass: a derived cache only
         return cached[: max_tokens + 1]
 
+    def draft_seconds_table(self, max_tokens: int) -> torch.Tensor:
+        """[max_tokens + 1] float64: entry n is `draft_seconds(n)` (0 at n = 0), cached like the verify's."""
+        cached = self.__dict__.get("_draft_table")
+        if cached is None or len(cached) <= max_tokens:
+            cached = torch.tensor([self.draft_seconds(n) for n in range(0, 2 * max_tokens + 1)], dtype=torch.float64)
+            object.__setattr__(self, "_draft_table", cached)
+        return cached[: max_tokens + 1]
+
     @property
     def is_flat(self) -> bool:
         return len(set(self.sample_steps_per_sec)) == 1
@@ -292,6 +300,51 @@ def fit_calibration(grids: list[torch.Tensor], accepted: list[torch.Tensor], dat
 # --- the rule, as the engine holds it ---------------------------------------------------------------
 
 @dataclass
+class DraftOutlook:
+    """What one request's next drafts are expected to be worth, for the plan made before the drafter
+    runs (`VerifyRule.plan`): the mean survival product of each draft position over its recent
+    drafting steps (an exponential moving average, newest step weighted `DECAY`), from the calibrated
+    confidences the verify rule reads anyway. Unknown until the request's first draft; a request the
+    plan keeps plain drafts again after `PROBE_AFTER` plain steps, so its outlook follows what it is
+    writing now (a plain step tells nothing about the drafts)."""
+
+    DECAY = 0.3
+    PROBE_AFTER = 8
+
+    products: torch.Tensor | None = None  # [positions] float64
+    plain_steps: int = 0  # consecutive steps the plan kept plain
+
+    @property
+    def probe_due(self) -> bool:
+        return self.products is None or self.plain_steps >= self.PROBE_AFTER
+
+    def expected(self, drafts: int) -> torch.Tensor:
+        """[drafts] expected survival products (1 where a probe is due: the plan then drafts it whole;
+        0 past the positions ever drafted)."""
+        if self.probe_due:
+            return torch.ones(drafts, dtype=torch.float64)
+        out = torch.zeros(drafts, dtype=torch.float64)
+        known = min(drafts, len(self.products))
+        out[:known] = self.products[:known]
+        return out
+
+    def observe(self, survival_products: torch.Tensor) -> None:
+        """A drafting step's survival products [drafts] (every drafted position, verified or not)."""
+        row = survival_products.detach().double().cpu().flatten()
+        if self.products is None:
+            self.products = row.clone()
+        else:
+            if len(row) > len(self.products):  # positions seen for the first time start at this step's value
+                self.products = torch.cat([self.products, row[len(self.products):]])
+            self.products[: len(row)] = (1 - self.DECAY) * self.products[: len(row)] + self.DECAY * row
+        self.plain_steps = 0
+
+    def planned(self, drafts: int) -> None:
+        """The plan's choice for this step: `drafts` drafts (0: plain)."""
+        self.plain_steps = self.plain_steps + 1 if drafts == 0 else 0
+
+
+@dataclass
 class VerifyRule:
     """What the engine needs to choose verify widths: the default mode of its requests, the
     machine's step costs (without them every step verifies the whole block) and the calibration
@@ -300,16 +353,12 @@ class VerifyRule:
     mode: VerifyMode = VerifyMode.FULL
     costs: StepCostTable | None = None
     calibration: ConfidenceCalibration | None = None
-    # Longest run of plain steps (no drafter) a request takes after a step whose drafts did not pay
-    # (`blocks.drafting_paid`), doubling from 1 while they keep not paying; 0 = never skip the drafter.
-    # Off by default: on held-out MT-Bench with the shipped drafter it lost 0.5-1.5 % at block sizes
-    # 2-4 (one step's confidence predicts the next step's too weakly; docs/measurements.md).
-    drafter_backoff: int = 0
+    # Plan each step before the drafter runs (`plan`): rows whose drafts are not expected to pay at
+    # this batch size on this machine draft less, or not at all. Without it every row drafts its block.
+    draft_plan: bool = True
 
     def __post_init__(self):
         self.mode = VerifyMode.parse(self.mode)
-        if self.drafter_backoff < 0:
-            raise ValueError(f"drafter_backoff must be >= 0, got {self.drafter_backoff}")
         if self.mode is VerifyMode.AUTO and self.costs is None:
             raise ValueError(NO_TABLE)
 
@@ -338,28 +387,37 @@ class VerifyRule:
         temps = self.calibration.temperature_row(int(positions.max()))
         return draft_confidences(draft_logits, temps[positions.cpu() - 1])
 
+    def plan(self, outlooks: list[DraftOutlook | None], draft_counts: torch.Tensor, padded: bool = False) -> torch.Tensor:
+        """Before the draft: [n] drafts each row drafts this step (0..draft_counts[r]), from the rows'
+        outlooks and this machine's step costs (`blocks.plan_draft_lengths`); each outlook notes the
+        choice. A row without an outlook (a FULL row) or whose outlook is due a probe counts as
+        certain: priced in, drafted whole. Every row drafts its block without a table or with the
+        plan off."""
+        if self.costs is None or not self.draft_plan or len(draft_counts) == 0 or int(draft_counts.max()) == 0:
+            return draft_counts.clone()
+        n, k = len(draft_counts), int(draft_counts.max())
+        ones = torch.ones(k, dtype=torch.float64)
+        expected = torch.stack([o.expected(k) if o is not None else ones for o in outlooks])
+        tokens = n * (k + 1)
+        chosen = blocks.plan_draft_lengths(expected, draft_counts, self.costs.verify_seconds_table(tokens),
+                                           self.costs.draft_seconds_table(tokens), padded=padded)
+        probes = torch.tensor([o is not None and o.probe_due for o in outlooks])
+        chosen = torch.where(probes, draft_counts, chosen)  # a probe drafts its block whatever it costs
+        for outlook, drafts, wanted in zip(outlooks, chosen.tolist(), draft_counts.tolist()):
+            if outlook is not None and wanted > 0:
+                outlook.planned(drafts)
+        return chosen
+
     def choose(self, confidence: torch.Tensor, draft_counts: torch.Tensor, drafted_tokens: int,
                padded: bool = False) -> torch.Tensor:
-        """[n] drafts to verify per row (0..draft_counts[r]) this step: `blocks.choose_verify_lengths`
-        over this machine's step costs (all of them without a table)."""
+        """After the draft: [n] drafts to verify per row (0..draft_counts[r]) this step:
+        `blocks.choose_verify_lengths` over this machine's step costs (all of them without a table)."""
         if self.costs is None:
             return draft_counts.clone()
         n, k = confidence.shape
         verify_costs = self.costs.verify_seconds_table(n * (k + 1))
         return blocks.choose_verify_lengths(blocks.survival(confidence, draft_counts), draft_counts, verify_costs,
                                             self.costs.draft_seconds(drafted_tokens), padded=padded)
-
-
-    def drafting_paid(self, confidence: torch.Tensor, draft_counts: torch.Tensor,
-                      verified: torch.Tensor) -> torch.Tensor:
-        """[n] bool: whether each row's draft this step beat a plain step in expectation
-        (`blocks.drafting_paid`; every row pays without a table)."""
-        if self.costs is None:
-            return torch.ones(len(draft_counts), dtype=torch.bool)
-        k = confidence.shape[1]
-        draft_seconds = torch.tensor([self.costs.draft_seconds(int(d) + 1) if d > 0 else 0.0 for d in draft_counts])
-        return blocks.drafting_paid(blocks.survival(confidence, draft_counts), verified,
-                                    self.costs.verify_seconds_table(k + 1), draft_seconds)
 
 
 NO_TABLE = (f"verify 'auto' needs a step-cost table: write one with `blockpilot step-costs --output FILE` and pass "

@@ -1,4 +1,4 @@
-"""The per-step verify rule inside the engine: lossless, counted, replayed exactly, back-off."""
+"""The per-step verify rule inside the engine: lossless, counted, replayed exactly, the draft plan."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def steep_costs(per_token_ms: float = 6.0) -> StepCostTable:
                          [2, 8, 64], [0.004, 0.008, 0.03])
 
 
-def auto_rule(per_token_ms: float = 6.0, drafter_backoff: int = 8) -> VerifyRule:
-    return VerifyRule(VerifyMode.AUTO, steep_costs(per_token_ms), drafter_backoff=drafter_backoff)
+def auto_rule(per_token_ms: float = 6.0, draft_plan: bool = True) -> VerifyRule:
+    return VerifyRule(VerifyMode.AUTO, steep_costs(per_token_ms), draft_plan=draft_plan)
 
 
 def tiny_pair(vocab_size=6, seed=3):
@@ -72,9 +72,10 @@ def test_the_rule_cuts_where_verifying_costs_and_not_where_it_is_free():
     loaded = SpeculativeEngine(target, drafter, max_batch_size=4, verify_rule=auto_rule(40.0))
     cut = greedy(loaded, prompts, [8] * 4)
     assert sum(r.stats.verified_drafts for r in cut) < sum(r.stats.drafted_tokens for r in cut)
-    assert sum(r.stats.drafter_skipped_steps for r in cut) > 0  # hopeless drafts: the drafter backs off
-    no_backoff = SpeculativeEngine(target, drafter, max_batch_size=4, verify_rule=auto_rule(40.0, drafter_backoff=0))
-    assert all(r.stats.drafter_skipped_steps == 0 for r in greedy(no_backoff, prompts, [8] * 4))
+    assert sum(r.stats.drafter_skipped_steps for r in cut) > 0  # hopeless drafts: the plan skips the drafter
+    assert all(r.stats.drafter_skipped_steps < r.stats.target_forwards for r in cut)  # and probes again
+    no_plan = SpeculativeEngine(target, drafter, max_batch_size=4, verify_rule=auto_rule(40.0, draft_plan=False))
+    assert all(r.stats.drafter_skipped_steps == 0 for r in greedy(no_plan, prompts, [8] * 4))
     flat = StepCostTable([1, 64], [30.0, 30.0], 64, [2, 64], [0.004, 0.004])
     free = SpeculativeEngine(target, drafter, max_batch_size=4, verify_rule=VerifyRule(VerifyMode.AUTO, flat))
     whole = greedy(free, prompts, [8] * 4)
@@ -103,11 +104,12 @@ def test_a_request_may_ask_for_full_verify():
                                                      block_size=4)])[0].stats.verify == "full (no step-cost table)"
 
 
-@pytest.mark.parametrize("size, backoff", [(3, 8), (8, 8), (8, 0)])
-def test_replay_with_the_rule_counts_what_the_engine_does(size, backoff):
-    """Batch 1 (the replay's rule prices each request alone): step for step the same decisions."""
+@pytest.mark.parametrize("size, per_token_ms, plan", [(3, 6.0, True), (8, 6.0, True), (8, 40.0, True), (8, 6.0, False)])
+def test_replay_with_the_rule_counts_what_the_engine_does(size, per_token_ms, plan):
+    """Batch 1 (the replay's rule prices each request alone): step for step the same decisions,
+    with the plan narrowing blocks and skipping the drafter, and without it."""
     target, drafter = tiny_pair()
-    rule = auto_rule(6.0, drafter_backoff=backoff)
+    rule = auto_rule(per_token_ms, draft_plan=plan)
     engine = SpeculativeEngine(target, drafter, max_batch_size=1, verify_rule=rule)
     prompts = prompts_for(6)
     results = greedy(engine, prompts, [size] * len(prompts))
@@ -128,6 +130,8 @@ def test_replay_with_the_rule_counts_what_the_engine_does(size, backoff):
                 histogram[verified] = histogram.get(verified, 0) + 1
         assert histogram == dict(s.verified_per_step)
         assert sum(1 for d in replay.drafted if d == 0) >= s.drafter_skipped_steps
+        if not plan:
+            assert s.drafter_skipped_steps == 0
 
 
 @pytest.mark.parametrize("per_token_ms, verifies", [(0.1, True), (0.4, False)])
@@ -142,10 +146,10 @@ def test_sampling_keeps_the_target_distribution_with_the_rule(monkeypatch, per_t
     counts = {"drafted": 0, "verified": 0}
     original = SpeculativeEngine._count_step
 
-    def count(state, drafted, verified, paid, max_backoff):
+    def count(state, drafted, verified):
         counts["drafted"] += drafted
         counts["verified"] += verified
-        original(state, drafted, verified, paid, max_backoff)
+        original(state, drafted, verified)
 
     monkeypatch.setattr(SpeculativeEngine, "_count_step", staticmethod(count))
     speculative = sample_sequences(engine, prompt, n, length, block_size=4, temperature=temperature)

@@ -1,4 +1,5 @@
-"""The per-step verify rule (`blocks.choose_verify_lengths`) and its inputs (`step_verify`)."""
+"""The per-step verify rule (`blocks.choose_verify_lengths`), the draft plan (`blocks.plan_draft_lengths`) and
+their inputs (`step_verify`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from blockpilot.runtime import blocks
-from blockpilot.runtime.step_verify import (ConfidenceCalibration, StepCostTable, VerifyMode, VerifyRule,
+from blockpilot.runtime.step_verify import (ConfidenceCalibration, DraftOutlook, StepCostTable, VerifyMode, VerifyRule,
                                             confidence_grid, draft_confidences, expected_calibration_error,
                                             fit_calibration)
 
@@ -186,14 +187,77 @@ def test_calibration_file_round_trip_and_refusal(tmp_path):
         ConfidenceCalibration.load(path)
 
 
-def test_drafting_pays_only_when_it_beats_a_plain_step():
-    costs = cpu_like_costs()  # a plain step: 32 ms
-    counts = torch.tensor([3, 3, 3])
-    confidence = torch.tensor([[0.95, 0.9, 0.9], [0.01, 0.5, 0.5], [0.3, 0.3, 0.3]])
+def plan_costs(max_tokens: int = 256, drafter_per_token: float = 0.0005, **verify) -> tuple[torch.Tensor, torch.Tensor]:
+    """(verify_seconds, draft_seconds) by tokens: a CPU-like verify, a drafter of 4 ms + per token."""
+    draft = torch.tensor([0.0] + [0.004 + drafter_per_token * t for t in range(1, max_tokens + 1)], dtype=torch.float64)
+    return cpu_like_costs(max_tokens, **verify), draft
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_plan_drafts_what_is_expected_to_pay_and_nothing_hopeless(padded):
+    verify, draft = plan_costs()
+    counts = torch.tensor([3, 3])
+    sure = torch.tensor([[0.97, 0.95, 0.93], [0.97, 0.95, 0.93]], dtype=torch.float64)
+    hopeless = torch.full((2, 3), 0.01, dtype=torch.float64)
+    assert blocks.plan_draft_lengths(sure, counts, verify, draft, padded).tolist() == [3, 3]
+    assert blocks.plan_draft_lengths(hopeless, counts, verify, draft, padded).tolist() == [0, 0]
+    # flat costs and a free drafter: every block drafted whole, whatever the outlook
+    flat = torch.full((257,), 0.03, dtype=torch.float64)
+    assert blocks.plan_draft_lengths(hopeless, counts, flat, torch.zeros(257, dtype=torch.float64),
+                                     padded).tolist() == [3, 3]
+
+
+def test_a_large_batch_stops_drafting_where_a_small_one_still_drafts():
+    """The same expected drafts pay at batch 1 and not at batch 16, where the wider verify of every
+    row costs more than the tokens it is expected to add (a CPU whose verify grows with its tokens)."""
+    verify, draft = plan_costs(per_token=0.004, base=0.028)
+    outlook = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    one = blocks.plan_draft_lengths(outlook[None], torch.tensor([3]), verify, draft, padded=True)
+    assert int(one[0]) > 0
+    many = blocks.plan_draft_lengths(outlook.expand(16, 3), torch.full((16,), 3), verify, draft, padded=True)
+    assert many.tolist() == [0] * 16
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_plan_is_the_best_width_of_the_padded_batch(seed):
+    confidence, counts = random_case(seed, n=4, k=6)
     products = blocks.survival(confidence, counts)
-    verified = blocks.choose_verify_lengths(products, counts, costs, 0.006)
-    paid = blocks.drafting_paid(products, verified, costs, torch.full((3,), 0.006))
-    assert paid.tolist() == [True, False, False]
-    # the same drafts pay when the drafter is free and a verify costs nothing more than a plain step
-    flat = torch.full((64,), 0.032, dtype=torch.float64)
-    assert blocks.drafting_paid(products, counts, flat, torch.zeros(3)).all()
+    verify, draft = plan_costs()
+    chosen = blocks.plan_draft_lengths(products, counts, verify, draft, padded=True)
+    assert ((chosen >= 0) & (chosen <= counts)).all()
+
+    def plan_rate(width):
+        lengths = torch.clamp(counts, max=width)
+        tokens = 4 * (width + 1)
+        return float(blocks.expected_committed(products, lengths).sum()) / (
+            float(verify[tokens]) + (float(draft[tokens]) if width > 0 else 0.0))
+
+    best = max(plan_rate(w) for w in range(int(counts.max()) + 1))
+    assert plan_rate(int(chosen.max())) == pytest.approx(best, rel=1e-12)
+
+
+def test_an_outlook_follows_recent_drafts_and_probes_after_plain_steps():
+    outlook = DraftOutlook()
+    assert outlook.probe_due and outlook.expected(3).tolist() == [1.0, 1.0, 1.0]  # unknown: draft whole
+    outlook.observe(torch.tensor([0.8, 0.4]))
+    assert not outlook.probe_due
+    assert outlook.expected(3).tolist() == pytest.approx([0.8, 0.4, 0.0])
+    outlook.observe(torch.tensor([0.0, 0.0]))
+    decay = DraftOutlook.DECAY
+    assert outlook.expected(2).tolist() == pytest.approx([0.8 * (1 - decay), 0.4 * (1 - decay)])
+    for _ in range(DraftOutlook.PROBE_AFTER):
+        outlook.planned(0)
+    assert outlook.probe_due  # kept plain long enough: the next step drafts again
+    outlook.planned(2)
+    assert not outlook.probe_due
+
+
+def test_the_rule_plans_only_with_a_table_and_the_plan_on():
+    counts = torch.tensor([4, 4])
+    hopeless = DraftOutlook()
+    hopeless.observe(torch.full((4,), 0.001))
+    outlooks = [hopeless, None]  # None: a FULL row, kept whole
+    table = StepCostTable([1, 8, 64], [30.0, 10.0, 2.0], 64, [2, 64], [0.004, 0.04])
+    assert VerifyRule(VerifyMode.AUTO, table).plan(outlooks, counts).tolist() == [0, 4]
+    assert VerifyRule(VerifyMode.AUTO, table, draft_plan=False).plan(outlooks, counts).tolist() == [4, 4]
+    assert VerifyRule(VerifyMode.FULL).plan(outlooks, counts).tolist() == [4, 4]

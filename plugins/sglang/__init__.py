@@ -13,6 +13,8 @@ way SGLang cuts a speculative algorithm (``srt/speculative/dflash_*.py``).
   fit checks of drafter and policy;
 * ``metrics.py``: ``meta_info`` fields, server metrics, fallbacks;
 * ``cpu/``: what SGLang lacks on the CPU engine (``sgl_kernel`` stand-ins, the CPU patches);
+* ``local_server.py`` and ``serve_bench.py``: a local SGLang server as a child process, and the
+  serving benchmark (a BlockPilot server against SGLang without speculation, ``make serve-bench``);
 * ``boot.py``: import-time fixes (torchvision beside CPU torch, the ``sgl_kernel`` stand-in) that
   must run before ``import sglang``; kept apart: ``.ci/install_sglang_cpu.sh`` copies it into a
   venv as a ``.pth`` hook.

@@ -37,6 +37,7 @@ from sglang.srt.speculative.dflash_info_v2 import DFlashDraftInputV2
 from sglang.srt.speculative.draft_worker_common import make_draft_input_v2
 
 from blockpilot.runtime import blocks
+from blockpilot.runtime.step_verify import DraftOutlook
 
 # The draft attention backends that run the draft mask: torch_native through
 # hook_torch_native_forward_extend, flashinfer through BlockPilotDraftBlockInfo.generate_attn_arg_prefill.
@@ -45,12 +46,15 @@ DRAFT_MASK_BACKENDS = ("torch_native", "flashinfer")
 
 @dataclass(frozen=True)
 class BlockChoice:
-    """One request's block plan: B_r, where it came from (``metrics`` reports both) and how its
-    drafts are verified (the request's ``blockpilot_verify``; read by the worker)."""
+    """One request's block plan: B_r, where it came from (``metrics`` reports both), how its
+    drafts are verified (the request's ``blockpilot_verify``; read by the worker), and what its
+    drafts are expected to be worth (its ``DraftOutlook``, updated every drafting step: the one
+    piece of per-request state that changes while it decodes; it leaves with the request's row)."""
 
     block_size: int
     source: str
     verify: str = "auto"
+    outlook: DraftOutlook = field(default_factory=DraftOutlook, compare=False, repr=False)
 
 
 # --------------------------------------------------------------------------

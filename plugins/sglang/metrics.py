@@ -7,7 +7,8 @@ Per request (``/generate`` and OpenAI ``meta_info``):
   fell back to the default size because something failed;
 * ``blockpilot_verify``: the verify rule in force for the request (``VerifyRule.describe``: "auto
   (calibrated)", "auto (raw drafter probabilities)", "full", "full (no step-cost table)");
-* at finish ``blockpilot_drafted_tokens`` (drafts the drafter proposed: verify passes x (B_r - 1)),
+* ``blockpilot_drafted_tokens`` (drafts the drafter proposed: at most verify passes x (B_r - 1), fewer
+  where the draft plan narrowed a step; counted by the worker per step, :func:`count_drafted`),
   ``blockpilot_verified_drafts`` (drafts the target verified; the rest were cut by the per-step
   rule), ``blockpilot_accept_length`` (tokens committed per verify, bonus included) and
   ``blockpilot_accept_rate`` (accepted / verified drafts); SGLang's ``spec_num_proposed_drafts``
@@ -42,6 +43,10 @@ logger = logging.getLogger("blockpilot.plugins.sglang")
 SIZE_KEY = PREFIX + "block_size"
 SOURCE_KEY = PREFIX + "block_source"
 FALLBACK_KEY = PREFIX + "fallback"
+# Kept per output token (the drafts proposed up to it), not per request: SGLang sends a request-level
+# key only once when streaming, and this count grows every step.
+DRAFTED_KEY = PREFIX + "drafted_tokens"
+PER_TOKEN_KEYS = (DRAFTED_KEY,)
 VERIFY_KEY = PREFIX + "verify"  # the rule in force (the request's parameter of the same name says which it asked)
 
 
@@ -66,6 +71,19 @@ def record_verify(req, verify: str) -> None:
     """Record the verify rule in force for a request (``VerifyRule.describe``)."""
     info = req.customized_info if req.customized_info is not None else {}
     info[VERIFY_KEY] = [str(verify)]
+    req.customized_info = info
+
+
+def count_drafted(req, drafts: int, tokens_ahead: int) -> None:
+    """Add one decode step's drafts to a request's running count, recorded against its output tokens
+    (``customized_info`` per-token values): entries from its current output length on, up to
+    ``tokens_ahead`` tokens this step may commit, hold the new total."""
+    info = req.customized_info if req.customized_info is not None else {}
+    counts = info.get(DRAFTED_KEY) or []
+    total = (counts[-1] if counts else 0) + int(drafts)
+    done = len(req.output_ids)
+    counts = counts[:done] + [counts[-1] if counts else 0] * (done - len(counts)) + [total] * max(int(tokens_ahead), 1)
+    info[DRAFTED_KEY] = counts
     req.customized_info = info
 
 
@@ -140,17 +158,19 @@ class Fallbacks:
 # --------------------------------------------------------------------------
 # meta_info
 # --------------------------------------------------------------------------
-def request_metrics(block_size: int, verify_ct: int, correct_drafts: int, verified_tokens: Optional[int] = None) -> dict:
+def request_metrics(block_size: int, verify_ct: int, correct_drafts: int, verified_tokens: Optional[int] = None,
+                    drafted: Optional[int] = None) -> dict:
     """Acceptance of one request relative to what it drafted and verified.
 
-    ``blockpilot_drafted_tokens``: verify_ct x (block_size - 1); ``blockpilot_verified_drafts``:
+    ``blockpilot_drafted_tokens``: ``drafted`` (the worker's count), else verify_ct x (block_size - 1);
+    ``blockpilot_verified_drafts``:
     ``verified_tokens`` (the sum of the steps' verify windows, bonus included: SGLang's
     ``spec_num_cap_tokens``) - verify_ct, or all drafts when unknown; ``blockpilot_accept_length``:
     tokens committed per verify, bonus included (the runtime's ``RequestStats.acceptance_length``);
     ``blockpilot_accept_rate``: accepted / verified drafts (the runtime's
     ``accepted_per_verified_draft``), None when nothing was verified (block size 1).
     """
-    drafted = verify_ct * proposed_drafts([block_size])
+    drafted = int(drafted) if drafted is not None else verify_ct * proposed_drafts([block_size])
     verified = verified_tokens - verify_ct if verified_tokens else drafted
     return {
         "blockpilot_drafted_tokens": drafted,
@@ -164,7 +184,7 @@ def request_metrics(block_size: int, verify_ct: int, correct_drafts: int, verifi
 def hook_is_request_level_key(original, self, key, *args, **kwargs):
     """AROUND ``SchedulerOutputStreamer.is_request_level_customized_info_key``: our keys are sent
     once (first chunk when streaming, else at finish), not sliced per token."""
-    if isinstance(key, str) and key.startswith(PREFIX):
+    if isinstance(key, str) and key.startswith(PREFIX) and key not in PER_TOKEN_KEYS:
         return True
     return original(self, key, *args, **kwargs)
 
@@ -179,7 +199,7 @@ def hook_update_request_meta_info(original, self, meta_info, state, customized_i
     for key in ours:
         values = customized_info[key][index]
         if isinstance(values, list):
-            if values:
+            if values and values[-1] is not None:  # a per-token key: its latest value
                 store[key] = values[-1]
         elif values is not None:
             store[key] = values
@@ -208,7 +228,7 @@ def hook_spec_decoding_metrics(original, self, meta_info, recv_obj, i, *args, **
                else 0)
     caps = getattr(recv_obj, "spec_num_cap_tokens", None)
     verified_tokens = int(caps[i]) if caps is not None and len(caps) > i else None
-    metrics = request_metrics(int(store[SIZE_KEY]), verify_ct, correct, verified_tokens)
+    metrics = request_metrics(int(store[SIZE_KEY]), verify_ct, correct, verified_tokens, store.get(DRAFTED_KEY))
     for key in ("blockpilot_drafted_tokens", "blockpilot_verified_drafts", "blockpilot_accept_length",
                 "blockpilot_accept_rate"):
         meta_info[key] = metrics[key]

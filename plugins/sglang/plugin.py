@@ -37,6 +37,9 @@ ALGORITHM = "BLOCKPILOT"
 PATCHES: dict[str, str] = {}
 _registered = False
 _activated = False
+# Hooks that run while the server arguments are resolved, before the runtime context exists: their
+# first argument is the algorithm's name, which the one check reads instead.
+ARGUMENT_TIME_HOOKS = ("._forces_eagle_topk_one", "._resolve_speculative_algorithm_alias")
 
 
 # --------------------------------------------------------------------------
@@ -130,9 +133,12 @@ def _make_spec_class():
 
         # -- the rest of the enum's interface, as DFLASH --
         def handle_server_args(self, server_args) -> None:
-            from .server_args import handle_server_args
+            from .server_args import handle_server_args, refuse_at_start_up
 
-            handle_server_args(server_args)
+            try:
+                handle_server_args(server_args)
+            except ValueError as err:
+                refuse_at_start_up(err)
 
         def build_disagg_draft_input(self, batch, last_tokens_tensor, future_map):
             return DFLASH.build_disagg_draft_input(batch, last_tokens_tensor, future_map)
@@ -195,8 +201,13 @@ def hook_table() -> list[tuple[str, object, object, str]]:
     from . import info, metrics, settings
     from .cpu import patches as cpu_patches
 
+    from . import server_args
+
     AROUND, AFTER = HookType.AROUND, HookType.AFTER
     table = [
+        ("sglang.srt.arg_groups.speculative_hook._resolve_speculative_algorithm_alias",
+         server_args.hook_resolve_algorithm_alias, AROUND,
+         "read the drafter's config first: a drafter without a usable one is refused in one line"),
         ("sglang.srt.speculative.spec_utils.spec_need_hidden_states", _hook_spec_need_hidden_states, AROUND,
          "False for BLOCKPILOT, as for DFLASH (compared by name)"),
         ("sglang.srt.arg_groups.model_override_base._forces_eagle_topk_one", _hook_forces_eagle_topk_one, AROUND,
@@ -239,7 +250,7 @@ def _register_hooks() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     for target, hook, hook_type, reason in hook_table():
-        takes_algorithm = hook is _hook_forces_eagle_topk_one  # runs before the runtime context exists
+        takes_algorithm = target.endswith(ARGUMENT_TIME_HOOKS)
         HookRegistry.register(target, only_when_serving_blockpilot(hook, hook_type, takes_algorithm), hook_type)
         PATCHES[".".join(target.rsplit(".", 2)[-2:])] = reason
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from typing import Optional
 
 from blockpilot.runtime.blocks import DEFAULT_BLOCK_SIZE, MIN_SPECULATIVE_BLOCK_SIZE
@@ -93,6 +95,34 @@ def _resolve_draft_attention_backend(sa) -> str:
                        backend, device, new)
         return new
     return backend
+
+
+def launched_from_the_command_line() -> bool:
+    """Whether this process is SGLang's launcher (``python -m sglang.launch_server``, the ``sglang``
+    CLI), not a program that builds an engine itself."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return bool(spec and spec.name.startswith("sglang.")) or os.path.basename(sys.argv[0]) == "sglang"
+
+
+def refuse_at_start_up(err: ValueError):
+    """A launch from the command line stops with one line that names the file and the reason (the
+    trace through SGLang's argument handling tells a user nothing more); from a program
+    (``sglang.Engine(...)``) the ValueError goes to the caller."""
+    if not launched_from_the_command_line():
+        raise err
+    raise SystemExit(" ".join(str(err).split())) from None
+
+
+def hook_resolve_algorithm_alias(original, speculative_algorithm, speculative_draft_model_path=None, *args, **kwargs):
+    """AROUND ``speculative_hook._resolve_speculative_algorithm_alias``: SGLang reads the drafter's
+    config there, before BLOCKPILOT's own argument handling; read it first, so a drafter directory
+    without a usable config.json gets BLOCKPILOT's one line, not SGLang's trace."""
+    if speculative_draft_model_path:
+        try:
+            bp_settings.read_drafter_config(speculative_draft_model_path)
+        except ValueError as err:
+            refuse_at_start_up(err)
+    return original(speculative_algorithm, speculative_draft_model_path, *args, **kwargs)
 
 
 def handle_server_args(sa) -> None:

@@ -3,7 +3,7 @@
 * :class:`ServerSettings`: candidate range, policy, padding, draft mask, per-step verify; one typed
   place, read in every SGLang process from the same environment (YAML named by
   ``BLOCKPILOT_SGLANG_CONFIG``, overridden by ``BLOCKPILOT_BLOCK_SIZES``, ``BLOCKPILOT_POLICY``,
-  ``BLOCKPILOT_PAD_TO``, ``BLOCKPILOT_VERIFY``, ``BLOCKPILOT_STEP_COSTS``);
+  ``BLOCKPILOT_PAD_TO``, ``BLOCKPILOT_VERIFY``, ``BLOCKPILOT_STEP_COSTS``, ``BLOCKPILOT_DRAFT_PLAN``);
 * the per-step verify rule (:func:`build_verify_rule`: the runtime's, from the same files);
 * a request's parameters, ``sampling_params.custom_params["blockpilot_*"]``
   (:func:`parse_request_params`), refused with HTTP 400 when unknown or out of range
@@ -32,6 +32,8 @@ VERIFY_MODES = ("auto", "full")
 ENV_CONFIG, ENV_POLICY, ENV_SIZES, ENV_PAD_TO, ENV_VERIFY = (
     "BLOCKPILOT_SGLANG_CONFIG", "BLOCKPILOT_POLICY", "BLOCKPILOT_BLOCK_SIZES", "BLOCKPILOT_PAD_TO", "BLOCKPILOT_VERIFY")
 ENV_STEP_COSTS = "BLOCKPILOT_STEP_COSTS"  # the runtime's name (step_verify.STEP_COSTS_ENV)
+ENV_DRAFT_PLAN = "BLOCKPILOT_DRAFT_PLAN"  # on | off
+ON_OFF = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}
 
 
 # --------------------------------------------------------------------------
@@ -51,6 +53,7 @@ class ServerSettings:
     verify: Optional[str] = None  # "auto" | "full"; None: auto when a step-cost table is found, else full
     step_costs: Optional[str] = None  # SpsCostTable JSON; None: the shipped table when serving the shipped drafter
     verify_calibration: Optional[str] = None  # DSpark STS JSON; None: verify_calibration.json beside the drafter
+    draft_plan: bool = True  # plan each step's width before drafting (VerifyRule.plan)
 
     def __post_init__(self):
         if self.pad_to not in (None, "batch", "server"):
@@ -98,6 +101,11 @@ class ServerSettings:
             data["verify"] = environ[ENV_VERIFY]
         if environ.get(ENV_STEP_COSTS):
             data["step_costs"] = environ[ENV_STEP_COSTS]
+        if environ.get(ENV_DRAFT_PLAN):
+            value = environ[ENV_DRAFT_PLAN].strip().lower()
+            if value not in ON_OFF:
+                raise ValueError(f"{ENV_DRAFT_PLAN} must be on or off, got {environ[ENV_DRAFT_PLAN]!r}")
+            data["draft_plan"] = ON_OFF[value]
         return cls(**data)
 
     def size_range(self, server_max: int) -> tuple[int, int]:
@@ -273,7 +281,8 @@ def build_verify_rule(cfg: ServerSettings, draft_model_path: Optional[str]):
     ValueError, one line naming the file, for a table or calibration that cannot be used."""
     from blockpilot.runtime.config import build_verify_rule as runtime_verify_rule
 
-    fields_ = SimpleNamespace(verify=cfg.verify, step_costs=cfg.step_costs, verify_calibration=cfg.verify_calibration)
+    fields_ = SimpleNamespace(verify=cfg.verify, step_costs=cfg.step_costs, verify_calibration=cfg.verify_calibration,
+                              draft_plan=cfg.draft_plan)
     try:
         rule = runtime_verify_rule(fields_, Path(draft_model_path) if draft_model_path else None)
     except (OSError, ValueError) as err:

@@ -130,14 +130,16 @@ class BlockPilotWorker(DFlashWorkerV2):
         self._bp_cap: Optional[torch.Tensor] = None  # [bs] widths on the device while a mixed step runs
         self._bp_auto_rows: Optional[torch.Tensor] = None  # [bs] bool: rows the rule may cut, this step
         self._bp_verify_width: Optional[int] = None  # the step's verify width, once the rule narrowed it
+        self._bp_step_widths: Optional[list[int]] = None  # [bs] each row's block this step (the plan's)
         capacity = max(int(server_args.max_running_requests or 0),
                        int(getattr(server_args, "cuda_graph_max_bs_decode", 0) or 0), 1) + 8
         self._bp_alloc_widths(capacity)
         logger.info(
             "BLOCKPILOT per-request block sizes: range %d-%d (server width %d), default %d (%s), policy %s, "
-            "pad_to %s, draft mask %s, verify %s%s", self._bp_min, self._bp_max, self._bp_max, self._bp_default,
-            self._bp_default_source, path if path is not None else "none", self._bp_pad_to, cfg.draft_mask,
-            verify_rule.describe(), f" (step costs {verify_rule.costs.source})" if verify_rule.costs else "")
+            "pad_to %s, draft mask %s, verify %s%s, draft plan %s", self._bp_min, self._bp_max, self._bp_max,
+            self._bp_default, self._bp_default_source, path if path is not None else "none", self._bp_pad_to,
+            cfg.draft_mask, verify_rule.describe(), f" (step costs {verify_rule.costs.source})" if verify_rule.costs else "",
+            "on" if verify_rule.can_choose and verify_rule.draft_plan and self._bp_pad_to == "batch" else "off")
 
     def _bp_alloc_widths(self, capacity: int) -> None:
         pin = str(self.device).startswith("cuda")
@@ -255,13 +257,16 @@ class BlockPilotWorker(DFlashWorkerV2):
                          len(batch.reqs), len(batch.seq_lens))
             return super().forward_batch_generation(*args)
         choices = self._bp_decode_choices(batch)
-        with self._bp_forward(batch, choices), self._bp_step([c.block_size for c in choices]):
+        widths = self._bp_plan_widths(choices)
+        with self._bp_forward(batch, choices), self._bp_step(widths):
             self._bp_auto_rows = self._bp_rows_the_rule_may_cut(batch, choices)
             result = super().forward_batch_generation(*args)
+            for req, width in zip(batch.reqs, widths):
+                metrics.count_drafted(req, width - 1, tokens_ahead=width)
             # SGLang's per-row verify window (DSpark's cap_lens): verified tokens, bonus included. It
             # feeds spec_cap_length (meta_info, Prometheus) and the verified-draft counts (metrics.py).
             verified = self._bp_verify_width or self._bp_max
-            result.cap_lens = torch.tensor([min(c.block_size, verified) for c in choices], dtype=torch.int32)
+            result.cap_lens = torch.tensor([min(w, verified) for w in widths], dtype=torch.int32)
             return result
 
     def _append_target_hidden_to_draft_kv_by_loc(self, **kwargs):
@@ -321,7 +326,24 @@ class BlockPilotWorker(DFlashWorkerV2):
         choices = self._bp_choices if self._bp_choices is not None else []
         return choices if len(choices) == rows else [None] * rows  # e.g. an idle batch
 
-    # ---- the per-step verify width ------------------------------------------------------------
+    # ---- the per-step plan and verify width -----------------------------------------------------
+    def _bp_plan_widths(self, choices: list[BlockChoice]) -> list[int]:
+        """Each row's block this step: its own size, narrowed by the runtime's plan
+        (``VerifyRule.plan``, padded) where the AUTO rows' drafts are not expected to pay at this batch
+        size: the step's width follows what its rows' recent drafts were worth, so one wide request
+        no longer makes every row draft and verify its width. The padded step is at least
+        ``blocks.batch_width``'s floor (2), so a plan of no drafts still runs the drafter over the
+        bonus and one draft; the verify width chosen after the draft may drop that draft."""
+        sizes = [c.block_size for c in choices]
+        if not (self._bp_rule.can_choose and self._bp_rule.draft_plan) or self._bp_pad_to != "batch":
+            return sizes  # (padded to the server's width, a narrower row would save nothing)
+        outlooks = [c.outlook if c.block_size > 1 and self._bp_verify_mode(c.verify) is VerifyMode.AUTO else None
+                    for c in choices]
+        if all(o is None for o in outlooks):
+            return sizes
+        planned = self._bp_rule.plan(outlooks, torch.tensor([max(s - 1, 0) for s in sizes]), padded=True)
+        return [int(p) + 1 for p in planned]
+
     def _bp_rows_the_rule_may_cut(self, batch, choices: list[BlockChoice]) -> Optional[torch.Tensor]:
         """[bs] bool: the rows whose drafts the rule may cut this step (AUTO, with drafts), or None
         when the rule does not run: no such row, or a step whose later stages read the step width
@@ -329,6 +351,7 @@ class BlockPilotWorker(DFlashWorkerV2):
         if (not self._bp_rule.can_choose or getattr(batch, "return_logprob", False)
                 or getattr(self, "_need_mamba_verify_commit", False)):
             return None
+        # (a row the plan kept plain this step counts: the rule then drops the padded step's draft column)
         auto = torch.tensor([c.block_size > 1 and self._bp_verify_mode(c.verify) is VerifyMode.AUTO
                              for c in choices])
         return auto if bool(auto.any()) else None
@@ -356,8 +379,11 @@ class BlockPilotWorker(DFlashWorkerV2):
         """The step's verify width in tokens (1 + drafts): the runtime's padded rule over the rows'
         confidences; FULL rows count as certain and keep all their drafts."""
         auto = self._bp_auto_rows
-        counts = torch.tensor([max(c.block_size - 1, 0) for c in self._bp_choices])  # each row's own drafts
+        counts = torch.tensor([max(w - 1, 0) for w in self._bp_step_widths])  # each row's own drafts this step
         grid = torch.where(auto[:, None], confidence, torch.ones_like(confidence))
+        products = blocks.survival(grid, counts)
+        for r in torch.nonzero(auto & (counts > 0)).flatten().tolist():  # what the next plans read
+            self._bp_choices[r].outlook.observe(products[r, : int(counts[r])])
         drafted = int(confidence.shape[0]) * (int(confidence.shape[1]) + 1)  # the padded draft forward's tokens
         chosen = self._bp_rule.choose(grid, counts, drafted_tokens=drafted, padded=True)
         keep_whole = int(counts[~auto].max()) if bool((~auto).any()) else 0
@@ -369,7 +395,7 @@ class BlockPilotWorker(DFlashWorkerV2):
         self._bp_switch_width(width)
         self._ensure_draft_block_buffers(bs)  # the verify's token buffer, read without asking
         self._bp_verify_width = width
-        caps = [min(c.block_size, width) for c in self._bp_choices]
+        caps = [min(w, width) for w in self._bp_step_widths]
         self._bp_cap = self._bp_stage_widths(caps)[0] if any(cap != width for cap in caps) else None
 
     def _bp_verified_columns(self, kwargs: dict) -> dict:
@@ -397,6 +423,7 @@ class BlockPilotWorker(DFlashWorkerV2):
     def _bp_step(self, widths: list[int]):
         step = blocks.batch_width(widths) if self._bp_pad_to == "batch" else self._bp_max
         draft_info = None
+        self._bp_step_widths = widths
         try:
             self._bp_switch_width(step)
             if any(w != step for w in widths):
@@ -407,7 +434,7 @@ class BlockPilotWorker(DFlashWorkerV2):
                     draft_info.set_widths(device_widths, host_widths)
             yield
         finally:
-            self._bp_cap = self._bp_auto_rows = self._bp_verify_width = None
+            self._bp_cap = self._bp_auto_rows = self._bp_verify_width = self._bp_step_widths = None
             if draft_info is not None:
                 draft_info.set_widths(None, None)
             self._bp_switch_width(self._bp_max)

@@ -154,6 +154,39 @@ def test_meta_info_counts_drafted_and_verified(monkeypatch):
     assert meta["blockpilot_verify"] == "auto"
 
 
+def test_drafted_tokens_are_counted_per_step_against_the_output_tokens():
+    """The worker counts each step's drafts (the plan may draft fewer than B_r - 1); the count rides
+    per output token, so a streamed chunk and the finish both carry the latest total."""
+    req = SimpleNamespace(customized_info=None, output_ids=[11])  # the prefill's token
+    metrics.count_drafted(req, 7, tokens_ahead=8)
+    assert req.customized_info[metrics.DRAFTED_KEY] == [0] + [7] * 8
+    req.output_ids += [1, 2, 3]  # the step committed 3 tokens
+    metrics.count_drafted(req, 0, tokens_ahead=8)  # a planned-plain step
+    assert req.customized_info[metrics.DRAFTED_KEY][:4] == [0, 7, 7, 7]
+    assert req.customized_info[metrics.DRAFTED_KEY][4:] == [7] * 8
+    req.output_ids += [4]
+    metrics.count_drafted(req, 2, tokens_ahead=3)
+    assert req.customized_info[metrics.DRAFTED_KEY] == [0, 7, 7, 7, 7, 9, 9, 9]
+    assert not metrics.hook_is_request_level_key(lambda self, key: False, None, metrics.DRAFTED_KEY)
+    assert metrics.hook_is_request_level_key(lambda self, key: False, None, metrics.SIZE_KEY)  # sent once
+
+
+def test_meta_info_takes_the_workers_drafted_count(monkeypatch):
+    from sglang.srt.managers import tokenizer_manager as tm
+
+    monkeypatch.setattr(tm, "get_spec", lambda: SimpleNamespace(speculative_num_draft_tokens=16))
+    manager = tokenizer_manager()
+    manager.rid_to_state["r"] = SimpleNamespace(blockpilot={
+        "blockpilot_block_size": 8, "blockpilot_block_source": "policy", "blockpilot_verify": "auto",
+        metrics.DRAFTED_KEY: 21})  # 5 verifies of an 8-wide block, two of them planned plain
+    recv = SimpleNamespace(rids=["r"], spec_verify_ct=[5], spec_num_correct_drafts=[10], completion_tokens=[16],
+                           spec_correct_drafts_histogram=None, spec_cap_lens_histogram=None,
+                           spec_num_cap_tokens=[24])
+    meta = {}
+    metrics.hook_spec_decoding_metrics(tm.TokenizerManager._calculate_spec_decoding_metrics, manager, meta, recv, 0)
+    assert meta["blockpilot_drafted_tokens"] == 21 and meta["blockpilot_verified_drafts"] == 19
+
+
 def test_a_recorded_choice_is_read_back():
     req = SimpleNamespace(customized_info={"other": [1]})
     assert metrics.recorded_choice(req) is None

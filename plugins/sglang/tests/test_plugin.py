@@ -169,9 +169,9 @@ def test_every_hook_is_sglangs_own_function_on_other_servers(monkeypatch, algori
     monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
     monkeypatch.setattr(runtime_context, "get_spec", lambda: SimpleNamespace(speculative_algorithm=algorithm))
     table = plugin.hook_table()
-    assert len(table) == 11  # CPU engine: every hook but the FlashInfer one
+    assert len(table) == 12  # CPU engine: every hook but the FlashInfer one
     for target, hook, hook_type, _ in table:
-        gated = plugin.only_when_serving_blockpilot(hook, hook_type, hook is plugin._hook_forces_eagle_topk_one)
+        gated = plugin.only_when_serving_blockpilot(hook, hook_type, target.endswith(plugin.ARGUMENT_TIME_HOOKS))
         args, kwargs, result = (algorithm, object()), {"junk": object()}, object()
         if hook_type == HookType.AROUND:
             seen = []

@@ -1,7 +1,6 @@
 """End to end: a real SGLang server on 127.0.0.1 with ``--speculative-algorithm blockpilot`` and
 per-request block sizes, on CPU. Skipped when sglang is not importable (or the default model is
-not prepared); slow (several minutes on 2 cores: two BLOCKPILOT servers, one plain server, one
-launch that must fail, one at a time).
+not prepared); slow (several minutes on 2 cores: two BLOCKPILOT servers, one plain server, one at a time).
 
 What it proves:
 * greedy outputs equal transformers' greedy tokens (and the plain server's) for several prompts
@@ -15,8 +14,8 @@ What it proves:
   exactly its own B_r tokens per verify in a mixed batch, and the per-request and server accept
   rates count each request's own drafts;
 * a bad per-request size, a misspelt ``blockpilot_*`` key or a bad ``blockpilot_verify`` is refused
-  with HTTP 400 (other plugins' keys pass); a bad policy file (random bytes) makes the server refuse
-  to start with a clear message;
+  with HTTP 400 (other plugins' keys pass);
+* a client that goes away mid-stream: its request is aborted, its KV freed, the next request runs;
 * no request fell back to the default size (no server log names a fallback), and the fallback
   counter is exported to Prometheus;
 * a server WITHOUT speculation, in the same environment with the plugin installed, behaves exactly
@@ -36,13 +35,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,6 +45,12 @@ pytest.importorskip("sglang")
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
+
+from blockpilot.plugins.sglang.local_server import (  # noqa: E402,F401  (the timeouts: used by siblings)
+    REQUEST_TIMEOUT,
+    START_TIMEOUT,
+    LocalServer,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -68,11 +67,8 @@ TEXTS = [
     "List the planets of the solar system in order.",
     "Translate 'good morning' into Spanish, French and German.",
 ]
-READY = "The server is fired up and ready to roll"
 # What a server log says when a request fell back to the default block size (the plugin, the runtime's policy).
 FALLBACK_LINES = ("BLOCKPILOT fallback", "block-size policy failed")
-START_TIMEOUT = 900  # s, two busy cores
-REQUEST_TIMEOUT = 1800
 
 
 # ---- reference: the runtime / transformers ---------------------------------------------------------
@@ -173,94 +169,25 @@ def policy(target, drafter_dir, prompts):
 
 
 # ---- servers ----------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """One SGLang server process group on 127.0.0.1, its output in a log file; always killed."""
+class Server(LocalServer):
+    """A test server: every draft verified unless the test names BLOCKPILOT_VERIFY, and optionally a
+    probe in its scheduler process (see write_probe)."""
 
     def __init__(self, log_path: Path, extra_args: list[str], env: dict | None = None, probe: Path | None = None):
-        from blockpilot.runtime.assets import default_model_dir
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        args = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(default_model_dir()),
-                "--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32",
-                "--host", "127.0.0.1", "--port", str(self.port), "--max-total-tokens", "8192",
-                "--mem-fraction-static", "0.05", "--sleep-on-idle", *extra_args]
-        full_env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", **(env or {})}
-        if probe is not None:  # see write_probe
-            args += ["--forward-hooks", json.dumps([{"name": "blockpilot-probe", "target_modules": ["model.norm"],
-                                                     "hook_factory": "blockpilot_probe:factory",
-                                                     "config": {"out": str(probe.with_suffix(".json"))}}])]
-            full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(probe.parent), full_env.get("PYTHONPATH")]))
-        for name in ("BLOCKPILOT_POLICY", "BLOCKPILOT_BLOCK_SIZES", "BLOCKPILOT_PAD_TO", "BLOCKPILOT_SGLANG_CONFIG",
-                     "BLOCKPILOT_VERIFY", "BLOCKPILOT_STEP_COSTS"):
-            if name not in (env or {}):
-                full_env.pop(name, None)
+        env = dict(env or {})
         # These tests pin the per-request block-size mechanics with exact draft counts, so every draft
         # is verified unless a test asks otherwise; the per-step rule has its own (test_server_verify.py).
-        full_env.setdefault("BLOCKPILOT_VERIFY", "full")
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=full_env,
-                                     start_new_session=True)
-
-    def text(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
+        env.setdefault("BLOCKPILOT_VERIFY", "full")
+        if probe is not None:
+            extra_args = [*extra_args, "--forward-hooks", json.dumps([{
+                "name": "blockpilot-probe", "target_modules": ["model.norm"], "hook_factory": "blockpilot_probe:factory",
+                "config": {"out": str(probe.with_suffix(".json"))}}])]
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(probe.parent), os.environ.get("PYTHONPATH")]))
+        super().__init__(log_path, extra_args, env=env)
 
     def fallbacks(self) -> list[str]:
         """The log lines that name a fallback to the default block size."""
         return [line for line in self.text().splitlines() if any(marker in line for marker in FALLBACK_LINES)]
-
-    def wait_ready(self) -> None:
-        for _ in range(START_TIMEOUT):
-            if READY in self.text():
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited ({self.proc.returncode}):\n{self.text()[-4000:]}")
-            time.sleep(1)
-        raise AssertionError(f"server not ready after {START_TIMEOUT} s:\n{self.text()[-4000:]}")
-
-    def wait_exit(self) -> int:
-        return self.proc.wait(timeout=START_TIMEOUT)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=60)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        try:  # the scheduler/detokenizer children share the group
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.log.close()
-
-    def post(self, path: str, body: dict) -> tuple[int, dict | str]:
-        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            return err.code, err.read().decode(errors="replace")
-
-    def stream(self, body: dict) -> list[dict]:
-        request = urllib.request.Request(self.url + "/generate", data=json.dumps({**body, "stream": True}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        chunks = []
-        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
-            for line in response:
-                line = line.decode().strip()
-                if line.startswith("data:") and line != "data: [DONE]":
-                    chunks.append(json.loads(line[len("data:"):]))
-        return chunks
 
 
 def greedy(prompt, size=None, custom=None, **extra):
@@ -333,9 +260,13 @@ def blockpilot_run(drafter_dir, policy, prompts, tmp_path_factory):
         bad_keys = {json.dumps(custom): server.post("/generate", greedy(prompts[0], custom=custom))
                     for custom in BAD_KEYS}
         params = run_concurrently(server, [greedy(prompts[i], size, custom) for i, size, custom in GOOD_KEYS])
+        # A client that goes away mid-stream (issue 14): then the next request on the same server.
+        disconnect = disconnect_mid_stream(server, greedy(prompts[2], 4, max_new_tokens=DISCONNECT_TOKENS))
+        after_disconnect = server.post("/generate", greedy(prompts[2], 4))
         run = dict(mixed=list(zip(mixed, results[:len(mixed)])), sampling=results[len(mixed)],
                    auto=results[len(mixed) + 1], narrow=list(zip(narrow, narrow_results)), streamed=streamed,
-                   bad=bad, bad_keys=bad_keys, params=list(zip(GOOD_KEYS, params)), log=server.text(),
+                   bad=bad, bad_keys=bad_keys, params=list(zip(GOOD_KEYS, params)), disconnect=disconnect,
+                   after_disconnect=after_disconnect, log=server.text(),
                    fallbacks=server.fallbacks())
     finally:
         server.stop()
@@ -369,6 +300,25 @@ def write_summary(run, path):
     rows += [row("narrow", i, size, result) for (i, size), result in run["narrow"]]
     rows += [row("bad", 0, value, result) for value, result in run["bad"].items()]
     path.write_text(json.dumps(rows, indent=1))
+
+
+DISCONNECT_TOKENS = 2000  # far more than are generated before the client goes away
+LOADS = "/v1/loads?include=core"  # SGLang's load snapshot: running requests, KV tokens in use
+
+
+def disconnect_mid_stream(server, body, chunks: int = 3, timeout: float = 120) -> dict:
+    """Stream `body`, read `chunks` chunks, close the connection; then poll the server's load until
+    nothing runs and no KV token is in use (or `timeout`). Returns what was seen."""
+    stream = server.stream_chunks(body)
+    seen = [next(stream) for _ in range(chunks)]
+    stream.close()  # leaves the with-block in stream_chunks: the socket closes mid-response
+    start = time.monotonic()
+    while True:
+        _, loads = server.get(LOADS)
+        load = loads["loads"][0]
+        if (load["num_running_reqs"] == 0 and load["num_used_tokens"] == 0) or time.monotonic() - start > timeout:
+            return dict(chunks=seen, load=load, seconds=time.monotonic() - start)
+        time.sleep(0.5)
 
 
 def run_plain_server(prompts, directory: Path, env: dict | None = None, concurrent: bool = True) -> dict:
@@ -497,6 +447,19 @@ def test_streaming_request_carries_the_fields(blockpilot_run):
     check_meta(last, 5, "request", "streamed")
 
 
+def test_a_client_gone_mid_stream_frees_its_request(blockpilot_run, reference):
+    seen = blockpilot_run["disconnect"]
+    produced = len(seen["chunks"][-1]["output_ids"])
+    assert 0 < produced < DISCONNECT_TOKENS, seen["chunks"][-1]
+    # aborted: nothing runs, no KV token in use (its KV and its rows of the batch's spec info, which
+    # hold all per-request BlockPilot state, left with the request)
+    assert seen["load"]["num_running_reqs"] == 0 and seen["load"]["num_used_tokens"] == 0, seen
+    assert seen["seconds"] < 60, seen
+    status, out = blockpilot_run["after_disconnect"]
+    assert status == 200, out
+    assert_greedy_equal(out["output_ids"], *reference[2], "the request after a client went away")
+
+
 def test_bad_request_sizes_are_refused(blockpilot_run):
     for value, (status, body) in blockpilot_run["bad"].items():
         assert status == 400, (value, status, body)
@@ -582,8 +545,7 @@ def simulated_run(drafter_dir, prompts, tmp_path_factory):
     try:
         server.wait_ready()
         results = run_concurrently(server, [greedy(prompts[i], size) for i, size in enumerate(SIMULATED_SIZES)])
-        with urllib.request.urlopen(server.url + "/metrics", timeout=REQUEST_TIMEOUT) as response:
-            prometheus = response.read().decode()
+        _, prometheus = server.get("/metrics")
         return results, server.text(), dict(probe=read_probe(probe), prometheus=prometheus,
                                             fallbacks=server.fallbacks())
     finally:
@@ -625,20 +587,3 @@ def test_a_blockpilot_server_patches_its_scheduler_and_exports_fallbacks(simulat
         assert f'sglang:blockpilot_fallbacks_total{{cause="{cause}"}} 0.0' in seen["prometheus"], cause
     assert "sglang:spec_accept_rate" in seen["prometheus"]
     assert not seen["fallbacks"], seen["fallbacks"]
-
-
-def test_a_bad_policy_file_stops_the_server_at_start_up(drafter_dir, tmp_path):
-    garbage = tmp_path / "garbage.onnx"
-    garbage.write_bytes(os.urandom(4096))
-    server = Server(tmp_path / "bad.log", ["--speculative-algorithm", "blockpilot",
-                                           "--speculative-draft-model-path", str(drafter_dir[0])],
-                    env={"BLOCKPILOT_POLICY": str(garbage)})
-    try:
-        code = server.wait_exit()
-        text = server.text()
-    finally:
-        server.stop()
-    assert code != 0 and READY not in text
-    message = (f"BlockPilot policy {str(garbage)!r} cannot be used with this server: "
-               f"policy file {str(garbage)!r} is not a readable ONNX model")
-    assert message in text, text[-3000:]

@@ -7,14 +7,16 @@ block sizes:
 
 * every output equals SGLang without speculation (a plain server) and transformers' greedy, token
   for token;
-* meta_info's counts add up: verified <= drafted per request, some drafts verified, the rule cut at
-  least once (verified < drafted on a 16-wide request), SGLang's ``spec_cap_length`` = verified
-  tokens per verify, the accept rate is over the verified drafts; a ``blockpilot_verify: full``
-  request verifies every draft; the decode log shows the mean verify window ("cap len");
-* a step-cost table that cannot be read stops the server at start, with one line naming the file.
+* meta_info's counts add up: verified <= drafted <= verify passes x (B_r - 1) per request, some
+  drafts verified, a 16-wide request cut at least once (by the rule or by the draft plan) and the
+  plan narrowed at least one request's steps (drafted below its block), SGLang's
+  ``spec_cap_length`` = verified tokens per verify, the accept rate is over the verified drafts; a
+  ``blockpilot_verify: full`` request verifies every draft; the decode log shows the mean verify
+  window ("cap len").
+(A step-cost table that cannot be read: test_server_startup.py.)
 
-Run: python -m pytest plugins/sglang/tests/test_server_verify.py -q -s (two launches and one that
-must fail; a few minutes on 2 cores). Knob: BLOCKPILOT_SGLANG_TEST_PLAIN=0 compares with
+Run: python -m pytest plugins/sglang/tests/test_server_verify.py -q -s (two launches; a few minutes
+on 2 cores). Knob: BLOCKPILOT_SGLANG_TEST_PLAIN=0 compares with
 transformers only (one launch fewer).
 """
 
@@ -30,7 +32,6 @@ torch = pytest.importorskip("torch")
 
 from test_server import (  # noqa: E402,F401  (fixtures: target, prompts, reference, drafter_dir)
     MAX_NEW_TOKENS,
-    READY,
     Server,
     assert_greedy_equal,
     drafter_dir,
@@ -101,13 +102,13 @@ def test_greedy_outputs_with_the_rule_on_equal_sglang_without_speculation(verify
 
 
 def test_verified_counts_add_up_and_the_rule_cut(verify_run):
-    cut_wide = 0
+    cut_wide = planned = 0
     for (i, size), (_, out) in verify_run["mixed"]:
         meta = out["meta_info"]
         ct, correct = meta["spec_verify_ct"], meta["spec_num_correct_drafts"]
         drafted, verified = meta["blockpilot_drafted_tokens"], meta["blockpilot_verified_drafts"]
         assert meta["blockpilot_block_size"] == size and meta["blockpilot_verify"] == "auto (raw drafter probabilities)"
-        assert drafted == ct * (size - 1), meta
+        assert drafted <= ct * (size - 1), meta  # the plan may draft fewer than the block
         assert correct <= verified <= drafted, meta
         assert meta["spec_num_proposed_drafts"] == verified, meta  # proposed to the target = verified
         if verified:
@@ -116,9 +117,11 @@ def test_verified_counts_add_up_and_the_rule_cut(verify_run):
         assert meta["spec_cap_length"] == pytest.approx((verified + ct) / ct), meta  # SGLang's verify window
         assert meta["blockpilot_accept_length"] == pytest.approx(1 + correct / ct), meta
         assert 0 <= 1 + ct + correct - meta["completion_tokens"] < size, meta  # each verify commits 1 + accepted
-        cut_wide += size == 16 and verified < drafted
+        cut_wide += size == 16 and verified < ct * (size - 1)
+        planned += drafted < ct * (size - 1)
     assert sum(out["meta_info"]["blockpilot_verified_drafts"] for _, (_, out) in verify_run["mixed"]) > 0
-    assert cut_wide >= 1, "the rule never cut a 16-wide block"
+    assert cut_wide >= 1, "neither the rule nor the plan ever cut a 16-wide block"
+    assert planned >= 1, "the draft plan never narrowed a step (the steep table should make it)"
     assert re.search(r"Decode batch.*cap len: [0-9.]+", verify_run["log"]), "no verify window in the decode log"
 
 
@@ -134,18 +137,3 @@ def test_a_full_verify_request_verifies_every_draft(verify_run):
 
 def test_the_server_log_names_the_rule_and_table(verify_run):
     assert f"verify auto (raw drafter probabilities) (step costs {verify_run['table']})" in verify_run["log"]
-
-
-def test_a_bad_step_cost_table_stops_the_server_at_start_up(drafter_dir, tmp_path):
-    bad = tmp_path / "step_costs.json"
-    bad.write_text('{"sample_batch_tokens": [1, 2]}')
-    server = Server(tmp_path / "bad.log", ["--speculative-algorithm", "blockpilot",
-                                           "--speculative-draft-model-path", str(drafter_dir[0])],
-                    env={"BLOCKPILOT_STEP_COSTS": str(bad), "BLOCKPILOT_POLICY": "none"})
-    try:
-        code = server.wait_exit()
-        text = server.text()
-    finally:
-        server.stop()
-    assert code != 0 and READY not in text
-    assert f"BLOCKPILOT verify: step-cost table {bad} lacks sample_steps_per_sec" in text, text[-3000:]

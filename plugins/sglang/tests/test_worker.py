@@ -65,7 +65,7 @@ def bare_worker(width: int = 16, pad_to: str = "batch") -> BlockPilotWorker:
     w._bp_max, w._bp_min = width, 2
     w._bp_pad_to = pad_to
     w._bp_states, w._bp_cap, w._bp_batch, w._bp_choices = {}, None, None, None
-    w._bp_width, w._bp_auto_rows, w._bp_verify_width = width, None, None
+    w._bp_width, w._bp_auto_rows, w._bp_verify_width, w._bp_step_widths = width, None, None, None
     w._bp_rule = VerifyRule()  # full verify (no step-cost table)
     w._bp_default, w._bp_default_source = width, "default"
     w._bp_policy = None
@@ -260,6 +260,38 @@ def test_the_rule_cuts_unsure_drafts_and_the_step_verifies_at_the_chosen_width()
     width = seen["width"]
     expected_cap = [min(8, width), min(6, width), min(2, width)]
     assert seen["cap"] == (expected_cap if any(c != width for c in expected_cap) else None)
+
+
+def test_the_plan_narrows_a_batch_whose_drafts_are_not_expected_to_pay():
+    w = verify_worker(8)
+
+    def batch(confidence, verify="auto", observed=True):
+        choices = [BlockChoice(8, "request", verify), BlockChoice(8, "request", verify)]
+        for c in choices:
+            if observed:
+                c.outlook.observe(torch.full((7,), confidence).cumprod(0))
+        return choices
+
+    assert w._bp_plan_widths(batch(0.01)) == [1, 1]  # hopeless: the narrowest step
+    assert w._bp_plan_widths(batch(0.99)) == [8, 8]  # near-certain: the whole block
+    assert w._bp_plan_widths(batch(0.01, observed=False)) == [8, 8]  # nothing known yet: a probe
+    assert w._bp_plan_widths(batch(0.01, verify="full")) == [8, 8]  # FULL rows draft their block
+    mixed = batch(0.01)[:1] + batch(0.99)[:1] + [BlockChoice(3, "request")]
+    planned = w._bp_plan_widths(mixed)  # one width for the batch: the sure row's drafts pay, the hopeless one's cost
+    assert 2 < planned[1] < 8 and planned[0] == planned[1] and planned[2] == min(3, planned[1])
+    assert verify_worker(8, VerifyRule())._bp_plan_widths(batch(0.01)) == [8, 8]  # no table: no plan
+    server = verify_worker(8)
+    server._bp_pad_to = "server"  # every step at the server width: a narrower row would save nothing
+    assert server._bp_plan_widths(batch(0.01)) == [8, 8]
+
+
+def test_a_drafting_step_updates_the_rows_outlooks():
+    head, states = confident_head(sure_columns=2, width=8)
+    choices = [BlockChoice(8, "request"), BlockChoice(4, "request"), BlockChoice(8, "request", verify="full")]
+    run_draft_argmax(verify_worker(8), choices, head, states(3))
+    assert len(choices[0].outlook.products) == 7 and len(choices[1].outlook.products) == 3
+    assert choices[0].outlook.products[:2].tolist() == pytest.approx([1.0, 1.0], abs=1e-3)  # the sure drafts
+    assert choices[2].outlook.products is None  # a FULL row is never planned
 
 
 def test_a_flat_cost_table_verifies_every_draft():
