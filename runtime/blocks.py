@@ -350,16 +350,21 @@ def choose_verify_lengths(survival_products: torch.Tensor, draft_counts: torch.T
 
 
 def plan_draft_lengths(expected_products: torch.Tensor, draft_counts: torch.Tensor, verify_seconds: torch.Tensor,
-                       draft_seconds: torch.Tensor, padded: bool = False) -> torch.Tensor:
+                       draft_seconds: torch.Tensor, padded: bool = False, plain_scale: float = 1.0,
+                       drafting_scale: float = 1.0) -> torch.Tensor:
     """Before the draft: [n] drafts each row drafts this step (0: a plain step for it, no drafter),
     from the survival products its drafts are expected to have (what its recent steps' calibrated
     confidences averaged). The step is priced as a verify of every drafted token plus the drafter's
     forward over the drafting rows' blocks (`draft_seconds[t]` for t block tokens; nothing when no
     row drafts). So drafting stops where, on this machine and at this batch size, it would not pay
-    on average: a wide verify of a large batch costs more than its expected extra tokens."""
+    on average: a wide verify of a large batch costs more than its expected extra tokens.
+    `plain_scale` / `drafting_scale` correct the table's prices of a step without and with drafts
+    where a server measured its own steps (`step_verify.StepTimeCorrection`)."""
     n = len(draft_counts)
     seconds = verify_seconds.double().cpu().clone()
     totals = torch.arange(len(seconds))
     drafting = totals > n  # some row drafts: the drafter runs over (about) every verified token
     seconds[drafting] += draft_seconds.double().cpu()[: len(seconds)][drafting]
+    seconds[drafting] *= drafting_scale
+    seconds[~drafting] *= plain_scale
     return choose_prefix_lengths(expected_products, draft_counts, seconds, padded)

@@ -345,6 +345,30 @@ class DraftOutlook:
 
 
 @dataclass
+class StepTimeCorrection:
+    """How a server's real decode steps compare with the step-cost table's price for them, kept apart
+    for plain steps (no drafts) and drafting steps: an exponential average of measured / priced
+    seconds (newest step weighted `DECAY`), 1 until measured. The table is measured with the
+    reference runtime; a server that runs the same model through another stack (SGLang's model
+    runners, its draft pass, its scheduler) pays overheads the table does not see, and they are
+    not the same for the two kinds of step. The plan (`VerifyRule.plan`) scales its prices by them."""
+
+    DECAY = 0.2
+
+    plain: float = 1.0
+    drafting: float = 1.0
+
+    def observe(self, drafting: bool, measured_s: float, priced_s: float) -> None:
+        if not (priced_s > 0 and measured_s > 0):
+            return
+        ratio = measured_s / priced_s
+        if drafting:
+            self.drafting = (1 - self.DECAY) * self.drafting + self.DECAY * ratio
+        else:
+            self.plain = (1 - self.DECAY) * self.plain + self.DECAY * ratio
+
+
+@dataclass
 class VerifyRule:
     """What the engine needs to choose verify widths: the default mode of its requests, the
     machine's step costs (without them every step verifies the whole block) and the calibration
@@ -387,7 +411,8 @@ class VerifyRule:
         temps = self.calibration.temperature_row(int(positions.max()))
         return draft_confidences(draft_logits, temps[positions.cpu() - 1])
 
-    def plan(self, outlooks: list[DraftOutlook | None], draft_counts: torch.Tensor, padded: bool = False) -> torch.Tensor:
+    def plan(self, outlooks: list[DraftOutlook | None], draft_counts: torch.Tensor, padded: bool = False,
+             correction: StepTimeCorrection | None = None) -> torch.Tensor:
         """Before the draft: [n] drafts each row drafts this step (0..draft_counts[r]), from the rows'
         outlooks and this machine's step costs (`blocks.plan_draft_lengths`); each outlook notes the
         choice. A row without an outlook (a FULL row) or whose outlook is due a probe counts as
@@ -399,14 +424,23 @@ class VerifyRule:
         ones = torch.ones(k, dtype=torch.float64)
         expected = torch.stack([o.expected(k) if o is not None else ones for o in outlooks])
         tokens = n * (k + 1)
+        correction = correction or StepTimeCorrection()
         chosen = blocks.plan_draft_lengths(expected, draft_counts, self.costs.verify_seconds_table(tokens),
-                                           self.costs.draft_seconds_table(tokens), padded=padded)
+                                           self.costs.draft_seconds_table(tokens), padded=padded,
+                                           plain_scale=correction.plain, drafting_scale=correction.drafting)
         probes = torch.tensor([o is not None and o.probe_due for o in outlooks])
         chosen = torch.where(probes, draft_counts, chosen)  # a probe drafts its block whatever it costs
         for outlook, drafts, wanted in zip(outlooks, chosen.tolist(), draft_counts.tolist()):
             if outlook is not None and wanted > 0:
                 outlook.planned(drafts)
         return chosen
+
+    def step_seconds(self, rows: int, drafted_tokens: int, verified_tokens: int) -> float:
+        """The table's price of one step: the drafter over `drafted_tokens` (0: none) and a verify
+        over `verified_tokens`, `rows` rows (what `StepTimeCorrection` compares a measured step with)."""
+        if self.costs is None:
+            return 0.0
+        return self.costs.draft_seconds(drafted_tokens) + self.costs.verify_seconds(max(verified_tokens, rows))
 
     def choose(self, confidence: torch.Tensor, draft_counts: torch.Tensor, drafted_tokens: int,
                padded: bool = False) -> torch.Tensor:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from blockpilot.runtime import blocks
-from blockpilot.runtime.step_verify import (ConfidenceCalibration, DraftOutlook, StepCostTable, VerifyMode, VerifyRule,
+from blockpilot.runtime.step_verify import (ConfidenceCalibration, DraftOutlook, StepCostTable, StepTimeCorrection,
+                                            VerifyMode, VerifyRule,
                                             confidence_grid, draft_confidences, expected_calibration_error,
                                             fit_calibration)
 
@@ -250,6 +251,23 @@ def test_an_outlook_follows_recent_drafts_and_probes_after_plain_steps():
     assert outlook.probe_due  # kept plain long enough: the next step drafts again
     outlook.planned(2)
     assert not outlook.probe_due
+
+
+def test_a_measured_correction_moves_the_plan():
+    verify, draft = plan_costs(per_token=0.001, base=0.028)
+    outlook = torch.tensor([0.6, 0.4, 0.25], dtype=torch.float64).expand(4, 3)
+    counts = torch.full((4,), 3)
+    assert blocks.plan_draft_lengths(outlook, counts, verify, draft, padded=True).tolist() == [3] * 4
+    slow_drafting = blocks.plan_draft_lengths(outlook, counts, verify, draft, padded=True, drafting_scale=3.0)
+    assert slow_drafting.tolist() == [0] * 4  # drafting steps cost 3x their price here: plain pays
+    slow_plain = blocks.plan_draft_lengths(outlook, counts, verify, draft, padded=True, drafting_scale=3.0,
+                                           plain_scale=3.0)
+    assert slow_plain.tolist() == [3] * 4  # both 3x: the same choice as the table's
+    correction = StepTimeCorrection()
+    correction.observe(True, 0.3, 0.1)
+    assert correction.drafting == pytest.approx(1 + StepTimeCorrection.DECAY * 2) and correction.plain == 1.0
+    correction.observe(False, 0.0, 0.1)  # nothing measured: ignored
+    assert correction.plain == 1.0
 
 
 def test_the_rule_plans_only_with_a_table_and_the_plan_on():

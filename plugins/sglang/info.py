@@ -39,6 +39,8 @@ from sglang.srt.speculative.draft_worker_common import make_draft_input_v2
 from blockpilot.runtime import blocks
 from blockpilot.runtime.step_verify import DraftOutlook
 
+from .cpu.attention import queries_only
+
 # The draft attention backends that run the draft mask: torch_native through
 # hook_torch_native_forward_extend, flashinfer through BlockPilotDraftBlockInfo.generate_attn_arg_prefill.
 DRAFT_MASK_BACKENDS = ("torch_native", "flashinfer")
@@ -170,8 +172,9 @@ class BlockPilotDraftBlockInfo(DFlashVerifyInput):
         prefix, width = fb.seq_lens, int(self.draft_token_num)
         widths = self._row_widths(int(prefix.shape[0]), prefix.device).to(prefix.dtype)
         keep = blocks.padded_valid(widths, width).reshape(-1)
-        real = _with_block_lengths(fb, prefix, widths,
-                                   lambda: original_fn(backend, q[keep], k, v, layer, fb, *args, **kwargs))
+        with queries_only(backend):
+            real = _with_block_lengths(fb, prefix, widths,
+                                       lambda: original_fn(backend, q[keep], k, v, layer, fb, *args, **kwargs))
         out = real.new_zeros((q.shape[0],) + tuple(real.shape[1:]))
         out[keep] = real
         return out
@@ -205,7 +208,8 @@ def hook_torch_native_forward_extend(original_fn, self, q, k, v, layer, forward_
     Every request there runs a block of the step width W after its committed prefix
     (``seq_lens``): prefix = seq_lens, extend = W. The backend's SDPA code is then right for both
     the causal verify and the non-causal draft. A mixed step's non-causal draft layers run the
-    draft mask instead (:meth:`BlockPilotDraftBlockInfo.forward_torch_native`).
+    draft mask instead (:meth:`BlockPilotDraftBlockInfo.forward_torch_native`). Both compute the
+    block's queries only (``cpu.attention.queries_only``), not every position of the sequence.
     """
     fb = forward_batch
     if not (fb.forward_mode.is_target_verify() and fb.extend_seq_lens is None and fb.seq_lens is not None):
@@ -217,7 +221,8 @@ def hook_torch_native_forward_extend(original_fn, self, q, k, v, layer, forward_
     if isinstance(info, BlockPilotDraftBlockInfo) and info.widths is not None and _is_noncausal(layer):
         return info.forward_torch_native(original_fn, self, q, k, v, layer, fb, *args, **kwargs)
     width = torch.full_like(fb.seq_lens, q.shape[0] // bs)
-    return _with_block_lengths(fb, fb.seq_lens, width, lambda: original_fn(self, q, k, v, layer, fb, *args, **kwargs))
+    with queries_only(self):  # the block's W queries, not the whole sequence's (cpu/attention.py)
+        return _with_block_lengths(fb, fb.seq_lens, width, lambda: original_fn(self, q, k, v, layer, fb, *args, **kwargs))
 
 
 def hook_dflash_prepare_for_verify(original_fn, self, batch, target_worker, *args, **kwargs):

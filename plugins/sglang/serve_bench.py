@@ -219,7 +219,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE",
                         help="BLOCKPILOT_* settings for the BlockPilot server (e.g. BLOCKPILOT_VERIFY=full)")
-    parser.add_argument("--server-args", default="", help="extra sglang.launch_server flags for both servers")
+    # Two servers side by side: the second one's static memory share is taken of what the first left
+    # (SGLang refuses 0.05 there); --max-total-tokens still bounds the KV cache.
+    parser.add_argument("--server-args", default="--mem-fraction-static 0.1",
+                        help="extra sglang.launch_server flags for both servers (default: %(default)s)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/serve-bench"))
     args = parser.parse_args(argv)
 

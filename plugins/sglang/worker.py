@@ -29,6 +29,7 @@ docs/sglang-per-request-design.md.
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Optional
@@ -43,7 +44,7 @@ from sglang.srt.speculative.draft_worker_common import build_block_pos_offsets
 
 from blockpilot.runtime import blocks
 from blockpilot.runtime.blocks import BlockSizeSource
-from blockpilot.runtime.step_verify import VerifyMode
+from blockpilot.runtime.step_verify import StepTimeCorrection, VerifyMode
 
 from . import metrics, plugin
 from . import settings as bp_settings
@@ -131,6 +132,8 @@ class BlockPilotWorker(DFlashWorkerV2):
         self._bp_auto_rows: Optional[torch.Tensor] = None  # [bs] bool: rows the rule may cut, this step
         self._bp_verify_width: Optional[int] = None  # the step's verify width, once the rule narrowed it
         self._bp_step_widths: Optional[list[int]] = None  # [bs] each row's block this step (the plan's)
+        # measured / priced step times, plain and drafting (CPU engine: a returned step has run)
+        self._bp_correction = StepTimeCorrection() if str(self.device) == "cpu" else None
         capacity = max(int(server_args.max_running_requests or 0),
                        int(getattr(server_args, "cuda_graph_max_bs_decode", 0) or 0), 1) + 8
         self._bp_alloc_widths(capacity)
@@ -260,7 +263,9 @@ class BlockPilotWorker(DFlashWorkerV2):
         widths = self._bp_plan_widths(choices)
         with self._bp_forward(batch, choices), self._bp_step(widths):
             self._bp_auto_rows = self._bp_rows_the_rule_may_cut(batch, choices)
+            started = time.perf_counter()
             result = super().forward_batch_generation(*args)
+            self._bp_time_step(widths, time.perf_counter() - started)
             for req, width in zip(batch.reqs, widths):
                 metrics.count_drafted(req, width - 1, tokens_ahead=width)
             # SGLang's per-row verify window (DSpark's cap_lens): verified tokens, bonus included. It
@@ -327,13 +332,28 @@ class BlockPilotWorker(DFlashWorkerV2):
         return choices if len(choices) == rows else [None] * rows  # e.g. an idle batch
 
     # ---- the per-step plan and verify width -----------------------------------------------------
+    def _bp_time_step(self, widths: list[int], seconds: float) -> None:
+        """What this decode step cost against the table's price for it (`StepTimeCorrection`), so
+        the plan prices plain and drafting steps as this server runs them. On the CPU engine only:
+        there a step has finished when the call returns; on a GPU it has only been launched (and
+        the table is measured for the serving machine, docs/gpu-deployment.md)."""
+        if self._bp_correction is None:
+            return
+        rows = len(widths)
+        step = int(self.block_size)  # the verify width the step ran at (the rule may have narrowed it)
+        drafting = max(widths) > 1
+        window = blocks.batch_width(widths) if drafting else 0
+        self._bp_correction.observe(drafting, seconds,
+                                    self._bp_rule.step_seconds(rows, rows * window, rows * (step if drafting else 1)))
+
     def _bp_plan_widths(self, choices: list[BlockChoice]) -> list[int]:
         """Each row's block this step: its own size, narrowed by the runtime's plan
         (``VerifyRule.plan``, padded) where the AUTO rows' drafts are not expected to pay at this batch
         size: the step's width follows what its rows' recent drafts were worth, so one wide request
-        no longer makes every row draft and verify its width. The padded step is at least
-        ``blocks.batch_width``'s floor (2), so a plan of no drafts still runs the drafter over the
-        bonus and one draft; the verify width chosen after the draft may drop that draft."""
+        no longer makes every row draft and verify its width. A step whose rows all plan no drafts
+        is a plain step (width 1, no draft forward: :meth:`_bp_skip_the_draft_forward`); otherwise
+        the padded step is at least ``blocks.batch_width``'s floor (2), and the verify width chosen
+        after the draft may drop a planned-plain row's column."""
         sizes = [c.block_size for c in choices]
         if not (self._bp_rule.can_choose and self._bp_rule.draft_plan) or self._bp_pad_to != "batch":
             return sizes  # (padded to the server's width, a narrower row would save nothing)
@@ -341,7 +361,8 @@ class BlockPilotWorker(DFlashWorkerV2):
                     for c in choices]
         if all(o is None for o in outlooks):
             return sizes
-        planned = self._bp_rule.plan(outlooks, torch.tensor([max(s - 1, 0) for s in sizes]), padded=True)
+        planned = self._bp_rule.plan(outlooks, torch.tensor([max(s - 1, 0) for s in sizes]), padded=True,
+                                     correction=self._bp_correction)
         return [int(p) + 1 for p in planned]
 
     def _bp_rows_the_rule_may_cut(self, batch, choices: list[BlockChoice]) -> Optional[torch.Tensor]:
@@ -421,10 +442,13 @@ class BlockPilotWorker(DFlashWorkerV2):
 
     @contextmanager
     def _bp_step(self, widths: list[int]):
-        step = blocks.batch_width(widths) if self._bp_pad_to == "batch" else self._bp_max
+        plain = self._bp_pad_to == "batch" and all(w == 1 for w in widths)
+        step = 1 if plain else blocks.batch_width(widths) if self._bp_pad_to == "batch" else self._bp_max
         draft_info = None
         self._bp_step_widths = widths
         try:
+            if plain:
+                self._bp_skip_the_draft_forward()
             self._bp_switch_width(step)
             if any(w != step for w in widths):
                 device_widths, host_widths = self._bp_stage_widths(widths)
@@ -438,6 +462,24 @@ class BlockPilotWorker(DFlashWorkerV2):
             if draft_info is not None:
                 draft_info.set_widths(None, None)
             self._bp_switch_width(self._bp_max)
+            if plain:
+                vars(self.draft_model_runner).pop("forward", None)  # the draft model runs again
+
+    def _bp_skip_the_draft_forward(self) -> None:
+        """A plain step (every row 1 wide: the plan drafts nothing, or requests that opted out):
+        DFlashWorkerV2 runs its decode at width 1, whose draft pass would only compute hidden states
+        for the bonus tokens, which nothing reads (no drafts; the draft KV slot of each bonus is
+        written from the target's states when it commits). So the draft model's forward is skipped
+        for this step: the step costs a target forward over one token per row, like a server
+        without speculation, plus DFLASH's bookkeeping."""
+        runner = self.draft_model_runner
+        hidden = int(runner.model_config.hidden_size)
+
+        def no_draft_forward(forward_batch, *args, **kwargs):
+            states = torch.zeros((int(forward_batch.input_ids.numel()), hidden), device=self.device)
+            return SimpleNamespace(logits_output=SimpleNamespace(hidden_states=states), can_run_graph=False)
+
+        runner.forward = no_draft_forward
 
     def _bp_switch_width(self, width: int) -> None:
         """Make the worker run at `width`: install its WIDTH_ATTRS, keeping the installed width's

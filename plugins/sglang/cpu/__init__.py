@@ -2,6 +2,8 @@
 
 * ``kernels.py``: plain-torch stand-ins for the ``sgl_kernel`` CPU ops (served as ``sgl_kernel``
   by ``../boot.py``; they are needed by any CPU server, with or without speculation).
+* ``attention.py``: ``torch_native``'s extend attention for the extend queries only, which
+  BlockPilot's draft and verify passes run (SGLang's own computes every position of the sequence);
 * ``patches.py``: the CPU gaps of the DFlash decode path (``record_stream`` on CPU tensors, the
   bf16 cast of ``input_embeds``, ``torch_native`` as a draft attention backend). They are applied
   only in a process that serves ``--speculative-algorithm blockpilot`` (see ``plugin.py``).

@@ -32,7 +32,7 @@ from blockpilot.plugins.sglang.info import (  # noqa: E402
     BlockPilotDraftInput,
 )
 from blockpilot.plugins.sglang.worker import WIDTH_ATTRS, BlockPilotWorker  # noqa: E402
-from blockpilot.runtime.step_verify import StepCostTable, VerifyMode, VerifyRule  # noqa: E402
+from blockpilot.runtime.step_verify import StepCostTable, StepTimeCorrection, VerifyMode, VerifyRule  # noqa: E402
 
 WORKERS: list = []  # every bare worker of the running test
 
@@ -66,6 +66,7 @@ def bare_worker(width: int = 16, pad_to: str = "batch") -> BlockPilotWorker:
     w._bp_pad_to = pad_to
     w._bp_states, w._bp_cap, w._bp_batch, w._bp_choices = {}, None, None, None
     w._bp_width, w._bp_auto_rows, w._bp_verify_width, w._bp_step_widths = width, None, None, None
+    w._bp_correction = None
     w._bp_rule = VerifyRule()  # full verify (no step-cost table)
     w._bp_default, w._bp_default_source = width, "default"
     w._bp_policy = None
@@ -182,6 +183,28 @@ def test_step_scope_installs_the_batch_width_and_restores():
     assert server_info.widths is None
 
 
+def test_a_plain_step_runs_at_width_one_without_the_draft_forward():
+    class DraftRunner:
+        model_config = SimpleNamespace(hidden_size=12)
+
+        def forward(self, forward_batch):
+            return "the draft model ran"
+
+    w = bare_worker(8)
+    w.draft_model_runner = DraftRunner()
+    with w._bp_step([1, 1, 1]):  # every row plain (the plan, or requests that opted out)
+        assert w.block_size == 1 and w._bp_cap is None
+        out = w.draft_model_runner.forward(SimpleNamespace(input_ids=torch.zeros(3, dtype=torch.long)))
+        assert out.logits_output.hidden_states.shape == (3, 12) and out.can_run_graph is False
+    assert w.block_size == 8 and w.draft_model_runner.forward(None) == "the draft model ran"  # restored
+    with w._bp_step([1, 3]):  # one row drafts: the draft model runs, at the floor width or wider
+        assert w.block_size == 3 and w.draft_model_runner.forward(None) == "the draft model ran"
+    pad_server = bare_worker(8, pad_to="server")
+    pad_server.draft_model_runner = DraftRunner()
+    with pad_server._bp_step([1, 1]):  # padded to the server width: no plain step
+        assert pad_server.block_size == 8 and pad_server.draft_model_runner.forward(None) == "the draft model ran"
+
+
 def test_step_scope_pad_to_server_keeps_the_server_width():
     w = bare_worker(16, pad_to="server")
     with w._bp_step([4, 4]):
@@ -283,6 +306,26 @@ def test_the_plan_narrows_a_batch_whose_drafts_are_not_expected_to_pay():
     server = verify_worker(8)
     server._bp_pad_to = "server"  # every step at the server width: a narrower row would save nothing
     assert server._bp_plan_widths(batch(0.01)) == [8, 8]
+
+
+def test_measured_step_times_correct_the_plan():
+    """A server whose drafting steps cost far more than the table says (SGLang's draft pass on a
+    CPU) learns it from its own steps, and the plan then keeps a batch plain that the table alone
+    would have drafted."""
+    w = verify_worker(8)
+    w._bp_correction = StepTimeCorrection()
+    choices = [BlockChoice(8, "request"), BlockChoice(8, "request")]
+    for c in choices:
+        c.outlook.observe(torch.full((7,), 0.6).cumprod(0))
+    assert max(w._bp_plan_widths(choices)) > 1  # the table alone: these drafts pay
+    priced = w._bp_rule.step_seconds(2, 2 * 4, 2 * 4)
+    with w._bp_step([4, 4]):
+        for _ in range(30):
+            w._bp_time_step([4, 4], 10 * priced)  # each drafting step took 10x its price
+    assert w._bp_correction.drafting == pytest.approx(10, rel=0.01) and w._bp_correction.plain == 1.0
+    assert w._bp_plan_widths(choices) == [1, 1]
+    w._bp_correction = None  # a GPU server: never timed, the table's prices
+    assert max(w._bp_plan_widths(choices)) > 1
 
 
 def test_a_drafting_step_updates_the_rows_outlooks():
