@@ -254,21 +254,29 @@ class _Mode:
 def test_torch_native_target_verify_hook():
     seen = {}
 
+    class Backend:
+        def _run_sdpa_forward_extend(self, *args, **kwargs):
+            return "sglang's whole-sequence attention"
+
     def original(self, q, k, v, layer, fb, *a, **kw):
-        seen.update(seq=fb.seq_lens.tolist(), pre=fb.extend_prefix_lens.tolist(), ext=fb.extend_seq_lens.tolist())
+        seen.update(seq=fb.seq_lens.tolist(), pre=fb.extend_prefix_lens.tolist(), ext=fb.extend_seq_lens.tolist(),
+                    queries_only="_run_sdpa_forward_extend" in vars(self))
         return "out"
 
+    backend = Backend()
     prefix = torch.tensor([5, 9])
     fb = SimpleNamespace(forward_mode=_Mode(True), seq_lens=prefix, extend_prefix_lens=None, extend_seq_lens=None)
     q = torch.zeros(2 * 16, 8)
-    assert info.hook_torch_native_forward_extend(original, None, q, None, None, None, fb) == "out"
-    assert seen == {"seq": [21, 25], "pre": [5, 9], "ext": [16, 16]}
+    assert info.hook_torch_native_forward_extend(original, backend, q, None, None, None, fb) == "out"
+    # the block's lengths, and the block's queries only (cpu/attention.py) while it runs
+    assert seen == {"seq": [21, 25], "pre": [5, 9], "ext": [16, 16], "queries_only": True}
     # restored afterwards
     assert fb.seq_lens is prefix and fb.extend_prefix_lens is None and fb.extend_seq_lens is None
+    assert "_run_sdpa_forward_extend" not in vars(backend)
     # other modes pass through untouched
     fb2 = SimpleNamespace(forward_mode=_Mode(False), seq_lens=prefix, extend_prefix_lens=prefix, extend_seq_lens=prefix)
-    info.hook_torch_native_forward_extend(original, None, q, None, None, None, fb2)
-    assert seen["seq"] == [5, 9]
+    info.hook_torch_native_forward_extend(original, backend, q, None, None, None, fb2)
+    assert seen["seq"] == [5, 9] and seen["queries_only"] is False
 
 
 def test_extend_forward_kwargs_keeps_model_dtype():
