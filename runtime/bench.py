@@ -72,39 +72,41 @@ def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_size
     tokens = {v: {} for v in variants}  # greedy outputs, to check the variants agree
     per_prompt = {v: {} for v in variants}
     bar = tqdm(total=repeats * len(variants) * len(prompts), desc="bench", unit="prompt", disable=not show_progress)
-    for repeat in range(repeats):
-        order = variants[repeat % len(variants):] + variants[: repeat % len(variants)]
-        for variant in order:
-            size, verify, plan = variant
-            rule.draft_plan = plan
-            totals = {"new_tokens": 0, "decode_tokens": 0, "decode_s": 0.0, "wall_s": 0.0, "target_forwards": 0,
-                      "drafted": 0, "verified": 0}
-            for start in range(0, len(prompts), batch_size):
-                chunk = range(start, min(start + batch_size, len(prompts)))
-                requests = [GenerationRequest(prompts[i], _with(base, max_new_tokens, repeat), records[i].id,
-                                              None if size == "auto" else size, verify=VerifyMode(verify))
-                            for i in chunk]
-                began = time.perf_counter()
-                results = engine.generate(requests)
-                totals["wall_s"] += time.perf_counter() - began
-                for i, result in zip(chunk, results):
-                    s = result.stats
-                    totals["new_tokens"] += s.generated_tokens
-                    totals["decode_tokens"] += s.generated_tokens - 1
-                    totals["decode_s"] += s.decode_s
-                    totals["target_forwards"] += s.target_forwards
-                    totals["drafted"] += s.drafted_tokens
-                    totals["verified"] += s.verified_drafts
-                    tokens[variant].setdefault(records[i].id, result.token_ids)
-                    per_prompt[variant][records[i].id] = {
-                        "block_size": s.block_size, "acceptance_length": s.acceptance_length,
-                        "target_forwards": s.target_forwards, "generated_tokens": s.generated_tokens,
-                        "drafted_tokens": s.drafted_tokens, "verified_drafts": s.verified_drafts,
-                        "drafter_skipped_steps": s.drafter_skipped_steps}
-                bar.update(len(chunk))
-            runs[variant].append(totals)
+    try:
+        for repeat in range(repeats):
+            order = variants[repeat % len(variants):] + variants[: repeat % len(variants)]
+            for variant in order:
+                size, verify, plan = variant
+                rule.draft_plan = plan
+                totals = {"new_tokens": 0, "decode_tokens": 0, "decode_s": 0.0, "wall_s": 0.0, "target_forwards": 0,
+                          "drafted": 0, "verified": 0}
+                for start in range(0, len(prompts), batch_size):
+                    chunk = range(start, min(start + batch_size, len(prompts)))
+                    requests = [GenerationRequest(prompts[i], _with(base, max_new_tokens, repeat), records[i].id,
+                                                  None if size == "auto" else size, verify=VerifyMode(verify))
+                                for i in chunk]
+                    began = time.perf_counter()
+                    results = engine.generate(requests)
+                    totals["wall_s"] += time.perf_counter() - began
+                    for i, result in zip(chunk, results):
+                        s = result.stats
+                        totals["new_tokens"] += s.generated_tokens
+                        totals["decode_tokens"] += s.generated_tokens - 1
+                        totals["decode_s"] += s.decode_s
+                        totals["target_forwards"] += s.target_forwards
+                        totals["drafted"] += s.drafted_tokens
+                        totals["verified"] += s.verified_drafts
+                        tokens[variant].setdefault(records[i].id, result.token_ids)
+                        per_prompt[variant][records[i].id] = {
+                            "block_size": s.block_size, "acceptance_length": s.acceptance_length,
+                            "target_forwards": s.target_forwards, "generated_tokens": s.generated_tokens,
+                            "drafted_tokens": s.drafted_tokens, "verified_drafts": s.verified_drafts,
+                            "drafter_skipped_steps": s.drafter_skipped_steps}
+                    bar.update(len(chunk))
+                runs[variant].append(totals)
+    finally:
+        rule.draft_plan = plans[VerifyMode.FULL][0]  # the engine's own setting again, whatever happened
     bar.close()
-    rule.draft_plan = plans[VerifyMode.FULL][0]
     return _summarise(engine, records, variants, runs, tokens, per_prompt, repeats, max_new_tokens, batch_size, base)
 
 

@@ -1,8 +1,7 @@
 """One SGLang server on 127.0.0.1 as a child process group: launched with the flags this project
 measured for the CPU engine (or FlashInfer on a GPU), its output in a log file, always killed.
 
-Used by the serving benchmark (``serve_bench.py``) and the plugin's server tests. Standard library
-only, so a client that drives the server needs nothing else.
+Used by the serving benchmark (``serve_bench.py``) and the plugin's server tests.
 """
 
 from __future__ import annotations
@@ -28,10 +27,6 @@ REQUEST_TIMEOUT = 1800
 CPU_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32",
             "--max-total-tokens", "8192", "--mem-fraction-static", "0.05", "--sleep-on-idle"]
 GPU_ARGS = ["--attention-backend", "flashinfer"]
-# The variables the plugin reads; a launch passes only the ones it names (a stray one in the caller's
-# environment would change what is measured or tested).
-BLOCKPILOT_ENV = ("BLOCKPILOT_POLICY", "BLOCKPILOT_BLOCK_SIZES", "BLOCKPILOT_PAD_TO", "BLOCKPILOT_SGLANG_CONFIG",
-                  "BLOCKPILOT_VERIFY", "BLOCKPILOT_STEP_COSTS", "BLOCKPILOT_DRAFT_PLAN")
 
 
 def free_port() -> int:
@@ -54,7 +49,11 @@ class LocalServer:
         args = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model),
                 "--host", "127.0.0.1", "--port", str(self.port),
                 *(CPU_ARGS if device == "cpu" else GPU_ARGS), *extra_args]
-        full_env = {name: value for name, value in os.environ.items() if name not in BLOCKPILOT_ENV}
+        from .settings import ENV_NAMES
+
+        # A launch passes only the plugin settings it names: a stray one in the caller's environment
+        # would change what is measured or tested.
+        full_env = {name: value for name, value in os.environ.items() if name not in ENV_NAMES}
         full_env.update(env or {})
         if device == "cpu":
             full_env["SGLANG_USE_CPU_ENGINE"] = "1"  # SGLang's CPU path is taken only with this

@@ -79,11 +79,12 @@ def count_drafted(req, drafts: int, tokens_ahead: int) -> None:
     (``customized_info`` per-token values): entries from its current output length on, up to
     ``tokens_ahead`` tokens this step may commit, hold the new total."""
     info = req.customized_info if req.customized_info is not None else {}
-    counts = info.get(DRAFTED_KEY) or []
-    total = (counts[-1] if counts else 0) + int(drafts)
+    counts = info.setdefault(DRAFTED_KEY, [])  # edited in place: a step touches only its own tokens
+    previous = counts[-1] if counts else 0
     done = len(req.output_ids)
-    counts = counts[:done] + [counts[-1] if counts else 0] * (done - len(counts)) + [total] * max(int(tokens_ahead), 1)
-    info[DRAFTED_KEY] = counts
+    del counts[done:]
+    counts.extend([previous] * (done - len(counts)))
+    counts.extend([previous + int(drafts)] * max(int(tokens_ahead), 1))
     req.customized_info = info
 
 

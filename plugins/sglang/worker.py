@@ -263,9 +263,10 @@ class BlockPilotWorker(DFlashWorkerV2):
         widths = self._bp_plan_widths(choices)
         with self._bp_forward(batch, choices), self._bp_step(widths):
             self._bp_auto_rows = self._bp_rows_the_rule_may_cut(batch, choices)
+            window = int(self.block_size)  # the draft window this step runs at (1: a plain step)
             started = time.perf_counter()
             result = super().forward_batch_generation(*args)
-            self._bp_time_step(widths, time.perf_counter() - started)
+            self._bp_time_step(len(widths), window, time.perf_counter() - started)
             for req, width in zip(batch.reqs, widths):
                 metrics.count_drafted(req, width - 1, tokens_ahead=width)
             # SGLang's per-row verify window (DSpark's cap_lens): verified tokens, bonus included. It
@@ -332,19 +333,17 @@ class BlockPilotWorker(DFlashWorkerV2):
         return choices if len(choices) == rows else [None] * rows  # e.g. an idle batch
 
     # ---- the per-step plan and verify width -----------------------------------------------------
-    def _bp_time_step(self, widths: list[int], seconds: float) -> None:
+    def _bp_time_step(self, rows: int, window: int, seconds: float) -> None:
         """What this decode step cost against the table's price for it (`StepTimeCorrection`), so
         the plan prices plain and drafting steps as this server runs them. On the CPU engine only:
         there a step has finished when the call returns; on a GPU it has only been launched (and
         the table is measured for the serving machine, docs/gpu-deployment.md)."""
         if self._bp_correction is None:
             return
-        rows = len(widths)
-        step = int(self.block_size)  # the verify width the step ran at (the rule may have narrowed it)
-        drafting = max(widths) > 1
-        window = blocks.batch_width(widths) if drafting else 0
+        verified = int(self.block_size)  # the verify width the step ran at (the rule may have narrowed it)
+        drafting = window > 1
         self._bp_correction.observe(drafting, seconds,
-                                    self._bp_rule.step_seconds(rows, rows * window, rows * (step if drafting else 1)))
+                                    self._bp_rule.step_seconds(rows, rows * window if drafting else 0, rows * verified))
 
     def _bp_plan_widths(self, choices: list[BlockChoice]) -> list[int]:
         """Each row's block this step: its own size, narrowed by the runtime's plan

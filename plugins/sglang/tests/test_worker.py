@@ -321,7 +321,7 @@ def test_measured_step_times_correct_the_plan():
     priced = w._bp_rule.step_seconds(2, 2 * 4, 2 * 4)
     with w._bp_step([4, 4]):
         for _ in range(30):
-            w._bp_time_step([4, 4], 10 * priced)  # each drafting step took 10x its price
+            w._bp_time_step(2, 4, 10 * priced)  # each drafting step took 10x its price
     assert w._bp_correction.drafting == pytest.approx(10, rel=0.01) and w._bp_correction.plain == 1.0
     assert w._bp_plan_widths(choices) == [1, 1]
     w._bp_correction = None  # a GPU server: never timed, the table's prices
