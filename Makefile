@@ -15,7 +15,7 @@ SGL_BIN := $(SGL_VENV)/bin
 SGL_STAMP := $(SGL_VENV)/.installed
 
 .PHONY: install install-sglang demo test test-core test-sglang test-fast bench serve-bench serve-64 padding-cost step-costs \
-	calibrate-verify eval-verify clean
+	calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare clean
 
 install: $(STAMP)
 
@@ -100,6 +100,29 @@ calibrate-verify: install
 eval-verify: install
 	$(BIN)/blockpilot prepare
 	$(BIN)/blockpilot eval-verify --config configs/policy-smollm2.yaml
+
+# Drafter v2 (issue 13): v1 continued with soft targets on chat-like data. Each stage resumes.
+# `drafter-compare` trains recipe variants for the same minutes from v1 on the same data, side by side.
+DRAFTER_V2 := configs/drafter-smollm2-v2.yaml
+DRAFTER_V1_COMMIT := 205eb63
+DRAFTER_V1_DIR = $(shell $(BIN)/python -c "from blockpilot.runtime.assets import cache_dir; print(cache_dir() / 'drafter-smollm2-v1')")
+COMPARE_MINUTES ?= 8
+drafter-v1-weights: install
+	mkdir -p $(DRAFTER_V1_DIR)
+	git archive $(DRAFTER_V1_COMMIT) runtime/assets/smollm2-135m-instruct-dflash/config.json \
+		runtime/assets/smollm2-135m-instruct-dflash/model.safetensors | tar -x --strip-components=3 -C $(DRAFTER_V1_DIR)
+
+drafter-v2: install drafter-v1-weights
+	$(BIN)/blockpilot prepare
+	$(BIN)/blockpilot train-drafter --config $(DRAFTER_V2)
+
+drafter-compare: install drafter-v1-weights
+	$(BIN)/blockpilot prepare
+	$(BIN)/blockpilot train-drafter --config $(DRAFTER_V2) --stage compare --minutes $(COMPARE_MINUTES) \
+		--variant "hard:train.soft_target_weight=0" \
+		--variant "soft:train.soft_target_weight=0.5" \
+		--variant "soft-early:train.soft_target_weight=0.5,drafter.block_size=4,train.anchors_per_sequence=64" \
+		--variant "soft-deeper:train.soft_target_weight=0.5,drafter.num_layers=3"
 
 clean:
 	rm -rf $(VENV) $(SGL_VENV) runs *.egg-info

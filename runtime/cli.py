@@ -218,6 +218,11 @@ def cmd_train_drafter(args) -> None:
     from .training import recipe as recipes
 
     recipe = recipes.DrafterRecipe.from_yaml(args.config)
+    if args.stage == "compare":
+        if not args.variant:
+            raise SystemExit("--stage compare needs at least one --variant NAME:section.field=value,...")
+        recipes.run_compare_stage(recipe, args.variant, args.minutes)
+        return
     stages = ["data", "train", "eval"] if args.stage == "all" else [args.stage]
     for stage in stages:
         getattr(recipes, f"run_{stage}_stage")(recipe)
@@ -298,7 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train-drafter", help="train a DFlash drafter for a target (resumable stages)")
     p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/drafter-smollm2.yaml")
-    p.add_argument("--stage", choices=["data", "train", "eval", "all"], default="all")
+    p.add_argument("--stage", choices=["data", "train", "eval", "all", "compare"], default="all",
+                   help="compare: train each --variant for --minutes on the same data, side by side")
+    p.add_argument("--variant", action="append", default=[],
+                   help='compare stage: "NAME:train.soft_target_weight=0.7,drafter.block_size=4" (repeatable)')
+    p.add_argument("--minutes", type=float, default=20.0, help="compare stage: training minutes per variant")
     p.set_defaults(func=cmd_train_drafter)
 
     for name, text in (("collect", "run prompts at every candidate block size; record counts and prefill features"),

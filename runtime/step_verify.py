@@ -347,25 +347,38 @@ class DraftOutlook:
 @dataclass
 class StepTimeCorrection:
     """How a server's real decode steps compare with the step-cost table's price for them, kept apart
-    for plain steps (no drafts) and drafting steps: an exponential average of measured / priced
-    seconds (newest step weighted `DECAY`), 1 until measured. The table is measured with the
-    reference runtime; a server that runs the same model through another stack (SGLang's model
-    runners, its draft pass, its scheduler) pays overheads the table does not see, and they are
-    not the same for the two kinds of step. The plan (`VerifyRule.plan`) scales its prices by them."""
+    for plain steps (no drafts) and drafting steps, and by batch size (powers of two: 1, 2-3, 4-7,
+    8-15, ...): an exponential average of measured / priced seconds (newest step weighted `DECAY`).
+    The table is measured with the reference runtime; a server that runs the same model through
+    another stack (SGLang's model runners, its draft pass, its scheduler) pays overheads the table
+    does not see, not the same for the two kinds of step, nor at 1 row and at 16. A batch size not
+    measured yet borrows the nearest measured one's ratios (1 before any). The plan
+    (`VerifyRule.plan`) scales its prices by them."""
 
     DECAY = 0.2
 
-    plain: float = 1.0
-    drafting: float = 1.0
+    def __init__(self):
+        self._ratios: dict[int, dict[bool, float]] = {}  # size class -> {drafting: ratio}
 
-    def observe(self, drafting: bool, measured_s: float, priced_s: float) -> None:
+    @staticmethod
+    def size_class(rows: int) -> int:
+        return max(int(rows), 1).bit_length()
+
+    def observe(self, drafting: bool, measured_s: float, priced_s: float, rows: int = 1) -> None:
         if not (priced_s > 0 and measured_s > 0):
             return
-        ratio = measured_s / priced_s
-        if drafting:
-            self.drafting = (1 - self.DECAY) * self.drafting + self.DECAY * ratio
-        else:
-            self.plain = (1 - self.DECAY) * self.plain + self.DECAY * ratio
+        before = self.scale(drafting, rows)  # a size class seen for the first time starts from its neighbour's
+        self._ratios.setdefault(self.size_class(rows), {})[drafting] = (
+            (1 - self.DECAY) * before + self.DECAY * measured_s / priced_s)
+
+    def scale(self, drafting: bool, rows: int = 1) -> float:
+        """The measured / priced ratio for this kind of step at `rows` rows (nearest measured size class)."""
+        wanted = self.size_class(rows)
+        measured = [c for c, r in self._ratios.items() if drafting in r]
+        if not measured:
+            return 1.0
+        nearest = min(measured, key=lambda c: (abs(c - wanted), c))
+        return self._ratios[nearest][drafting]
 
 
 @dataclass
@@ -427,7 +440,8 @@ class VerifyRule:
         correction = correction or StepTimeCorrection()
         chosen = blocks.plan_draft_lengths(expected, draft_counts, self.costs.verify_seconds_table(tokens),
                                            self.costs.draft_seconds_table(tokens), padded=padded,
-                                           plain_scale=correction.plain, drafting_scale=correction.drafting)
+                                           plain_scale=correction.scale(False, n),
+                                           drafting_scale=correction.scale(True, n))
         probes = torch.tensor([o is not None and o.probe_due for o in outlooks])
         chosen = torch.where(probes, draft_counts, chosen)  # a probe drafts its block whatever it costs
         for outlook, drafts, wanted in zip(outlooks, chosen.tolist(), draft_counts.tolist()):

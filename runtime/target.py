@@ -257,15 +257,20 @@ class TargetModel:
         return Prefill(layout, hidden, features, cache)
 
     @torch.inference_mode()
-    def sequence_features(self, sequences: list[list[int]], layer_ids, batch_tokens: int = 4096) -> list[np.ndarray]:
+    def sequence_features(self, sequences: list[list[int]], layer_ids, batch_tokens: int = 4096,
+                          with_final_hidden: bool = False) -> list[np.ndarray]:
         """float16 `[len(seq), k * hidden]` features of `layer_ids` for every token of each sequence,
-        in the given order (batched by length, at most ~`batch_tokens` padded tokens a forward)."""
+        in the given order (batched by length, at most ~`batch_tokens` padded tokens a forward).
+
+        `with_final_hidden` appends the final-normed hidden state as `hidden` more columns: through
+        `lm_head` it is the target's own next-token distribution (a drafter's soft training target)."""
         out: list[np.ndarray | None] = [None] * len(sequences)
         for group in _groups_by_tokens(sequences, batch_tokens):
             run = self.prefill([sequences[i] for i in group], layer_ids)
+            columns = torch.cat([run.features, run.hidden], dim=1) if with_final_hidden else run.features
             offsets = run.layout.offsets
             for r, i in enumerate(group):
-                out[i] = run.features[int(offsets[r]): int(offsets[r + 1])].to(torch.float16).numpy()
+                out[i] = columns[int(offsets[r]): int(offsets[r + 1])].to(torch.float16).numpy()
         return out
 
     # --- the forward pass ---------------------------------------------------------------------

@@ -2,6 +2,7 @@
 short run on a tiny random target lowers the loss and raises the held-out acceptance."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,8 +18,9 @@ from conftest import tiny_drafter, tiny_target
 
 def test_batch_layout_matches_a_decode_step():
     seq = Sequence("s", np.array([10, 11, 12, 13, 14, 15, 16]), prompt_len=3, features=np.ones((7, 4), np.float16))
-    features, tokens, positions, labels, visible = make_batch([seq], random.Random(0), anchors=4, block_size=3,
-                                                              mask_token_id=99)
+    features, tokens, positions, labels, visible, teacher = make_batch([seq], random.Random(0), anchors=4,
+                                                                       block_size=3, mask_token_id=99)
+    assert teacher is None  # no final hidden states stored with these features: no soft targets
     # the only possible anchors are positions 3, 4, 5 (each needs a label after it); one slot is unused
     anchors = [int(tokens[0, a * 3]) for a in range(3)]
     assert anchors == [13, 14, 15] and tokens[0, 9].item() == 99
@@ -247,8 +249,165 @@ def test_train_checkpoints_resumes_and_saves_a_plain_fc(tmp_path, monkeypatch):
     folded = state["fc.parametrizations.weight.original"] / state["fc.parametrizations.weight.0.scale"]
     assert torch.allclose(first.fc.weight, folded)
     assert state["fc.parametrizations.weight.0.scale"].max() > 1.5 * state["fc.parametrizations.weight.0.scale"].min()
+    # continuing a saved drafter starts from its weights, fc included (unfolded for training)
+    first.save(tmp_path / "saved")
+    import dataclasses
+    continued = recipe(0)
+    continued.train = dataclasses.replace(continued.train, init_from=str(tmp_path / "saved"))
+    continued.work_dir = str(tmp_path / "continued")
+    again = train(continued, target, sequences, tmp_path / "continued.jsonl")
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(again.state_dict().values(), first.state_dict().values()))
+    budget = recipe(50)
+    budget.work_dir = str(tmp_path / "budget")
+    budget.train = dataclasses.replace(budget.train, validate_block_sizes=[2])
+    train(budget, target, sequences, tmp_path / "budget.jsonl", time_budget_s=0.0)  # stops after one step
+    stopped = [json.loads(line) for line in (tmp_path / "budget.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in stopped] == [1] and stopped[0]["val_replayed_acceptance_at_2"] >= 1.0
+    # a deeper recipe continues it with a residual layer that adds nothing yet: the same predictions
+    from blockpilot.runtime.training.train_drafter import starting_weights
+    deeper = drafter_module.DFlashDraftModel.for_target(target, num_layers=2, num_target_features=2, block_size=4)
+    deeper.load_state_dict(starting_weights(str(tmp_path / "saved"), deeper))
+    check = make_batch(sequences[:3], random.Random(5), 2, 4, 0)
+    with torch.no_grad():
+        same = [drafter_hidden(m.eval(), target, check.features, check.tokens, check.positions, check.visible)
+                for m in (first, deeper)]
+    assert torch.allclose(same[0], same[1], atol=1e-5) and not torch.equal(deeper.layers[1].mlp.up_proj.weight, 0 * deeper.layers[1].mlp.up_proj.weight)
     second = train(recipe(6), target, sequences, log)  # resumes at step 4
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(r["val_replayed_acceptance_length"] >= 1.0 for r in records if r["step"] % 2 == 0)
     assert not torch.equal(second.fc.weight, first.fc.weight)
+
+
+def _teacher_sequences(target, drafter, count=24, length=20, seed=0):
+    """Repetitive sequences with the tiny target's context features and final hidden states."""
+    rng = random.Random(seed)
+    sequences = []
+    for i in range(count):
+        tokens = np.array(([rng.randrange(1, 32) for _ in range(3)] * 8)[:length])
+        columns = target.sequence_features([tokens.tolist()], drafter.config.target_layer_ids,
+                                           with_final_hidden=True)[0]
+        hidden = target.hidden_size
+        sequences.append(Sequence(str(i), tokens, 4, columns[:, :-hidden], columns[:, -hidden:]))
+    return sequences
+
+
+def test_final_hidden_columns_are_the_targets_own_next_token_distribution():
+    target = tiny_target(vocab_size=32, seed=0)
+    tokens = [3, 9, 4, 1, 7, 7, 2]
+    plain = target.sequence_features([tokens], [1, 2])[0]
+    columns = target.sequence_features([tokens], [1, 2], with_final_hidden=True)[0]
+    assert np.array_equal(columns[:, :plain.shape[1]], plain)
+    with torch.no_grad():
+        logits = target.hf_model(torch.tensor([tokens])).logits[0]
+    from_columns = target.lm_head(torch.from_numpy(columns[:, plain.shape[1]:].astype(np.float32)))
+    assert torch.equal(from_columns.argmax(-1), logits.argmax(-1))
+    assert torch.allclose(from_columns, logits, atol=0.05)  # stored as float16
+
+
+def test_batch_teacher_is_the_hidden_state_that_predicted_each_label():
+    final = np.arange(7 * 2, dtype=np.float16).reshape(7, 2)  # row t holds (2t, 2t + 1)
+    seq = Sequence("s", np.array([10, 11, 12, 13, 14, 15, 16]), 3, np.ones((7, 4), np.float16), final)
+    batch = make_batch([seq], random.Random(0), anchors=3, block_size=3, mask_token_id=99)
+    for column in range(9):
+        label = int(batch.labels[0, column])
+        if label < 0:
+            assert not batch.teacher[0, column].any()
+        else:  # the label is token t = label - 10; the target predicted it from position t - 1
+            assert batch.teacher[0, column].tolist() == [2 * (label - 11), 2 * (label - 11) + 1]
+
+
+def test_soft_target_loss_is_zero_for_a_drafter_that_matches_the_target():
+    """KL(target || drafter) vanishes when the 'target' states are the drafter's own outputs; the
+    hard part alone is today's loss; asking for soft targets without them names the problem."""
+    import pytest as _pytest
+
+    from blockpilot.runtime.training.train_drafter import TrainingBatch
+    target = tiny_target(vocab_size=32, seed=0)
+    drafter = tiny_drafter(target, block_size=4)
+    sequences = _teacher_sequences(target, drafter, count=4)
+    batch = make_batch(sequences, random.Random(0), 3, 4, 0)
+    weights = position_weights(4, 3, 0.9)
+    with torch.no_grad():
+        own = drafter_hidden(drafter, target, batch.features, batch.tokens, batch.positions, batch.visible)
+    mirrored = batch._replace(teacher=own)
+    soft_only, _ = step_loss(drafter, target, mirrored, weights, soft_target_weight=1.0)
+    assert abs(float(soft_only)) < 1e-4
+    hard, _ = step_loss(drafter, target, batch, weights)
+    assert torch.equal(hard, step_loss(drafter, target, batch._replace(teacher=None), weights)[0])
+    mixed, _ = step_loss(drafter, target, batch, weights, soft_target_weight=0.5)
+    assert float(mixed) != float(hard) and float(mixed) > 0
+    with _pytest.raises(ValueError, match="final hidden"):
+        step_loss(drafter, target, TrainingBatch(*batch[:5], None), weights, soft_target_weight=0.5)
+
+
+def test_short_training_run_with_soft_targets_learns():
+    torch.manual_seed(0)
+    target = tiny_target(vocab_size=32, seed=0)
+    drafter = tiny_drafter(target, block_size=4).float().train().requires_grad_(True)
+    sequences = _teacher_sequences(target, drafter)
+    rng = random.Random(0)
+    weights = position_weights(4, 4, 0.9)
+    optimizer = torch.optim.AdamW(drafter.parameters(), lr=1e-2)
+    before = expected_acceptance(drafter.eval(), target, sequences[:8], 4, 0, anchors=4)
+    for _ in range(150):
+        drafter.train()
+        loss, _ = step_loss(drafter, target, make_batch(rng.sample(sequences, 6), rng, 4, 4, 0), weights,
+                            soft_target_weight=0.7)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = expected_acceptance(drafter.eval(), target, sequences[:8], 4, 0, anchors=4)
+    assert after > before + 0.5, (before, after)
+
+
+def test_question_samples_and_follow_up_turns():
+    from blockpilot.runtime.training.prompt_sets import follow_up_prompts, question_requests
+    once, twice = question_requests(50), question_requests(50, samples=2)
+    assert twice[:50] == once  # the first sample keeps its ids: data already generated stays valid
+    assert [r.prompt for r in twice[50:]] == [r.prompt for r in once]
+    assert len({r.id for r in twice}) == 100  # another id, hence another sampling seed
+
+    class Words:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(f"w{i}" for i in ids)
+
+    rows = [{"id": "selfq-1", "response_ids": [1, 2], "finish_reason": "eos"},
+            {"id": "selfq-2", "response_ids": [3], "finish_reason": "length"},  # cut off: no second turn
+            {"id": "other", "response_ids": [4], "finish_reason": "eos"}]
+    turns = follow_up_prompts(rows, {"selfq-1": "Why?", "selfq-2": "How?"}, Words())
+    assert [t.id for t in turns] == ["turn2-selfq-1"]
+    roles = [m["role"] for m in turns[0].messages]
+    assert roles == ["user", "assistant", "user"] and turns[0].messages[1]["content"] == "w1 w2"
+
+
+def test_recipe_variants_parse_and_apply(tmp_path, monkeypatch):
+    import pytest as _pytest
+
+    from blockpilot.runtime.training.recipe import DrafterRecipe, parse_variant, with_overrides
+    monkeypatch.setenv("BLOCKPILOT_CACHE", str(tmp_path))
+    name, overrides = parse_variant("soft-4:train.soft_target_weight=0.7,drafter.block_size=4,train.init_from=x/y")
+    assert name == "soft-4" and overrides == {"train.soft_target_weight": 0.7, "drafter.block_size": 4,
+                                              "train.init_from": "x/y"}
+    base = DrafterRecipe.from_yaml(Path(__file__).parents[1] / "configs" / "drafter-smollm2.yaml")
+    changed = with_overrides(base, overrides)
+    assert changed.train.soft_target_weight == 0.7 and changed.drafter.block_size == 4
+    assert base.train.soft_target_weight == 0.0 and base.drafter.block_size == 8  # the original is untouched
+    with _pytest.raises(ValueError, match="unknown recipe setting 'train.sof'"):
+        with_overrides(base, {"train.sof": 1})
+    with _pytest.raises(ValueError, match="not key=value"):
+        parse_variant("x:train.loss_decay")
+
+
+def test_position_accuracy_reads_the_replayed_steps():
+    from blockpilot.runtime.training.model_card import position_accuracy
+    rows = [{"block_size": 4, "accepted_per_step": [0, 1, 3, 2]},
+            {"block_size": 4, "accepted_per_step": [3, 0, 0, 1]},
+            {"block_size": 2, "accepted_per_step": [1, 1]}]
+    accuracy = position_accuracy(rows, 4)
+    assert accuracy["steps"] == 8
+    # 5 of 8 steps accepted draft 1; 3 of those 5 accepted draft 2; 2 of those 3 accepted draft 3
+    assert accuracy["positions"][1] == {"reached": 0.625, "given_previous": 0.625}
+    assert accuracy["positions"][2] == {"reached": 0.375, "given_previous": 0.6}
+    assert accuracy["positions"][3] == {"reached": 0.25, "given_previous": round(2 / 3, 4)}
+    assert position_accuracy(rows, 8) is None

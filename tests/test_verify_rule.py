@@ -264,10 +264,29 @@ def test_a_measured_correction_moves_the_plan():
                                            plain_scale=3.0)
     assert slow_plain.tolist() == [3] * 4  # both 3x: the same choice as the table's
     correction = StepTimeCorrection()
-    correction.observe(True, 0.3, 0.1)
-    assert correction.drafting == pytest.approx(1 + StepTimeCorrection.DECAY * 2) and correction.plain == 1.0
+    correction.observe(True, 0.3, 0.1, rows=1)
+    assert correction.scale(True, 1) == pytest.approx(1 + StepTimeCorrection.DECAY * 2)
+    assert correction.scale(False, 1) == 1.0
     correction.observe(False, 0.0, 0.1)  # nothing measured: ignored
-    assert correction.plain == 1.0
+    assert correction.scale(False, 1) == 1.0
+
+
+def test_the_correction_is_kept_per_batch_size_class():
+    """A server whose drafting steps are cheap at one row and dear at sixteen (SGLang on a CPU at
+    concurrency 16) keeps both: a class not measured yet borrows its nearest measured neighbour."""
+    correction = StepTimeCorrection()
+    assert StepTimeCorrection.size_class(1) == 1 and StepTimeCorrection.size_class(3) == 2
+    assert StepTimeCorrection.size_class(8) == StepTimeCorrection.size_class(15) == 4
+    for _ in range(40):
+        correction.observe(True, 0.12, 0.1, rows=1)
+        correction.observe(True, 0.4, 0.1, rows=16)
+    assert correction.scale(True, 1) == pytest.approx(1.2, rel=1e-3)
+    assert correction.scale(True, 16) == pytest.approx(4.0, rel=1e-3)
+    assert correction.scale(True, 2) == pytest.approx(1.2, rel=1e-3)  # nearest measured: 1 row
+    assert correction.scale(True, 12) == pytest.approx(4.0, rel=1e-3)  # nearest measured: 16 rows
+    correction.observe(True, 0.4, 0.1, rows=8)  # a new class starts from its neighbour's ratio, not from 1
+    assert correction.scale(True, 8) == pytest.approx(4.0, rel=1e-3)
+    assert correction.scale(False, 16) == 1.0  # plain steps: not measured yet
 
 
 def test_the_rule_plans_only_with_a_table_and_the_plan_on():

@@ -343,7 +343,8 @@ class BlockPilotWorker(DFlashWorkerV2):
         verified = int(self.block_size)  # the verify width the step ran at (the rule may have narrowed it)
         drafting = window > 1
         self._bp_correction.observe(drafting, seconds,
-                                    self._bp_rule.step_seconds(rows, rows * window if drafting else 0, rows * verified))
+                                    self._bp_rule.step_seconds(rows, rows * window if drafting else 0, rows * verified),
+                                    rows)
 
     def _bp_plan_widths(self, choices: list[BlockChoice]) -> list[int]:
         """Each row's block this step: its own size, narrowed by the runtime's plan

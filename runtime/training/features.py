@@ -24,22 +24,29 @@ class Sequence:
     tokens: np.ndarray  # prompt + response token ids
     prompt_len: int
     features: np.ndarray  # [len(tokens), k * hidden] float16 (a memory-mapped view)
+    # [len(tokens), hidden] the target's final-normed hidden state (its next-token distribution through
+    # lm_head: the soft targets), when the features were computed with it
+    final_hidden: np.ndarray | None = None
 
 
-def feature_dir(data_dir: Path, layer_ids: list[int]) -> Path:
-    return data_dir / ("features-layers-" + "-".join(map(str, layer_ids)))
+def feature_dir(data_dir: Path, layer_ids: list[int], with_final_hidden: bool = False) -> Path:
+    return data_dir / ("features-layers-" + "-".join(map(str, layer_ids)) + ("-final" if with_final_hidden else ""))
 
 
-def compute_features(target: TargetModel, data_dir: Path, layer_ids: list[int], batch_tokens: int = 4096) -> Path:
-    """Features of every response shard not done yet; the shard's index file marks it complete."""
-    out_dir = feature_dir(data_dir, layer_ids)
+def compute_features(target: TargetModel, data_dir: Path, layer_ids: list[int], batch_tokens: int = 4096,
+                     with_final_hidden: bool = False) -> Path:
+    """Features of every response shard not done yet; the shard's index file marks it complete.
+
+    `with_final_hidden` stores the target's final hidden state after the layers' columns (soft targets,
+    ~25 % more disk), in its own directory."""
+    out_dir = feature_dir(data_dir, layer_ids, with_final_hidden)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = sorted(data_dir.glob("responses-*.jsonl"))
     todo = [s for s in shards if not (out_dir / (s.stem.replace("responses", "features") + ".json")).exists()]
     for shard in tqdm(todo, desc="target features", unit="shard"):
         rows = [json.loads(line) for line in shard.read_text().splitlines()]
         sequences = [r["prompt_ids"] + r["response_ids"] for r in rows]
-        arrays = target.sequence_features(sequences, layer_ids, batch_tokens)
+        arrays = target.sequence_features(sequences, layer_ids, batch_tokens, with_final_hidden)
         index, offset = [], 0
         for row, tokens, array in zip(rows, sequences, arrays):
             index.append({"id": row["id"], "offset": offset, "length": len(tokens),
@@ -52,11 +59,17 @@ def compute_features(target: TargetModel, data_dir: Path, layer_ids: list[int], 
     return out_dir
 
 
-def load_sequences(out_dir: Path) -> list[Sequence]:
+def load_sequences(out_dir: Path, hidden_size: int | None = None) -> list[Sequence]:
+    """Every sequence of a feature directory; one computed with the final hidden state (its name ends
+    in "-final") needs the target's `hidden_size` to split it off the layers' columns."""
+    with_final = out_dir.name.endswith("-final")
+    if with_final and not hidden_size:
+        raise ValueError(f"{out_dir} holds the target's final hidden state: pass the target's hidden_size")
     sequences = []
     for index_path in sorted(out_dir.glob("features-*.json")):
-        features = np.load(index_path.with_suffix(".npy"), mmap_mode="r")
+        columns = np.load(index_path.with_suffix(".npy"), mmap_mode="r")
         for entry in json.loads(index_path.read_text()):
-            sequences.append(Sequence(entry["id"], np.asarray(entry["tokens"]), entry["prompt_len"],
-                                      features[entry["offset"]: entry["offset"] + entry["length"]]))
+            rows = columns[entry["offset"]: entry["offset"] + entry["length"]]
+            features, final = (rows[:, :-hidden_size], rows[:, -hidden_size:]) if with_final else (rows, None)
+            sequences.append(Sequence(entry["id"], np.asarray(entry["tokens"]), entry["prompt_len"], features, final))
     return sequences

@@ -40,6 +40,7 @@ def summarise_curve(rows: list[dict], costs: dict) -> dict:
     return {
         "prompts": len(per_prompt),
         "curve": curve,
+        "position_accuracy": position_accuracy(rows, POSITION_ACCURACY_SIZE),
         "best_fixed_by_acceptance": max(drafted, key=lambda c: c["acceptance_length"])["block_size"] if drafted else None,
         "best_fixed_by_projected_speed": max(curve, key=lambda c: c["projected_tokens_per_s"])["block_size"],
         "per_prompt_best_by_acceptance": dict(sorted(best_by_acceptance.items())),
@@ -47,6 +48,24 @@ def summarise_curve(rows: list[dict], costs: dict) -> dict:
         "oracle_mean_acceptance": round(sum(oracle_acceptance) / len(oracle_acceptance), 4) if oracle_acceptance else None,
         "step_costs": costs,
     }
+
+
+POSITION_ACCURACY_SIZE = 4  # the block size whose per-position accuracy the card reports (sizes that can pay here)
+
+
+def position_accuracy(rows: list[dict], block_size: int) -> dict | None:
+    """Per draft position k at `block_size`, from the replayed steps: `reached` = P(the first k drafts
+    all accepted), `given_previous` = P(draft k accepted | drafts 1..k-1 were)."""
+    steps = [a for row in rows if row["block_size"] == block_size for a in row.get("accepted_per_step") or []]
+    if not steps:
+        return None
+    result, previous = {}, len(steps)
+    for k in range(1, block_size):
+        reached = sum(1 for a in steps if a >= k)
+        result[k] = {"reached": round(reached / len(steps), 4),
+                     "given_previous": round(reached / previous, 4) if previous else None}
+        previous = reached
+    return {"block_size": block_size, "steps": len(steps), "positions": result}
 
 
 def plot_curve(summary: dict, png_path: Path) -> None:
@@ -83,7 +102,11 @@ def write_model_card(recipe, summary: dict) -> None:
     out = Path(recipe.output_dir)
     training = json.loads((out / "training_summary.json").read_text()) if (out / "training_summary.json").exists() else {}
     layer_ids = json.loads((out / "config.json").read_text())["dflash_config"]["target_layer_ids"]
-    plot_curve(summary, DOCS / "drafter-acceptance.png")
+    # The shipped drafter's curve goes into the docs; a candidate's stays beside it.
+    shipped = out.resolve() == (DOCS.parent / "runtime" / "assets" / "smollm2-135m-instruct-dflash").resolve()
+    png = DOCS / "drafter-acceptance.png" if shipped else out / "drafter-acceptance.png"
+    plot_curve(summary, png)
+    image = "../../../docs/drafter-acceptance.png" if shipped else "drafter-acceptance.png"
     rows = "\n".join(f"| {c['block_size']} | {c['acceptance_length']:.2f} | {c['step_ms']:.1f} | "
                      f"{c['projected_tokens_per_s']:.1f} | {c['projected_speedup']:.2f} |" for c in summary["curve"])
     costs = summary["step_costs"]
@@ -121,11 +144,20 @@ Step costs measured on this machine ({costs['dtype']}, {costs['threads']} thread
 |---|---|---|---|---|
 {rows}
 
+{_position_lines(summary.get('position_accuracy'))}
 Best fixed size by acceptance: {summary['best_fixed_by_acceptance']}; by projected speed:
 {summary['best_fixed_by_projected_speed']}. Per-prompt oracle mean acceptance (sizes 2..24):
 {summary['oracle_mean_acceptance']}. Per-prompt best size (by acceptance):
 {format_counts(summary['per_prompt_best_by_acceptance'])}; (by projected speed): {format_counts(summary['per_prompt_best_by_projected_speed'])}.
 
-![curve](../../../docs/drafter-acceptance.png)
+![curve]({image})
 """
     (out / "README.md").write_text(card)
+
+
+def _position_lines(accuracy: dict | None) -> str:
+    if not accuracy:
+        return ""
+    parts = ", ".join(f"position {k}: {v['reached']:.3f} ({v['given_previous']:.3f} given the drafts before it)"
+                      for k, v in accuracy["positions"].items())
+    return f"Draft accuracy at block size {accuracy['block_size']} ({accuracy['steps']} replayed steps): {parts}.\n"

@@ -365,8 +365,11 @@ QUESTION_REQUESTS = [
 ]
 
 
-def question_requests(count: int = 2000, seed: int = 2) -> list[PromptRecord]:
-    """Requests for the target to write a question (the first half of a self-question pair)."""
+def question_requests(count: int = 2000, seed: int = 2, samples: int = 1) -> list[PromptRecord]:
+    """Requests for the target to write a question (the first half of a self-question pair).
+
+    There are only ~1,200 distinct requests; `samples` > 1 asks each of them again under another id,
+    hence another sampling seed (datagen seeds by id), for another question."""
     rng = random.Random(seed)
     subjects = sorted(set(WRITING_SUBJECTS + SCIENCE_AND_HUMANITIES + [r[0] for r in ROLES]))
     records, seen = [], set()
@@ -377,7 +380,8 @@ def question_requests(count: int = 2000, seed: int = 2) -> list[PromptRecord]:
         if prompt not in seen:
             seen.add(prompt)
             records.append(PromptRecord(id=f"ask-{zlib.crc32(prompt.encode()):08x}", prompt=prompt))
-    return records
+    again = [PromptRecord(id=f"{r.id}-s{k}", prompt=r.prompt) for k in range(2, samples + 1) for r in records]
+    return records + again
 
 
 def generated_question(text: str) -> str | None:
@@ -405,6 +409,40 @@ def self_question_prompts(question_rows: list[dict], tokenizer) -> list[PromptRe
         if question and question not in seen:
             seen.add(question)
             records.append(PromptRecord(id=f"selfq-{zlib.crc32(question.encode()):08x}", prompt=question))
+    return records
+
+
+# Second turns of the kinds MT-Bench asks (shorten, rewrite, extend, explain): a multi-turn
+# conversation's second answer reads its first, which a drafter sees only in such data.
+FOLLOW_UPS = [
+    "Can you make that shorter, in two or three sentences?",
+    "Rewrite your answer for a ten-year-old.",
+    "Now give me a concrete example.",
+    "Summarise your answer as three bullet points.",
+    "What is the most common mistake people make here, and how do I avoid it?",
+    "Rewrite it in a more formal tone.",
+    "Can you expand on the second point?",
+    "Turn your answer into a short poem.",
+    "What would someone who disagrees say?",
+    "Give me a one-sentence version I could put in a tweet.",
+]
+
+
+def follow_up_prompts(answer_rows: list[dict], questions: dict[str, str], tokenizer, seed: int = 3) -> list[PromptRecord]:
+    """Second turns on the target's own answers: [question, its answer, a follow-up request].
+
+    `answer_rows` are `generate_responses` rows of self-question prompts, `questions` their texts by id;
+    answers cut off at the length limit are skipped (a second turn reads a finished first one)."""
+    rng = random.Random(seed)
+    records = []
+    for row in answer_rows:
+        question = questions.get(row["id"])
+        if question is None or row.get("finish_reason") != "eos":
+            continue
+        answer = tokenizer.decode(row["response_ids"], skip_special_tokens=True).strip()
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer},
+                    {"role": "user", "content": rng.choice(FOLLOW_UPS)}]
+        records.append(PromptRecord(id=f"turn2-{row['id']}", messages=messages))
     return records
 
 

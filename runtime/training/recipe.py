@@ -7,6 +7,7 @@ Stages: `data` (the target's own responses), `train` (drafter layers only, targe
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from ..blocks import DEFAULT_BLOCK_SIZE
@@ -19,6 +20,8 @@ class DataConfig:
     num_prompts: int | None = None
     self_questions: int = 0  # question requests: the target writes questions, then answers them
     question_temperature: float = 0.8
+    question_samples: int = 1  # each distinct question request asked this many times (another seed each)
+    follow_ups: bool = False  # + a second turn on each finished self-question answer (multi-turn data)
     # SHA-256 (16 hex) of `training_prompts()` as built when the recipe was made: the set depends on
     # the interpreter's standard library, so a rebuild checks it (prompt_sets.check_prompt_set).
     prompt_set_sha256: str | None = None
@@ -41,8 +44,13 @@ class TrainConfig:
     anchors_per_sequence: int = 16
     loss_decay: float = 0.9  # weight of block position k is loss_decay ** (k - 1)
     vocab_shortlist: int = 16384  # softmax over the most frequent response tokens (0 = full vocabulary)
+    # 0: cross-entropy on the target's tokens only; s > 0: (1 - s) * that + s * KL to the target's own
+    # distribution at each position (the features stage then stores the target's final hidden state)
+    soft_target_weight: float = 0.0
+    init_from: str | None = None  # a saved drafter of this shape to continue from (else a fresh one)
     checkpoint_every: int = 100
     validate_every: int = 250
+    validate_block_sizes: list[int] = field(default_factory=list)  # replayed acceptance also at these sizes
     seed: int = 0
 
 
@@ -84,8 +92,8 @@ class DrafterRecipe:
 def run_data_stage(recipe: DrafterRecipe) -> None:
     from ..config import EngineConfig, build_engine
     from .datagen import generate_responses, read_responses
-    from .prompt_sets import (check_prompt_set, prompt_part, question_requests, self_question_prompts,
-                              training_prompts)
+    from .prompt_sets import (check_prompt_set, follow_up_prompts, prompt_part, question_requests,
+                              self_question_prompts, training_prompts)
 
     prompts = training_prompts()
     check_prompt_set(prompts, recipe.data.prompt_set_sha256, "drafter recipe data.prompt_set_sha256")
@@ -95,15 +103,25 @@ def run_data_stage(recipe: DrafterRecipe) -> None:
     records = [r for r in prompts if prompt_part(r.id) != "policy"]
     if recipe.data.num_prompts:
         records = records[: recipe.data.num_prompts]
+    generate = partial(generate_responses, engine, max_new_tokens=recipe.data.max_new_tokens,
+                       shard_size=recipe.data.batch_size * 2)
+    added = 0
     if recipe.data.self_questions:
         questions_dir = recipe.data_dir / "self-questions"
-        generate_responses(engine, question_requests(recipe.data.self_questions), questions_dir,
-                           max_new_tokens=64, shard_size=recipe.data.batch_size * 2,
+        generate_responses(engine, question_requests(recipe.data.self_questions, samples=recipe.data.question_samples),
+                           questions_dir, max_new_tokens=64, shard_size=recipe.data.batch_size * 2,
                            temperature=recipe.data.question_temperature)
-        records += [r for r in self_question_prompts(read_responses(questions_dir), engine.target.tokenizer)
-                    if prompt_part(r.id) != "policy"]
-    added = generate_responses(engine, records, recipe.data_dir, max_new_tokens=recipe.data.max_new_tokens,
-                               shard_size=recipe.data.batch_size * 2)
+        tokenizer = engine.target.tokenizer
+        asked = [r for r in self_question_prompts(read_responses(questions_dir), tokenizer)
+                 if prompt_part(r.id) != "policy"]
+        # The chat-like data first, so a data stage cut short (it resumes) has the kinds that matter most.
+        added += generate(asked, recipe.data_dir)
+        if recipe.data.follow_ups:
+            texts = {r.id: r.prompt for r in asked}
+            answers = [row for row in read_responses(recipe.data_dir) if row["id"] in texts]
+            second_turns = [r for r in follow_up_prompts(answers, texts, tokenizer) if prompt_part(r.id) != "policy"]
+            added += generate(second_turns, recipe.data_dir)
+    added += generate(records, recipe.data_dir)
     print(f"data: {added} new responses in {recipe.data_dir}")
 
 
@@ -118,8 +136,9 @@ def run_train_stage(recipe: DrafterRecipe) -> None:
 
     target = TargetModel.load(recipe.model or ensure_default_model(), recipe.dtype)
     layer_ids = build_target_layer_ids(target.num_layers, recipe.drafter.num_target_features)
-    feature_path = compute_features(target, recipe.data_dir, layer_ids)
-    sequences = load_sequences(feature_path)
+    feature_path = compute_features(target, recipe.data_dir, layer_ids,
+                                    with_final_hidden=recipe.train.soft_target_weight > 0)
+    sequences = load_sequences(feature_path, target.hidden_size)
     if not sequences:
         raise ValueError(f"no training data in {recipe.data_dir}: run the data stage first")
     log_path = Path(recipe.work_dir) / "train_log.jsonl"
@@ -172,3 +191,100 @@ def run_eval_stage(recipe: DrafterRecipe) -> None:
         print(f"block {c['block_size']:>2}: acceptance {c['acceptance_length']:.2f} tokens/forward, "
               f"projected {c['projected_tokens_per_s']:.1f} tok/s ({c['projected_speedup']:.2f}x plain)")
     print(f"eval: model card written to {recipe.output_dir}/README.md")
+
+
+def with_overrides(recipe: DrafterRecipe, overrides: dict[str, object]) -> DrafterRecipe:
+    """A copy of `recipe` with `section.field` settings replaced (e.g. {"train.soft_target_weight": 0.5})."""
+    import copy
+    import dataclasses
+
+    changed = copy.deepcopy(recipe)
+    for key, value in overrides.items():
+        section_name, _, name = key.partition(".")
+        section = getattr(changed, section_name, None)
+        if not dataclasses.is_dataclass(section) or name not in {f.name for f in dataclasses.fields(section)}:
+            raise ValueError(f"unknown recipe setting {key!r}; use section.field, e.g. train.loss_decay")
+        setattr(changed, section_name, dataclasses.replace(section, **{name: value}))
+    return changed
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, object]]:
+    """"soft:train.soft_target_weight=0.7,drafter.block_size=4" -> ("soft", {...}); values read as YAML."""
+    import yaml
+
+    name, _, settings = spec.partition(":")
+    if not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"variant {spec!r}: start with a name (letters, digits, - and _), then ':' and settings")
+    overrides = {}
+    for item in filter(None, settings.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise ValueError(f"variant {spec!r}: {item!r} is not key=value")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return name, overrides
+
+
+def run_compare_stage(recipe: DrafterRecipe, variants: list[str], minutes: float) -> dict:
+    """Recipe variants trained for the same training time on the same data, from the same start (the
+    recipe's `train.init_from`, or scratch): held-out replayed acceptance per variant (JSON, table, PNG
+    in `work_dir/compare`). How a recipe change is chosen: by learning per CPU-hour, side by side."""
+    import json
+
+    from ..assets import ensure_default_model
+    from ..drafter import build_target_layer_ids
+    from ..target import TargetModel
+    from .features import compute_features, load_sequences
+    from .train_drafter import train
+
+    parsed = [parse_variant(v) for v in variants]
+    target = TargetModel.load(recipe.model or ensure_default_model(), recipe.dtype)
+    layer_ids = build_target_layer_ids(target.num_layers, recipe.drafter.num_target_features)
+    sequences = load_sequences(compute_features(target, recipe.data_dir, layer_ids, with_final_hidden=True),
+                               target.hidden_size)
+    out_dir = Path(recipe.work_dir) / "compare"
+    results = {}
+    for name, overrides in parsed:
+        variant = with_overrides(recipe, overrides)
+        variant.work_dir = str(out_dir / name)
+        log_path = out_dir / name / "train_log.jsonl"
+        train(variant, target, sequences, log_path, time_budget_s=minutes * 60)
+        records = [json.loads(line) for line in log_path.read_text().splitlines()]
+        validated = [r for r in records if "val_replayed_acceptance_length" in r]
+        results[name] = {"overrides": overrides, "steps": records[-1]["step"], "train_s": records[-1]["train_s"],
+                         "supervised_per_s": records[-1]["supervised_per_s"], "final": validated[-1],
+                         "curve": validated}
+    (out_dir / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
+    sizes = sorted({int(k.rsplit("_", 1)[1]) for r in results.values() for k in r["final"]
+                    if k.startswith("val_replayed_acceptance_at_")})
+    lines = [f"| variant | steps | train s | supervised positions/s | replayed acceptance at {recipe.drafter.block_size} | "
+             + " | ".join(f"at {s}" for s in sizes) + " | settings |",
+             "|---|---|---|---|---|" + "---|" * len(sizes) + "---|"]
+    for name, r in results.items():
+        at = " | ".join(f"{r['final'].get(f'val_replayed_acceptance_at_{s}', float('nan')):.3f}" for s in sizes)
+        lines.append(f"| {name} | {r['steps']} | {r['train_s']:.0f} | {r['supervised_per_s']:.0f} | "
+                     f"{r['final']['val_replayed_acceptance_length']:.3f} | {at} | {r['overrides']} |")
+    (out_dir / "compare.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _plot_compare(results, sizes, out_dir / "compare.png")
+    return results
+
+
+def _plot_compare(results: dict, sizes: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = f"val_replayed_acceptance_at_{sizes[0]}" if sizes else "val_replayed_acceptance_length"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in results.items():
+        points = [(c["train_s"] / 60, c[key]) for c in r["curve"] if key in c]
+        ax.plot(*zip(*points), marker="o", label=name)
+    ax.set_xlabel("training minutes (this machine)")
+    ax.set_ylabel(f"held-out replayed acceptance ({key.rsplit('_', 1)[-1] if sizes else 'training size'})")
+    ax.set_title("Drafter recipe variants: learning per CPU-minute")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -6,16 +6,25 @@ p..p+B-1 sees the target's context features of tokens 0..p-1 and must predict to
 exactly the query the runtime asks at a decode step whose bonus token sits at p. Cross-entropy
 through the target's lm_head, with weight `decay ** (j - 1)` for block position j: early positions
 decide the accepted length, so they matter most.
+
+Soft targets (`soft_target_weight` > 0): the loss also pulls the drafter's distribution at each
+position toward the target's own (KL over the vocabulary shortlist, from the target's final hidden
+state stored with the features). One label says which token the target chose; its distribution also
+says how sure it was and what else it weighed: more signal per position, and confidences that mean
+what they say, which the per-step verify rule reads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import random
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,7 +47,17 @@ def split_by_part(sequences: list[Sequence]) -> tuple[list[Sequence], list[Seque
     return parts["drafter-train"], parts["drafter-validation"]
 
 
-def make_batch(sequences: list[Sequence], rng: random.Random, anchors: int, block_size: int, mask_token_id: int):
+class TrainingBatch(NamedTuple):
+    features: torch.Tensor  # [b, context, k * hidden] the target's context features
+    tokens: torch.Tensor  # [b, W] each block: the anchor token, then masks
+    positions: torch.Tensor  # [b, W]
+    labels: torch.Tensor  # [b, W] the target's token at each predicted position, -100 where none
+    visible: torch.Tensor  # the draft attention mask (blocks.anchored_draft_mask)
+    teacher: torch.Tensor | None  # [b, W, hidden] the target's final hidden state that predicted each label
+
+
+def make_batch(sequences: list[Sequence], rng: random.Random, anchors: int, block_size: int,
+               mask_token_id: int) -> TrainingBatch:
     """Tensors for one training step, at `anchors` random positions inside each response."""
     chosen = []
     for s in sequences:
@@ -48,9 +67,10 @@ def make_batch(sequences: list[Sequence], rng: random.Random, anchors: int, bloc
 
 
 def batch_for_anchors(sequences: list[Sequence], chosen: list[list[int]], anchors: int, block_size: int,
-                      mask_token_id: int):
-    """Context features, blocks, positions, labels and attention mask for blocks starting at the given
-    anchor positions (at most `anchors` per sequence; unused slots are inert)."""
+                      mask_token_id: int) -> TrainingBatch:
+    """Context features, blocks, positions, labels, attention mask (and the soft targets' hidden states
+    when the sequences carry them) for blocks at the given anchor positions (at most `anchors` per
+    sequence; unused slots are inert)."""
     batch_size = len(sequences)
     context_len = max(max(a) if a else 1 for a in chosen)
     width = anchors * block_size
@@ -58,6 +78,8 @@ def batch_for_anchors(sequences: list[Sequence], chosen: list[list[int]], anchor
     tokens = torch.full((batch_size, width), mask_token_id, dtype=torch.long)
     positions = torch.zeros(batch_size, width, dtype=torch.long)
     labels = torch.full((batch_size, width), -100, dtype=torch.long)
+    with_teacher = all(s.final_hidden is not None for s in sequences)
+    teacher = torch.zeros(batch_size, width, sequences[0].final_hidden.shape[1]) if with_teacher else None
     offsets = torch.arange(block_size)
     for i, (s, anchor_list) in enumerate(zip(sequences, chosen)):
         features[i, : min(context_len, len(s.tokens))] = torch.from_numpy(
@@ -70,8 +92,12 @@ def batch_for_anchors(sequences: list[Sequence], chosen: list[list[int]], anchor
             targets = p + offsets[1:]
             valid = targets < len(seq)
             labels[i, a * block_size + 1: (a + 1) * block_size][valid] = seq[targets[valid]]
+            if with_teacher:  # the label at t was predicted from the target's hidden state at t - 1
+                sources = (targets[valid] - 1).numpy()
+                teacher[i, a * block_size + 1: a * block_size + 1 + len(sources)] = torch.from_numpy(
+                    np.asarray(s.final_hidden[sources], dtype=np.float32))
     visible = anchored_draft_mask(chosen, anchors, block_size, context_len)
-    return features, tokens, positions, labels, visible
+    return TrainingBatch(features, tokens, positions, labels, visible, teacher)
 
 
 def drafter_hidden(drafter: DFlashDraftModel, target: TargetModel, features, tokens, positions, visible):
@@ -102,19 +128,29 @@ def vocabulary_shortlist(sequences: list[Sequence], size: int) -> torch.Tensor |
     return torch.from_numpy(np.sort(order[counts[order] > 0]))
 
 
-def step_loss(drafter, target, batch, weights, shortlist: torch.Tensor | None = None):
-    features, tokens, positions, labels, visible = batch
-    hidden = drafter_hidden(drafter, target, features, tokens, positions, visible)
-    where = labels >= 0
-    targets = labels[where]
-    if shortlist is None:
-        logits = target.lm_head(hidden[where])
-    else:
+def step_loss(drafter, target, batch: TrainingBatch, weights, shortlist: torch.Tensor | None = None,
+              soft_target_weight: float = 0.0):
+    """(weighted loss, accuracy): `(1 - s) * cross-entropy + s * KL(target || drafter)` per position,
+    s = `soft_target_weight` (the KL needs the batch's teacher states)."""
+    hidden = drafter_hidden(drafter, target, batch.features, batch.tokens, batch.positions, batch.visible)
+    where = batch.labels >= 0
+    targets = batch.labels[where]
+    head = target.lm_head.weight
+    if shortlist is not None:
         vocab = torch.unique(torch.cat([shortlist, targets]))  # sorted, so labels map by searchsorted
-        logits = F.linear(hidden[where], target.lm_head.weight[vocab])
+        head = head[vocab]
         targets = torch.searchsorted(vocab, targets)
-    losses = F.cross_entropy(logits.float(), targets, reduction="none")
-    w = weights.expand_as(labels)[where]
+    logits = F.linear(hidden[where], head).float()
+    losses = F.cross_entropy(logits, targets, reduction="none")
+    if soft_target_weight:
+        if batch.teacher is None:
+            raise ValueError("soft targets need the target's final hidden states: compute the features "
+                             "with with_final_hidden (train.soft_target_weight > 0 does)")
+        with torch.no_grad():
+            teacher_log_probs = F.log_softmax(F.linear(batch.teacher[where], head).float(), dim=-1)
+        kl = (teacher_log_probs.exp() * (teacher_log_probs - F.log_softmax(logits, dim=-1))).sum(-1)
+        losses = (1 - soft_target_weight) * losses + soft_target_weight * kl
+    w = weights.expand_as(batch.labels)[where]
     loss = (losses * w).sum() / w.sum()
     accuracy = (logits.argmax(-1) == targets).float().mean()
     return loss, float(accuracy)
@@ -129,11 +165,10 @@ def expected_acceptance(drafter, target, sequences, block_size, mask_token_id, a
     total, count = 0.0, 0
     for start in range(0, len(sequences), 8):
         batch = make_batch(sequences[start:start + 8], rng, anchors, block_size, mask_token_id)
-        features, tokens, positions, labels, visible = batch
-        hidden = drafter_hidden(drafter, target, features, tokens, positions, visible)
+        hidden = drafter_hidden(drafter, target, batch.features, batch.tokens, batch.positions, batch.visible)
         predictions = target.lm_head(hidden).argmax(-1)
-        grid_pred = predictions.view(len(features), anchors, block_size)[..., 1:]
-        grid_label = labels.view(len(features), anchors, block_size)[..., 1:]
+        grid_pred = predictions.view(len(batch.features), anchors, block_size)[..., 1:]
+        grid_label = batch.labels.view(len(batch.features), anchors, block_size)[..., 1:]
         used = grid_label[..., 0] >= 0
         accepted = accepted_prefix(grid_pred, grid_label)
         total += float((accepted + 1)[used].sum())
@@ -180,28 +215,87 @@ class DivideColumns(torch.nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight / self.scale
 
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        """A saved (folded) fc weight as the trained parameter: training continues a shipped drafter."""
+        return weight * self.scale
 
-def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path) -> DFlashDraftModel:
+
+def starting_weights(directory: str, drafter: DFlashDraftModel) -> dict:
+    """The state of a saved drafter to continue training from, refused unless it has this recipe's shape.
+
+    A recipe with more layers than the saved drafter keeps the saved layers and appends fresh ones
+    whose output projections (attention o_proj, MLP down_proj) are zero: a residual layer that adds
+    nothing, so training starts from exactly the saved drafter's predictions and grows the capacity."""
+    saved = DFlashDraftModel.load(directory, dtype=torch.float32)
+    mine, theirs = drafter.state_dict(), dict(saved.state_dict())
+    added = range(saved.config.num_hidden_layers, drafter.config.num_hidden_layers)
+    for i in added:
+        for key, value in mine.items():
+            if key.startswith(f"layers.{i}."):
+                zero = key.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight"))
+                theirs[key] = torch.zeros_like(value) if zero else value.clone()
+    different = sorted(k for k in mine.keys() | theirs.keys()
+                       if k not in mine or k not in theirs or mine[k].shape != theirs[k].shape)
+    if different or saved.config.target_layer_ids != drafter.config.target_layer_ids:
+        raise ValueError(f"train.init_from {directory}: that drafter's shape differs from the recipe's "
+                         f"(weights {different[:4]}, target layers {saved.config.target_layer_ids} vs "
+                         f"{drafter.config.target_layer_ids})")
+    return theirs
+
+
+class DeviceHeads(torch.nn.Module):
+    """The two target pieces a training step uses (embeddings, lm_head), copied to the training device;
+    the target itself stays on the CPU, where validation replays decoding with the runtime's code."""
+
+    def __init__(self, target: TargetModel, device: torch.device):
+        super().__init__()
+        self.embed_tokens = copy.deepcopy(target.embed_tokens).to(device)
+        self.lm_head = copy.deepcopy(target.lm_head).to(device)
+
+
+def training_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def batch_to(batch: TrainingBatch, device: torch.device) -> TrainingBatch:
+    return TrainingBatch(*(t.to(device, non_blocking=True) if t is not None else None for t in batch))
+
+
+def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path,
+          time_budget_s: float | None = None) -> DFlashDraftModel:
+    """Train (or resume) the recipe's drafter; on a CUDA device when there is one (bf16 autocast there,
+    float32 on the CPU), validating on the CPU. `time_budget_s` stops it after that much training time
+    (validation not counted), validated at the stop: equal budgets compare recipes."""
     cfg, shape = recipe.train, recipe.drafter
     train_set, validation = split_by_part(sequences)
     checkpoint = recipe.checkpoint_dir / "last.pt"
     drafter = DFlashDraftModel.for_target(target, num_layers=shape.num_layers,
                                           num_target_features=shape.num_target_features,
                                           block_size=shape.block_size, seed=cfg.seed).float().train()
+    if cfg.init_from and not checkpoint.exists():
+        drafter.load_state_dict(starting_weights(cfg.init_from, drafter))
     drafter.requires_grad_(True)
     parametrize.register_parametrization(drafter.fc, "weight", DivideColumns(feature_scale(train_set)))
+    device = training_device()
+    drafter.to(device)
+    heads = target if device.type == "cpu" else DeviceHeads(target, device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.95))
-    step, rng, elapsed = 0, random.Random(cfg.seed), 0.0
+    step, rng, elapsed, train_s = 0, random.Random(cfg.seed), 0.0, 0.0
     if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=False, map_location=device)
         drafter.load_state_dict(state["drafter"])
         optimizer.load_state_dict(state["optimizer"])
-        step, elapsed = state["step"], state.get("elapsed_s", 0.0)
+        step, elapsed, train_s = state["step"], state.get("elapsed_s", 0.0), state.get("train_s", 0.0)
         rng.setstate(state["rng"])
     mask_id = drafter.config.mask_token_id
     weights = position_weights(shape.block_size, cfg.anchors_per_sequence, cfg.loss_decay)
+    supervised = 0  # labelled block positions trained on since this run (re)started
     shortlist = vocabulary_shortlist(train_set, cfg.vocab_shortlist)
+    shortlist = shortlist.to(device) if shortlist is not None else None
+    weights = weights.to(device)
 
     def learning_rate(s):
         if s < cfg.warmup_steps:
@@ -212,36 +306,59 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
     log_path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=cfg.steps, initial=step, desc="train drafter", unit="step")
     began = time.perf_counter() - elapsed
+    resumed_at = time.perf_counter()
     while step < cfg.steps:
+        step_began = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step)
-        batch = make_batch(rng.sample(train_set, cfg.sequences_per_step), rng, cfg.anchors_per_sequence,
-                           shape.block_size, mask_id)
-        loss, accuracy = step_loss(drafter, target, batch, weights, shortlist)
+        batch = batch_to(make_batch(rng.sample(train_set, cfg.sequences_per_step), rng, cfg.anchors_per_sequence,
+                                    shape.block_size, mask_id), device)
+        with autocast:
+            loss, accuracy = step_loss(drafter, heads, batch, weights, shortlist, cfg.soft_target_weight)
+        supervised += int((batch.labels >= 0).sum())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
         optimizer.step()
         step += 1
+        now = time.perf_counter()
+        train_s += now - step_began
+        out_of_time = time_budget_s is not None and train_s >= time_budget_s
         record = {"step": step, "loss": round(loss.item(), 4), "accuracy": round(accuracy, 4),
-                  "lr": learning_rate(step - 1), "elapsed_s": round(time.perf_counter() - began, 1)}
-        if step % cfg.validate_every == 0 or step == cfg.steps:
-            drafter.eval()
-            record["val_acceptance_length"] = round(
-                expected_acceptance(drafter, target, validation, shape.block_size, mask_id), 4)
-            record["val_replayed_acceptance_length"] = round(
-                replayed_acceptance(drafter, target, validation, shape.block_size), 4)
-            drafter.train()
+                  "lr": learning_rate(step - 1), "elapsed_s": round(now - began, 1), "train_s": round(train_s, 1),
+                  "supervised_per_s": round(supervised / max(now - resumed_at, 1e-9), 1)}
+        if step % cfg.validate_every == 0 or step == cfg.steps or out_of_time:
+            record.update(validate(drafter, target, validation, shape.block_size, cfg.validate_block_sizes))
         with open(log_path, "a") as log:
             log.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=record["loss"], acc=record["accuracy"], tau=record.get("val_replayed_acceptance_length", ""))
         bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "rng": rng.getstate(), "elapsed_s": time.perf_counter() - began,
+                        "rng": rng.getstate(), "elapsed_s": time.perf_counter() - began, "train_s": train_s,
                         "config": asdict(cfg)}, checkpoint.with_suffix(".tmp"))
             checkpoint.with_suffix(".tmp").rename(checkpoint)
+        if out_of_time:
+            break
     bar.close()
     parametrize.remove_parametrizations(drafter.fc, "weight", leave_parametrized=True)
-    return drafter.eval().requires_grad_(False)
+    return drafter.cpu().eval().requires_grad_(False)
+
+
+def validate(drafter: DFlashDraftModel, target: TargetModel, validation: list[Sequence], block_size: int,
+             replay_sizes: list[int]) -> dict:
+    """Held-out acceptance, on the CPU (the runtime's replay): from random anchors at the training block
+    size, and replayed decoding at it and at each of `replay_sizes`."""
+    on_cpu = drafter if next(drafter.parameters()).device.type == "cpu" else copy.deepcopy(drafter).cpu()
+    was_training = on_cpu.training
+    on_cpu.eval()
+    mask_id = drafter.config.mask_token_id
+    record = {"val_acceptance_length": round(expected_acceptance(on_cpu, target, validation, block_size, mask_id), 4),
+              "val_replayed_acceptance_length": round(replayed_acceptance(on_cpu, target, validation, block_size), 4)}
+    for size in replay_sizes:
+        if size != block_size:
+            record[f"val_replayed_acceptance_at_{size}"] = round(
+                replayed_acceptance(on_cpu, target, validation, size), 4)
+    on_cpu.train(was_training)
+    return record

@@ -322,7 +322,7 @@ def test_measured_step_times_correct_the_plan():
     with w._bp_step([4, 4]):
         for _ in range(30):
             w._bp_time_step(2, 4, 10 * priced)  # each drafting step took 10x its price
-    assert w._bp_correction.drafting == pytest.approx(10, rel=0.01) and w._bp_correction.plain == 1.0
+    assert w._bp_correction.scale(True, 2) == pytest.approx(10, rel=0.01) and w._bp_correction.scale(False, 2) == 1.0
     assert w._bp_plan_widths(choices) == [1, 1]
     w._bp_correction = None  # a GPU server: never timed, the table's prices
     assert max(w._bp_plan_widths(choices)) > 1
