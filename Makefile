@@ -106,7 +106,9 @@ eval-verify: install
 DRAFTER_V2 := configs/drafter-smollm2-v2.yaml
 DRAFTER_V1_COMMIT := 205eb63
 DRAFTER_V1_DIR = $(shell $(BIN)/python -c "from blockpilot.runtime.assets import cache_dir; print(cache_dir() / 'drafter-smollm2-v1')")
-COMPARE_MINUTES ?= 8
+COMPARE_MINUTES ?= 10
+# more variants, e.g. COMPARE_MORE='--variant "soft-deeper:train.soft_target_weight=0.5,drafter.num_layers=3"'
+COMPARE_MORE ?=
 drafter-v1-weights: install
 	mkdir -p $(DRAFTER_V1_DIR)
 	git archive $(DRAFTER_V1_COMMIT) runtime/assets/smollm2-135m-instruct-dflash/config.json \
@@ -119,10 +121,10 @@ drafter-v2: install drafter-v1-weights
 drafter-compare: install drafter-v1-weights
 	$(BIN)/blockpilot prepare
 	$(BIN)/blockpilot train-drafter --config $(DRAFTER_V2) --stage compare --minutes $(COMPARE_MINUTES) \
-		--variant "hard:train.soft_target_weight=0" \
-		--variant "soft:train.soft_target_weight=0.5" \
-		--variant "soft-early:train.soft_target_weight=0.5,drafter.block_size=4,train.anchors_per_sequence=64" \
-		--variant "soft-deeper:train.soft_target_weight=0.5,drafter.num_layers=3"
+		--variant "hard:train.soft_target_weight=0,train.validate_every=100" \
+		--variant "soft:train.soft_target_weight=0.5,train.validate_every=100" \
+		--variant "soft-early:train.soft_target_weight=0.5,drafter.block_size=4,train.anchors_per_sequence=64,train.validate_every=100" \
+		$(COMPARE_MORE)
 
 clean:
 	rm -rf $(VENV) $(SGL_VENV) runs *.egg-info

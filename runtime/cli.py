@@ -221,11 +221,16 @@ def cmd_train_drafter(args) -> None:
     if args.stage == "compare":
         if not args.variant:
             raise SystemExit("--stage compare needs at least one --variant NAME:section.field=value,...")
-        recipes.run_compare_stage(recipe, args.variant, args.minutes)
+        recipes.run_compare_stage(recipe, args.variant, args.minutes or 20.0)
         return
+    if args.minutes and args.stage != "train":
+        raise SystemExit("--minutes applies to --stage train (a time budget) and --stage compare")
     stages = ["data", "train", "eval"] if args.stage == "all" else [args.stage]
     for stage in stages:
-        getattr(recipes, f"run_{stage}_stage")(recipe)
+        if stage == "train":
+            recipes.run_train_stage(recipe, minutes=args.minutes)
+        else:
+            getattr(recipes, f"run_{stage}_stage")(recipe)
 
 
 def cmd_policy_stage(args) -> None:
@@ -307,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare: train each --variant for --minutes on the same data, side by side")
     p.add_argument("--variant", action="append", default=[],
                    help='compare stage: "NAME:train.soft_target_weight=0.7,drafter.block_size=4" (repeatable)')
-    p.add_argument("--minutes", type=float, default=20.0, help="compare stage: training minutes per variant")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="train stage: stop (checkpointed, drafter saved) after this much more training time; "
+                        "compare stage: training minutes per variant (default 20)")
     p.set_defaults(func=cmd_train_drafter)
 
     for name, text in (("collect", "run prompts at every candidate block size; record counts and prefill features"),

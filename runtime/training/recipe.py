@@ -125,8 +125,12 @@ def run_data_stage(recipe: DrafterRecipe) -> None:
     print(f"data: {added} new responses in {recipe.data_dir}")
 
 
-def run_train_stage(recipe: DrafterRecipe) -> None:
+def run_train_stage(recipe: DrafterRecipe, minutes: float | None = None) -> None:
+    """Train to `train.steps` (resuming), or for `minutes` more training time: the drafter is saved
+    either way, and a later run continues from the checkpoint."""
     import json
+
+    import torch
 
     from ..assets import ensure_default_model
     from ..drafter import build_target_layer_ids
@@ -142,14 +146,19 @@ def run_train_stage(recipe: DrafterRecipe) -> None:
     if not sequences:
         raise ValueError(f"no training data in {recipe.data_dir}: run the data stage first")
     log_path = Path(recipe.work_dir) / "train_log.jsonl"
-    drafter = train(recipe, target, sequences, log_path)
+    budget = None
+    if minutes:
+        checkpoint = recipe.checkpoint_dir / "last.pt"
+        done = torch.load(checkpoint, weights_only=False).get("train_s", 0.0) if checkpoint.exists() else 0.0
+        budget = done + minutes * 60
+    drafter = train(recipe, target, sequences, log_path, time_budget_s=budget)
     drafter.to(target.dtype).save(recipe.output_dir)
     last = json.loads(log_path.read_text().splitlines()[-1])
     train_set, validation = split_by_part(sequences)
     summary = {"sequences": len(train_set), "validation_sequences": len(validation),
                "tokens": int(sum(len(s.tokens) for s in train_set)),
                "response_tokens": int(sum(len(s.tokens) - s.prompt_len for s in train_set)),
-               "steps": recipe.train.steps, "wall_time_s": last["elapsed_s"],
+               "steps": last["step"], "wall_time_s": last["elapsed_s"],
                "final_loss": last["loss"], "val_acceptance_length": last.get("val_acceptance_length"),
                "val_replayed_acceptance_length": last.get("val_replayed_acceptance_length"),
                "recipe": {"data": asdict(recipe.data), "drafter": asdict(recipe.drafter), "train": asdict(recipe.train)}}
@@ -230,11 +239,13 @@ def run_compare_stage(recipe: DrafterRecipe, variants: list[str], minutes: float
     in `work_dir/compare`). How a recipe change is chosen: by learning per CPU-hour, side by side."""
     import json
 
+    import torch
+
     from ..assets import ensure_default_model
-    from ..drafter import build_target_layer_ids
+    from ..drafter import DFlashDraftModel, build_target_layer_ids
     from ..target import TargetModel
     from .features import compute_features, load_sequences
-    from .train_drafter import train
+    from .train_drafter import split_by_part, train, validate
 
     parsed = [parse_variant(v) for v in variants]
     target = TargetModel.load(recipe.model or ensure_default_model(), recipe.dtype)
@@ -242,6 +253,12 @@ def run_compare_stage(recipe: DrafterRecipe, variants: list[str], minutes: float
     sequences = load_sequences(compute_features(target, recipe.data_dir, layer_ids, with_final_hidden=True),
                                target.hidden_size)
     out_dir = Path(recipe.work_dir) / "compare"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = None
+    if recipe.train.init_from:  # where every variant starts: its held-out figures at 0 minutes
+        start = validate(DFlashDraftModel.load(recipe.train.init_from, dtype=torch.float32), target,
+                         split_by_part(sequences)[1], recipe.drafter.block_size, recipe.train.validate_block_sizes)
+        start.update(train_s=0.0, step=0)
     results = {}
     for name, overrides in parsed:
         variant = with_overrides(recipe, overrides)
@@ -249,17 +266,22 @@ def run_compare_stage(recipe: DrafterRecipe, variants: list[str], minutes: float
         log_path = out_dir / name / "train_log.jsonl"
         train(variant, target, sequences, log_path, time_budget_s=minutes * 60)
         records = [json.loads(line) for line in log_path.read_text().splitlines()]
-        validated = [r for r in records if "val_replayed_acceptance_length" in r]
+        validated = ([start] if start else []) + [r for r in records if "val_replayed_acceptance_length" in r]
         results[name] = {"overrides": overrides, "steps": records[-1]["step"], "train_s": records[-1]["train_s"],
                          "supervised_per_s": records[-1]["supervised_per_s"], "final": validated[-1],
                          "curve": validated}
-    (out_dir / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "compare.json").write_text(json.dumps({"start": start, "variants": results}, indent=2) + "\n")
     sizes = sorted({int(k.rsplit("_", 1)[1]) for r in results.values() for k in r["final"]
                     if k.startswith("val_replayed_acceptance_at_")})
-    lines = [f"| variant | steps | train s | supervised positions/s | replayed acceptance at {recipe.drafter.block_size} | "
+    if start:
+        results_rows = [("start", {"steps": 0, "train_s": 0.0, "supervised_per_s": 0.0, "final": start,
+                                   "overrides": f"train.init_from={recipe.train.init_from}"})]
+    else:
+        results_rows = []
+    lines = [f"| variant | steps | train s | supervised positions/s | replayed acceptance at the training size | "
              + " | ".join(f"at {s}" for s in sizes) + " | settings |",
              "|---|---|---|---|---|" + "---|" * len(sizes) + "---|"]
-    for name, r in results.items():
+    for name, r in results_rows + list(results.items()):
         at = " | ".join(f"{r['final'].get(f'val_replayed_acceptance_at_{s}', float('nan')):.3f}" for s in sizes)
         lines.append(f"| {name} | {r['steps']} | {r['train_s']:.0f} | {r['supervised_per_s']:.0f} | "
                      f"{r['final']['val_replayed_acceptance_length']:.3f} | {at} | {r['overrides']} |")
@@ -270,21 +292,24 @@ def run_compare_stage(recipe: DrafterRecipe, variants: list[str], minutes: float
 
 
 def _plot_compare(results: dict, sizes: list[int], path: Path) -> None:
+    """One panel per replayed block size: held-out acceptance against training minutes, per variant."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = f"val_replayed_acceptance_at_{sizes[0]}" if sizes else "val_replayed_acceptance_length"
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, r in results.items():
-        points = [(c["train_s"] / 60, c[key]) for c in r["curve"] if key in c]
-        ax.plot(*zip(*points), marker="o", label=name)
-    ax.set_xlabel("training minutes (this machine)")
-    ax.set_ylabel(f"held-out replayed acceptance ({key.rsplit('_', 1)[-1] if sizes else 'training size'})")
-    ax.set_title("Drafter recipe variants: learning per CPU-minute")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    keys = [f"val_replayed_acceptance_at_{s}" for s in sizes] or ["val_replayed_acceptance_length"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, r in results.items():
+            points = [(c["train_s"] / 60, c[key]) for c in r["curve"] if key in c]
+            ax.plot(*zip(*points), marker="o", label=name)
+        size = key.rsplit("_", 1)[-1] if sizes else "the training size"
+        ax.set(xlabel="training minutes (this machine)", ylabel="tokens per target forward",
+               title=f"Held-out replayed acceptance at block {size}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Drafter recipe variants from the same start: learning per CPU-minute")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

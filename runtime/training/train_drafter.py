@@ -357,8 +357,8 @@ def validate(drafter: DFlashDraftModel, target: TargetModel, validation: list[Se
     record = {"val_acceptance_length": round(expected_acceptance(on_cpu, target, validation, block_size, mask_id), 4),
               "val_replayed_acceptance_length": round(replayed_acceptance(on_cpu, target, validation, block_size), 4)}
     for size in replay_sizes:
-        if size != block_size:
-            record[f"val_replayed_acceptance_at_{size}"] = round(
-                replayed_acceptance(on_cpu, target, validation, size), 4)
+        record[f"val_replayed_acceptance_at_{size}"] = (
+            record["val_replayed_acceptance_length"] if size == block_size
+            else round(replayed_acceptance(on_cpu, target, validation, size), 4))
     on_cpu.train(was_training)
     return record
