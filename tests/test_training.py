@@ -411,3 +411,16 @@ def test_position_accuracy_reads_the_replayed_steps():
     assert accuracy["positions"][2] == {"reached": 0.375, "given_previous": 0.6}
     assert accuracy["positions"][3] == {"reached": 0.25, "given_previous": round(2 / 3, 4)}
     assert position_accuracy(rows, 8) is None
+
+
+def test_train_drafter_cli_refuses_misused_stage_options():
+    import subprocess
+    import sys
+
+    config = str(Path(__file__).parents[1] / "configs" / "drafter-smollm2-v2.yaml")
+    for args, message in ((["--stage", "compare"], "needs at least one --variant"),
+                          (["--stage", "eval", "--minutes", "5"], "--minutes applies to --stage train")):
+        run = subprocess.run([sys.executable, "-m", "blockpilot.runtime.cli", "train-drafter", "--config", config,
+                              *args], capture_output=True, text=True, timeout=120)
+        assert run.returncode != 0 and message in run.stderr, run.stderr[-500:]
+        assert "Traceback" not in run.stderr
