@@ -108,9 +108,8 @@ def run_data_stage(recipe: DrafterRecipe) -> None:
     added = 0
     if recipe.data.self_questions:
         questions_dir = recipe.data_dir / "self-questions"
-        generate_responses(engine, question_requests(recipe.data.self_questions, samples=recipe.data.question_samples),
-                           questions_dir, max_new_tokens=64, shard_size=recipe.data.batch_size * 2,
-                           temperature=recipe.data.question_temperature)
+        generate(question_requests(recipe.data.self_questions, samples=recipe.data.question_samples), questions_dir,
+                 max_new_tokens=64, temperature=recipe.data.question_temperature)
         tokenizer = engine.target.tokenizer
         asked = [r for r in self_question_prompts(read_responses(questions_dir), tokenizer)
                  if prompt_part(r.id) != "policy"]
@@ -132,19 +131,9 @@ def run_train_stage(recipe: DrafterRecipe, minutes: float | None = None) -> None
 
     import torch
 
-    from ..assets import ensure_default_model
-    from ..drafter import build_target_layer_ids
-    from ..target import TargetModel
-    from .features import compute_features, load_sequences
     from .train_drafter import split_by_part, train
 
-    target = TargetModel.load(recipe.model or ensure_default_model(), recipe.dtype)
-    layer_ids = build_target_layer_ids(target.num_layers, recipe.drafter.num_target_features)
-    feature_path = compute_features(target, recipe.data_dir, layer_ids,
-                                    with_final_hidden=recipe.train.soft_target_weight > 0)
-    sequences = load_sequences(feature_path, target.hidden_size)
-    if not sequences:
-        raise ValueError(f"no training data in {recipe.data_dir}: run the data stage first")
+    target, sequences = _training_data(recipe, with_final_hidden=recipe.train.soft_target_weight > 0)
     log_path = Path(recipe.work_dir) / "train_log.jsonl"
     budget = None
     if minutes:
@@ -165,6 +154,23 @@ def run_train_stage(recipe: DrafterRecipe, minutes: float | None = None) -> None
     (Path(recipe.output_dir) / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"train: drafter saved to {recipe.output_dir} (held-out acceptance length, replayed decoding: "
           f"{summary['val_replayed_acceptance_length']})")
+
+
+def _training_data(recipe: DrafterRecipe, with_final_hidden: bool):
+    """(target, training sequences): the target loaded, its features computed for every data shard not
+    done yet, and every sequence read back."""
+    from ..assets import ensure_default_model
+    from ..drafter import build_target_layer_ids
+    from ..target import TargetModel
+    from .features import compute_features, load_sequences
+
+    target = TargetModel.load(recipe.model or ensure_default_model(), recipe.dtype)
+    layer_ids = build_target_layer_ids(target.num_layers, recipe.drafter.num_target_features)
+    sequences = load_sequences(compute_features(target, recipe.data_dir, layer_ids, with_final_hidden=with_final_hidden),
+                               target.hidden_size)
+    if not sequences:
+        raise ValueError(f"no training data in {recipe.data_dir}: run the data stage first")
+    return target, sequences
 
 
 def run_eval_stage(recipe: DrafterRecipe) -> None:
@@ -241,17 +247,11 @@ def run_compare_stage(recipe: DrafterRecipe, variants: list[str], minutes: float
 
     import torch
 
-    from ..assets import ensure_default_model
-    from ..drafter import DFlashDraftModel, build_target_layer_ids
-    from ..target import TargetModel
-    from .features import compute_features, load_sequences
+    from ..drafter import DFlashDraftModel
     from .train_drafter import split_by_part, train, validate
 
     parsed = [parse_variant(v) for v in variants]
-    target = TargetModel.load(recipe.model or ensure_default_model(), recipe.dtype)
-    layer_ids = build_target_layer_ids(target.num_layers, recipe.drafter.num_target_features)
-    sequences = load_sequences(compute_features(target, recipe.data_dir, layer_ids, with_final_hidden=True),
-                               target.hidden_size)
+    target, sequences = _training_data(recipe, with_final_hidden=True)  # soft and hard variants alike
     out_dir = Path(recipe.work_dir) / "compare"
     out_dir.mkdir(parents=True, exist_ok=True)
     start = None
@@ -273,15 +273,12 @@ def run_compare_stage(recipe: DrafterRecipe, variants: list[str], minutes: float
     (out_dir / "compare.json").write_text(json.dumps({"start": start, "variants": results}, indent=2) + "\n")
     sizes = sorted({int(k.rsplit("_", 1)[1]) for r in results.values() for k in r["final"]
                     if k.startswith("val_replayed_acceptance_at_")})
-    if start:
-        results_rows = [("start", {"steps": 0, "train_s": 0.0, "supervised_per_s": 0.0, "final": start,
-                                   "overrides": f"train.init_from={recipe.train.init_from}"})]
-    else:
-        results_rows = []
+    starting_row = {"steps": 0, "train_s": 0.0, "supervised_per_s": 0.0, "final": start,
+                    "overrides": f"train.init_from={recipe.train.init_from}"}
     lines = [f"| variant | steps | train s | supervised positions/s | replayed acceptance at the training size | "
              + " | ".join(f"at {s}" for s in sizes) + " | settings |",
              "|---|---|---|---|---|" + "---|" * len(sizes) + "---|"]
-    for name, r in results_rows + list(results.items()):
+    for name, r in ([("start", starting_row)] if start else []) + list(results.items()):
         at = " | ".join(f"{r['final'].get(f'val_replayed_acceptance_at_{s}', float('nan')):.3f}" for s in sizes)
         lines.append(f"| {name} | {r['steps']} | {r['train_s']:.0f} | {r['supervised_per_s']:.0f} | "
                      f"{r['final']['val_replayed_acceptance_length']:.3f} | {at} | {r['overrides']} |")

@@ -292,7 +292,7 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
         rng.setstate(state["rng"])
     mask_id = drafter.config.mask_token_id
     weights = position_weights(shape.block_size, cfg.anchors_per_sequence, cfg.loss_decay)
-    supervised = 0  # labelled block positions trained on since this run (re)started
+    supervised, trained_before = 0, train_s  # labelled block positions, and training time, since this run (re)started
     shortlist = vocabulary_shortlist(train_set, cfg.vocab_shortlist)
     shortlist = shortlist.to(device) if shortlist is not None else None
     weights = weights.to(device)
@@ -306,7 +306,6 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
     log_path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=cfg.steps, initial=step, desc="train drafter", unit="step")
     began = time.perf_counter() - elapsed
-    resumed_at = time.perf_counter()
     while step < cfg.steps:
         step_began = time.perf_counter()
         for group in optimizer.param_groups:
@@ -326,7 +325,7 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
         out_of_time = time_budget_s is not None and train_s >= time_budget_s
         record = {"step": step, "loss": round(loss.item(), 4), "accuracy": round(accuracy, 4),
                   "lr": learning_rate(step - 1), "elapsed_s": round(now - began, 1), "train_s": round(train_s, 1),
-                  "supervised_per_s": round(supervised / max(now - resumed_at, 1e-9), 1)}
+                  "supervised_per_s": round(supervised / max(train_s - trained_before, 1e-9), 1)}
         if step % cfg.validate_every == 0 or step == cfg.steps or out_of_time:
             record.update(validate(drafter, target, validation, shape.block_size, cfg.validate_block_sizes))
         with open(log_path, "a") as log:
