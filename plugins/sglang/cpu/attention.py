@@ -41,7 +41,7 @@ def extend_queries_only(fallback, query, output, k_cache, v_cache, req_to_token,
         if key.dtype != q.dtype:
             key, value = key.to(q.dtype), value.to(q.dtype)
         mask = None
-        if causal:  # extend query i sits at position prefix + i
+        if causal and extend > 1:  # extend query i sits at position prefix + i (one query sees every key)
             mask = (torch.arange(length, device=q.device)[None, :]
                     <= prefix + torch.arange(extend, device=q.device)[:, None])
         out = scaled_dot_product_attention(q.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), attn_mask=mask,
