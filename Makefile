@@ -58,9 +58,11 @@ test-fast: install
 # verify rule, batch 1, side by side (about 12 min here). BENCH_BATCH=8 for continuous batching.
 BENCH_SIZES ?= 2,4
 BENCH_BATCH ?= 1
+# a batch of B runs B prompts at once (batch 1: 6 in a row)
+BENCH_PROMPTS ?= $(if $(filter 1,$(BENCH_BATCH)),6,$(BENCH_BATCH))
 bench: install
 	$(BIN)/blockpilot prepare
-	$(BIN)/blockpilot bench --num-prompts 6 --block-sizes $(BENCH_SIZES) --block-size auto --repeats 2 \
+	$(BIN)/blockpilot bench --num-prompts $(BENCH_PROMPTS) --block-sizes $(BENCH_SIZES) --block-size auto --repeats 2 \
 		--max-new-tokens 256 --batch-size $(BENCH_BATCH) --max-batch-size $(BENCH_BATCH) --verify both \
 		--output-dir runs/bench-batch$(BENCH_BATCH)
 
