@@ -428,22 +428,36 @@ class VerifyRule:
              correction: StepTimeCorrection | None = None) -> torch.Tensor:
         """Before the draft: [n] drafts each row drafts this step (0..draft_counts[r]), from the rows'
         outlooks and this machine's step costs (`blocks.plan_draft_lengths`); each outlook notes the
-        choice. A row without an outlook (a FULL row) or whose outlook is due a probe counts as
-        certain: priced in, drafted whole. Every row drafts its block without a table or with the
-        plan off."""
+        choice. A row without an outlook (a FULL row) drafts its block; a row whose outlook is due a
+        probe drafts its block too (ragged), or, in a padded layout, as wide as would pay were every
+        row's drafts certain: a wider probe could never change the plan at this batch size, and
+        none at all where even certain drafts do not pay. A padded step drafts every row as wide as
+        its widest row at no extra cost, so every row drafts that wide: its outlook learns from the
+        step, and one probe serves the whole batch. Every row drafts its block without a table or
+        with the plan off."""
         if self.costs is None or not self.draft_plan or len(draft_counts) == 0 or int(draft_counts.max()) == 0:
             return draft_counts.clone()
         n, k = len(draft_counts), int(draft_counts.max())
-        ones = torch.ones(k, dtype=torch.float64)
-        expected = torch.stack([o.expected(k) if o is not None else ones for o in outlooks])
-        tokens = n * (k + 1)
         correction = correction or StepTimeCorrection()
-        chosen = blocks.plan_draft_lengths(expected, draft_counts, self.costs.verify_seconds_table(tokens),
-                                           self.costs.draft_seconds_table(tokens), padded=padded,
-                                           plain_scale=correction.scale(False, n),
-                                           drafting_scale=correction.scale(True, n))
+        tokens = n * (k + 1)
+
+        def plan_for(expected: torch.Tensor) -> torch.Tensor:
+            return blocks.plan_draft_lengths(expected, draft_counts, self.costs.verify_seconds_table(tokens),
+                                             self.costs.draft_seconds_table(tokens), padded=padded,
+                                             plain_scale=correction.scale(False, n),
+                                             drafting_scale=correction.scale(True, n))
+
+        ones = torch.ones(k, dtype=torch.float64)
+        chosen = plan_for(torch.stack([o.expected(k) if o is not None else ones for o in outlooks]))
         probes = torch.tensor([o is not None and o.probe_due for o in outlooks])
-        chosen = torch.where(probes, draft_counts, chosen)  # a probe drafts its block whatever it costs
+        whole = torch.tensor([o is None for o in outlooks])
+        if padded:
+            probe_width = int(plan_for(ones.expand(n, k)).max()) if bool(probes.any()) else 0
+            chosen = torch.where(probes, draft_counts.clamp(max=probe_width), chosen)
+            chosen = torch.where(whole, draft_counts, chosen)
+            chosen = draft_counts.clamp(max=int(chosen.max()))
+        else:
+            chosen = torch.where(probes | whole, draft_counts, chosen)  # a ragged probe costs its own row only
         for outlook, drafts, wanted in zip(outlooks, chosen.tolist(), draft_counts.tolist()):
             if outlook is not None and wanted > 0:
                 outlook.planned(drafts)

@@ -253,6 +253,32 @@ def test_an_outlook_follows_recent_drafts_and_probes_after_plain_steps():
     assert not outlook.probe_due
 
 
+def test_a_padded_probe_serves_the_whole_batch_and_drafts_no_wider_than_could_pay():
+    """The plugin's padded step: one row due a probe makes the step draft, and then every row drafts
+    as wide (the drafter's padded forward costs the same), so every outlook learns and the rows
+    probe together, not one after another. The probe is as wide as certain drafts would pay at
+    this batch size (here one draft), and there is none where even certain drafts cannot pay."""
+    dear_past_one = StepCostTable([1, 8, 16, 64], [1 / 0.02, 1 / 0.024, 1 / 0.06, 1 / 0.5], 64, [2, 64],
+                                  [0.0001, 0.0002])
+    rule = VerifyRule(VerifyMode.AUTO, dear_past_one)
+    hopeless = [DraftOutlook() for _ in range(3)]
+    for outlook in hopeless:
+        outlook.observe(torch.full((7,), 0.001))
+    counts = torch.full((4,), 7)
+    assert rule.plan(hopeless, counts[:3], padded=True).tolist() == [0, 0, 0]
+    assert [o.plain_steps for o in hopeless] == [1, 1, 1]  # counting towards their next probe
+    assert rule.plan([*hopeless, DraftOutlook()], counts, padded=True).tolist() == [1, 1, 1, 1]
+    assert [o.plain_steps for o in hopeless] == [0, 0, 0]  # drafted with the probe: probe again together
+    # ragged (the reference engine): a probe costs its own row only, and drafts its block
+    assert rule.plan([*hopeless, DraftOutlook()], counts).tolist() == [0, 0, 0, 7]
+    per_token = StepCostTable([1, 64], [1 / 0.001, 1 / 0.064], 64, [2, 64], [0.0001, 0.0002])
+    never_pays = VerifyRule(VerifyMode.AUTO, per_token)
+    assert never_pays.plan([*hopeless, DraftOutlook()], counts, padded=True).tolist() == [0, 0, 0, 0]
+    # a FULL row (no outlook) drafts its block whatever it costs, and the padded step drafts the others as wide
+    assert never_pays.plan([hopeless[0], None], torch.tensor([7, 3]), padded=True).tolist() == [3, 3]
+    assert never_pays.plan([hopeless[0], None], torch.tensor([7, 3])).tolist() == [0, 3]
+
+
 def test_a_measured_correction_moves_the_plan():
     verify, draft = plan_costs(per_token=0.001, base=0.028)
     outlook = torch.tensor([0.6, 0.4, 0.25], dtype=torch.float64).expand(4, 3)
