@@ -111,6 +111,8 @@ DRAFTER_V1_DIR = $(shell $(BIN)/python -c "from blockpilot.runtime.assets import
 COMPARE_MINUTES ?= 10
 # more variants, e.g. COMPARE_MORE='--variant "soft-deeper:train.soft_target_weight=0.5,drafter.num_layers=3"'
 COMPARE_MORE ?=
+# what every compared variant sets (validated twice as often as the recipe: the curves need points)
+COMPARE_EVERY_VARIANT = train.validate_every=100
 drafter-v1-weights: install
 	mkdir -p $(DRAFTER_V1_DIR)
 	git archive $(DRAFTER_V1_COMMIT) runtime/assets/smollm2-135m-instruct-dflash/config.json \
@@ -123,9 +125,9 @@ drafter-v2: install drafter-v1-weights
 drafter-compare: install drafter-v1-weights
 	$(BIN)/blockpilot prepare
 	$(BIN)/blockpilot train-drafter --config $(DRAFTER_V2) --stage compare --minutes $(COMPARE_MINUTES) \
-		--variant "hard:train.soft_target_weight=0,train.validate_every=100" \
-		--variant "soft:train.soft_target_weight=0.5,train.validate_every=100" \
-		--variant "soft-early:train.soft_target_weight=0.5,drafter.block_size=4,train.anchors_per_sequence=64,train.validate_every=100" \
+		--variant "hard:train.soft_target_weight=0,$(COMPARE_EVERY_VARIANT)" \
+		--variant "soft:train.soft_target_weight=0.5,$(COMPARE_EVERY_VARIANT)" \
+		--variant "soft-early:train.soft_target_weight=0.5,drafter.block_size=4,train.anchors_per_sequence=64,$(COMPARE_EVERY_VARIANT)" \
 		$(COMPARE_MORE)
 
 clean:

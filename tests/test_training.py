@@ -260,7 +260,7 @@ def test_train_checkpoints_resumes_and_saves_a_plain_fc(tmp_path, monkeypatch):
     budget = recipe(50)
     budget.work_dir = str(tmp_path / "budget")
     budget.train = dataclasses.replace(budget.train, validate_block_sizes=[2])
-    train(budget, target, sequences, tmp_path / "budget.jsonl", time_budget_s=0.0)  # stops after one step
+    train(budget, target, sequences, tmp_path / "budget.jsonl", minutes=0.0)  # stops after one step
     stopped = [json.loads(line) for line in (tmp_path / "budget.jsonl").read_text().splitlines()]
     assert [r["step"] for r in stopped] == [1] and stopped[0]["val_replayed_acceptance_at_2"] >= 1.0
     # a deeper recipe continues it with a residual layer that adds nothing yet: the same predictions

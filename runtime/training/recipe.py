@@ -129,18 +129,11 @@ def run_train_stage(recipe: DrafterRecipe, minutes: float | None = None) -> None
     either way, and a later run continues from the checkpoint."""
     import json
 
-    import torch
-
     from .train_drafter import split_by_part, train
 
     target, sequences = _training_data(recipe, with_final_hidden=recipe.train.soft_target_weight > 0)
     log_path = Path(recipe.work_dir) / "train_log.jsonl"
-    budget = None
-    if minutes:
-        checkpoint = recipe.checkpoint_dir / "last.pt"
-        done = torch.load(checkpoint, weights_only=False).get("train_s", 0.0) if checkpoint.exists() else 0.0
-        budget = done + minutes * 60
-    drafter = train(recipe, target, sequences, log_path, time_budget_s=budget)
+    drafter = train(recipe, target, sequences, log_path, minutes=minutes)
     drafter.to(target.dtype).save(recipe.output_dir)
     last = json.loads(log_path.read_text().splitlines()[-1])
     train_set, validation = split_by_part(sequences)
@@ -264,7 +257,7 @@ def run_compare_stage(recipe: DrafterRecipe, variants: list[str], minutes: float
         variant = with_overrides(recipe, overrides)
         variant.work_dir = str(out_dir / name)
         log_path = out_dir / name / "train_log.jsonl"
-        train(variant, target, sequences, log_path, time_budget_s=minutes * 60)
+        train(variant, target, sequences, log_path, minutes=minutes)
         records = [json.loads(line) for line in log_path.read_text().splitlines()]
         validated = ([start] if start else []) + [r for r in records if "val_replayed_acceptance_length" in r]
         results[name] = {"overrides": overrides, "steps": records[-1]["step"], "train_s": records[-1]["train_s"],
