@@ -71,11 +71,12 @@ bench: install
 # SERVE_ENV: BLOCKPILOT_* settings for the BlockPilot server, e.g. BLOCKPILOT_VERIFY=full.
 SERVE_CONCURRENCY ?= 1 8 16
 SERVE_VARIANTS ?= policy mixed dflash
+SERVE_REPEATS ?= 1  # interleaved passes per level (medians); 2 doubles the ~25 min
 SERVE_ENV ?=
 serve-bench: install install-sglang
 	$(BIN)/blockpilot prepare
 	$(SGL_BIN)/python -m blockpilot.plugins.sglang.serve_bench --concurrency $(SERVE_CONCURRENCY) \
-		--variants $(SERVE_VARIANTS) $(if $(SERVE_ENV),--env $(SERVE_ENV)) --output-dir runs/serve-bench
+		--variants $(SERVE_VARIANTS) --repeats $(SERVE_REPEATS) $(if $(SERVE_ENV),--env $(SERVE_ENV)) --output-dir runs/serve-bench
 
 # 64 concurrent requests at mixed block sizes (1, 2, 3, 8, auto, policy) against the plain server:
 # all complete, and how many outputs equal the plain server's token for token (issue 14; outside CI).
