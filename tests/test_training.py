@@ -5,6 +5,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from blockpilot.runtime.target import _groups_by_tokens
@@ -260,9 +261,13 @@ def test_train_checkpoints_resumes_and_saves_a_plain_fc(tmp_path, monkeypatch):
     budget = recipe(50)
     budget.work_dir = str(tmp_path / "budget")
     budget.train = dataclasses.replace(budget.train, validate_block_sizes=[2])
-    train(budget, target, sequences, tmp_path / "budget.jsonl", minutes=0.0)  # stops after one step
+    train(budget, target, sequences, tmp_path / "budget.jsonl", total_minutes=0.0)  # stops after one step
     stopped = [json.loads(line) for line in (tmp_path / "budget.jsonl").read_text().splitlines()]
     assert [r["step"] for r in stopped] == [1] and stopped[0]["val_replayed_acceptance_at_2"] >= 1.0
+    train(budget, target, sequences, tmp_path / "budget.jsonl", more_minutes=0.0)  # resumed: one step more
+    assert [json.loads(line)["step"] for line in (tmp_path / "budget.jsonl").read_text().splitlines()] == [1, 2]
+    with pytest.raises(ValueError, match="not both"):
+        train(budget, target, sequences, tmp_path / "budget.jsonl", total_minutes=1.0, more_minutes=1.0)
     # a deeper recipe continues it with a residual layer that adds nothing yet: the same predictions
     from blockpilot.runtime.training.train_drafter import starting_weights
     deeper = drafter_module.DFlashDraftModel.for_target(target, num_layers=2, num_target_features=2, block_size=4)

@@ -133,7 +133,7 @@ def run_train_stage(recipe: DrafterRecipe, minutes: float | None = None) -> None
 
     target, sequences = _training_data(recipe, with_final_hidden=recipe.train.soft_target_weight > 0)
     log_path = Path(recipe.work_dir) / "train_log.jsonl"
-    drafter = train(recipe, target, sequences, log_path, minutes=minutes)
+    drafter = train(recipe, target, sequences, log_path, more_minutes=minutes)
     drafter.to(target.dtype).save(recipe.output_dir)
     last = json.loads(log_path.read_text().splitlines()[-1])
     train_set, validation = split_by_part(sequences)
@@ -257,7 +257,7 @@ def run_compare_stage(recipe: DrafterRecipe, variants: list[str], minutes: float
         variant = with_overrides(recipe, overrides)
         variant.work_dir = str(out_dir / name)
         log_path = out_dir / name / "train_log.jsonl"
-        train(variant, target, sequences, log_path, minutes=minutes)
+        train(variant, target, sequences, log_path, total_minutes=minutes)
         records = [json.loads(line) for line in log_path.read_text().splitlines()]
         validated = ([start] if start else []) + [r for r in records if "val_replayed_acceptance_length" in r]
         results[name] = {"overrides": overrides, "steps": records[-1]["step"], "train_s": records[-1]["train_s"],

@@ -262,11 +262,13 @@ def batch_to(batch: TrainingBatch, device: torch.device) -> TrainingBatch:
 
 
 def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path,
-          minutes: float | None = None) -> DFlashDraftModel:
+          total_minutes: float | None = None, more_minutes: float | None = None) -> DFlashDraftModel:
     """Train (or resume) the recipe's drafter to `train.steps`; on a CUDA device when there is one (bf16
-    autocast there, float32 on the CPU), validating on the CPU. `minutes` stops it after that much
-    more training time than its checkpoint holds (validation not counted), validated at the stop:
-    equal budgets compare recipes."""
+    autocast there, float32 on the CPU), validating on the CPU. It stops early, validated at the stop,
+    once its training time (validation not counted) reaches `total_minutes` (equal budgets compare
+    recipes, and a resumed run keeps its budget) or `more_minutes` beyond what its checkpoint holds."""
+    if total_minutes is not None and more_minutes is not None:
+        raise ValueError("train(): give total_minutes or more_minutes, not both")
     cfg, shape = recipe.train, recipe.drafter
     train_set, validation = split_by_part(sequences)
     checkpoint = recipe.checkpoint_dir / "last.pt"
@@ -291,7 +293,8 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed, train_s = state["step"], state.get("elapsed_s", 0.0), state.get("train_s", 0.0)
         rng.setstate(state["rng"])
-    time_budget_s = train_s + minutes * 60 if minutes is not None else None
+    time_budget_s = (total_minutes * 60 if total_minutes is not None
+                     else train_s + more_minutes * 60 if more_minutes is not None else None)
     mask_id = drafter.config.mask_token_id
     weights = position_weights(shape.block_size, cfg.anchors_per_sequence, cfg.loss_decay)
     supervised, trained_before = 0, train_s  # labelled block positions, and training time, since this run (re)started
