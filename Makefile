@@ -71,7 +71,8 @@ bench: install
 # SERVE_ENV: BLOCKPILOT_* settings for the BlockPilot server, e.g. BLOCKPILOT_VERIFY=full.
 SERVE_CONCURRENCY ?= 1 8 16
 SERVE_VARIANTS ?= policy mixed dflash
-SERVE_REPEATS ?= 1  # interleaved passes per level (medians); 2 doubles the ~25 min
+# SERVE_REPEATS: interleaved passes per level (medians over them); 2 doubles the ~25 min.
+SERVE_REPEATS ?= 1
 SERVE_ENV ?=
 serve-bench: install install-sglang
 	$(BIN)/blockpilot prepare
