@@ -47,11 +47,16 @@ class RaggedLayout:
             raise ValueError(f"widths {tuple(widths.shape)} and starts {tuple(starts.shape)} must be equal 1-D shapes")
         if (widths < 0).any():
             raise ValueError(f"block widths must be >= 0, got {widths.tolist()}")
-        offsets = torch.zeros(len(widths) + 1, dtype=torch.long)
+        device = widths.device
+        offsets = torch.zeros(len(widths) + 1, dtype=torch.long, device=device)
         offsets[1:] = torch.cumsum(widths, 0)
-        row = torch.repeat_interleave(torch.arange(len(widths)), widths)
-        col = torch.arange(int(offsets[-1])) - offsets[row]
+        row = torch.repeat_interleave(torch.arange(len(widths), device=device), widths)
+        col = torch.arange(int(offsets[-1]), device=device) - offsets[row]
         return cls(widths=widths, starts=starts, row=row, col=col, offsets=offsets)
+
+    def to(self, device: torch.device | str) -> "RaggedLayout":
+        """The same layout with its index tensors on `device` (the model's)."""
+        return RaggedLayout(*(t.to(device) for t in (self.widths, self.starts, self.row, self.col, self.offsets)))
 
     @property
     def num_rows(self) -> int:
@@ -82,7 +87,7 @@ class RaggedLayout:
 
     def valid(self) -> torch.Tensor:
         """[n, max_width] bool, True where a row has a token."""
-        return torch.arange(self.max_width)[None, :] < self.widths[:, None]
+        return torch.arange(self.max_width, device=self.widths.device)[None, :] < self.widths[:, None]
 
 
 def causal_verify_mask(layout: RaggedLayout, kv_len: int) -> torch.Tensor:
@@ -92,8 +97,9 @@ def causal_verify_mask(layout: RaggedLayout, kv_len: int) -> torch.Tensor:
     causality over absolute positions is the whole rule: a query at position p sees keys 0..p.
     Stale cache entries past the committed length are never visible to a valid query.
     """
-    query_pos = layout.starts[:, None] + torch.arange(layout.max_width)[None, :]  # [n, W]
-    key_pos = torch.arange(kv_len)
+    device = layout.starts.device
+    query_pos = layout.starts[:, None] + torch.arange(layout.max_width, device=device)[None, :]  # [n, W]
+    key_pos = torch.arange(kv_len, device=device)
     return (key_pos[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)
 
 

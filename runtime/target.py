@@ -236,8 +236,18 @@ class TargetModel:
 
         return target_fingerprint(self.config.to_dict(), read)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    def to(self, device: torch.device | str) -> "TargetModel":
+        """Moves the model's weights (a training run computes its data and features on a GPU when there is one)."""
+        self.hf_model.to(device)
+        return self
+
     def new_cache(self, num_slots: int, capacity: int) -> SlotKVCache:
-        return SlotKVCache(self.num_layers, num_slots, capacity, self.num_kv_heads, self.head_dim, self.dtype)
+        return SlotKVCache(self.num_layers, num_slots, capacity, self.num_kv_heads, self.head_dim, self.dtype,
+                           self.device)
 
     # --- prefill: whole sequences into a cache ---------------------------------------------------
     @torch.inference_mode()
@@ -249,10 +259,10 @@ class TargetModel:
         slot (default: the longest sequence). `capture_layers` are the drafter's target layers.
         """
         lengths = torch.tensor([len(s) for s in sequences])
-        layout = RaggedLayout.build(lengths, torch.zeros(len(sequences), dtype=torch.long))
+        layout = RaggedLayout.build(lengths, torch.zeros(len(sequences), dtype=torch.long)).to(self.device)
         if cache is None:
             cache = self.new_cache(len(sequences), capacity or int(lengths.max()))
-        tokens = torch.cat([torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in sequences])
+        tokens = torch.cat([torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in sequences]).to(self.device)
         hidden, features = self.forward(tokens, layout, cache, first_slot, tuple(capture_layers))
         return Prefill(layout, hidden, features, cache)
 
@@ -270,7 +280,7 @@ class TargetModel:
             columns = torch.cat([run.features, run.hidden], dim=1) if with_final_hidden else run.features
             offsets = run.layout.offsets
             for r, i in enumerate(group):
-                out[i] = columns[int(offsets[r]): int(offsets[r + 1])].to(torch.float16).numpy()
+                out[i] = columns[int(offsets[r]): int(offsets[r + 1])].to(torch.float16).cpu().numpy()
         return out
 
     # --- the forward pass ---------------------------------------------------------------------

@@ -11,12 +11,55 @@ import json
 import zlib
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from ..engine import SpeculativeEngine
 from ..prompts import PromptRecord, encode_prompt
-from ..requests import GenerationRequest
+from ..requests import GenerationRequest, GenerationResult
 from ..sampling import SamplingParams
+from ..target import TargetModel
+
+
+class DeviceGenerator:
+    """The target's responses through the HF model's own `generate`, a whole shard in one padded batch.
+
+    The data stage uses it when the target sits on a GPU, where the engine's per-step Python would
+    dominate the time. Greedy rows are the target's greedy decoding in that device's arithmetic;
+    sampled rows share one random stream per call, seeded by its first request."""
+
+    def __init__(self, target: TargetModel):
+        self.target = target
+
+    @torch.inference_mode()
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        kinds = {(r.sampling.temperature, r.sampling.max_new_tokens) for r in requests}
+        if len(kinds) != 1:
+            raise ValueError(f"one DeviceGenerator call takes one temperature and length, got {sorted(kinds)}")
+        (temperature, max_new_tokens), = kinds
+        eos = sorted(self.target.eos_token_ids)
+        tokenizer = self.target.tokenizer
+        pad = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None
+               else eos[0] if eos else 0)
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((len(requests), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for i, r in enumerate(requests):  # left-padded: every row's next token sits in the last column
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            attention[i, width - len(r.prompt_ids):] = 1
+        sampled = temperature > 0
+        if sampled:
+            torch.manual_seed(requests[0].sampling.seed or 0)
+        out = self.target.hf_model.generate(
+            input_ids=ids.to(self.target.device), attention_mask=attention.to(self.target.device),
+            max_new_tokens=max_new_tokens, do_sample=sampled, temperature=temperature if sampled else None,
+            top_p=1.0, top_k=0 if sampled else None, eos_token_id=eos or None, pad_token_id=pad)
+        results = []
+        for r, row in zip(requests, out[:, width:].tolist()):
+            ends = [i for i, token in enumerate(row) if token in eos]
+            tokens = row[: ends[0] + 1] if ends else row[:max_new_tokens]
+            results.append(GenerationResult(r.request_id, tokens, "", "eos" if ends else "length", None))
+        return results
 
 
 def completed_ids(data_dir: Path) -> set[str]:
@@ -34,7 +77,7 @@ def read_responses(data_dir: str | Path) -> list[dict]:
     return rows
 
 
-def generate_responses(engine: SpeculativeEngine, records: list[PromptRecord], data_dir: str | Path, *,
+def generate_responses(engine: SpeculativeEngine | DeviceGenerator, records: list[PromptRecord], data_dir: str | Path, *,
                        max_new_tokens: int = 256, shard_size: int = 64, max_prompt_tokens: int = 768,
                        temperature: float = 0.0) -> int:
     """Generate responses (greedy unless `temperature` > 0, then seeded by the record's id, so a rerun

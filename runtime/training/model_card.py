@@ -110,25 +110,28 @@ def write_model_card(recipe, summary: dict) -> None:
     rows = "\n".join(f"| {c['block_size']} | {c['acceptance_length']:.2f} | {c['step_ms']:.1f} | "
                      f"{c['projected_tokens_per_s']:.1f} | {c['projected_speedup']:.2f} |" for c in summary["curve"])
     costs = summary["step_costs"]
+    pinned = (f"the recipe pins their digest (`data.prompt_set_sha256: {recipe.data.prompt_set_sha256}`) and a "
+              "rebuild checks it." if recipe.data.prompt_set_sha256 else
+              "this recipe pins no digest (its data stage ran under another Python; see the notes).")
     card = f"""# DFlash drafter for SmolLM2-135M-Instruct (BlockPilot)
 
 A {recipe.drafter.num_layers}-layer DFlash block-diffusion drafter trained by this project's recipe
-(`blockpilot train-drafter --config configs/drafter-smollm2.yaml`) for the embedded default target.
+(`blockpilot train-drafter --config {recipe.source or 'RECIPE.yaml'}`) for the embedded default target.
 Format: the published z-lab layout (`DFlashDraftModel`), block size {recipe.drafter.block_size},
 context from target layers {layer_ids};
 mask token `<empty_output>` (id 16).
 
 ## Training
-- Data: the target's own greedy responses (float32, up to {recipe.data.max_new_tokens} new tokens) to
+- Data: the target's own greedy responses (float32, up to {recipe.data.max_new_tokens} new tokens; the
+  engine's plain decoding on a CPU, the HF model's batched `generate` on a GPU) to
   {training.get('sequences', '?')} training prompts built offline from the Python standard library
   (code writing/explaining, language topics, documentation paragraphs), hand-written chat requests,
   templated assistant tasks (writing, role-play, reasoning, maths, extraction, science/humanities)
   and questions the target wrote itself (`data.self_questions`);
   {training.get('response_tokens', '?')} response tokens. MT-Bench is never used for training.
-  The standard-library prompts depend on the Python version that builds them: the recipe pins
-  their digest (`data.prompt_set_sha256: {recipe.data.prompt_set_sha256}`) and a rebuild checks it.
-- Steps: {training.get('steps', '?')}, wall time {training.get('wall_time_s', '?')} s on a 2-core x86-64 CPU
-  (no GPU); final loss {training.get('final_loss', '?')}; held-out acceptance (validation prompts of
+  The standard-library prompts depend on the Python version that builds them: {pinned}
+- Steps: {training.get('steps', '?')} (of this run; see the notes for what it continued), wall time
+  {training.get('wall_time_s', '?')} s on {training.get('hardware', 'a 2-core x86-64 CPU (no GPU)')}; final loss {training.get('final_loss', '?')}; held-out acceptance (validation prompts of
   the training distribution, block size {recipe.drafter.block_size}): {training.get('val_replayed_acceptance_length', '?')}
   replaying greedy decoding (the runtime's figure), {training.get('val_acceptance_length', '?')} from random
   anchor points (optimistic: a decoding step starts right after the drafter's last miss).

@@ -73,12 +73,15 @@ class DrafterRecipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     notes: str = ""  # how the recipe was chosen; copied into the model card
+    source: str = ""  # the YAML file it was read from (from_yaml sets it; the model card names it)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "DrafterRecipe":
         from ..config import load_yaml_config
 
-        return load_yaml_config(cls, path)
+        recipe = load_yaml_config(cls, path)
+        recipe.source = str(path)
+        return recipe
 
     @property
     def data_dir(self) -> Path:
@@ -90,15 +93,22 @@ class DrafterRecipe:
 
 
 def run_data_stage(recipe: DrafterRecipe) -> None:
+    import torch
+
+    from ..assets import ensure_default_model
     from ..config import EngineConfig, build_engine
-    from .datagen import generate_responses, read_responses
+    from ..target import TargetModel
+    from .datagen import DeviceGenerator, generate_responses, read_responses
     from .prompt_sets import (check_prompt_set, follow_up_prompts, prompt_part, question_requests,
                               self_question_prompts, training_prompts)
 
     prompts = training_prompts()
     check_prompt_set(prompts, recipe.data.prompt_set_sha256, "drafter recipe data.prompt_set_sha256")
-    engine = build_engine(EngineConfig(model=recipe.model, drafter=None, dtype=recipe.dtype,
-                                       max_batch_size=recipe.data.batch_size))
+    if torch.cuda.is_available():  # a GPU: the HF model's batched generate, a shard at a time
+        engine = DeviceGenerator(TargetModel.load(recipe.model or ensure_default_model(), recipe.dtype).to("cuda"))
+    else:
+        engine = build_engine(EngineConfig(model=recipe.model, drafter=None, dtype=recipe.dtype,
+                                           max_batch_size=recipe.data.batch_size))
     # The policy's prompts are never the drafter's: their responses would go unused here.
     records = [r for r in prompts if prompt_part(r.id) != "policy"]
     if recipe.data.num_prompts:
@@ -129,7 +139,7 @@ def run_train_stage(recipe: DrafterRecipe, minutes: float | None = None) -> None
     either way, and a later run continues from the checkpoint."""
     import json
 
-    from .train_drafter import split_by_part, train
+    from .train_drafter import split_by_part, train, training_hardware
 
     target, sequences = _training_data(recipe, with_final_hidden=recipe.train.soft_target_weight > 0)
     log_path = Path(recipe.work_dir) / "train_log.jsonl"
@@ -140,7 +150,7 @@ def run_train_stage(recipe: DrafterRecipe, minutes: float | None = None) -> None
     summary = {"sequences": len(train_set), "validation_sequences": len(validation),
                "tokens": int(sum(len(s.tokens) for s in train_set)),
                "response_tokens": int(sum(len(s.tokens) - s.prompt_len for s in train_set)),
-               "steps": last["step"], "wall_time_s": last["elapsed_s"],
+               "steps": last["step"], "wall_time_s": last["elapsed_s"], "hardware": training_hardware(),
                "final_loss": last["loss"], "val_acceptance_length": last.get("val_acceptance_length"),
                "val_replayed_acceptance_length": last.get("val_replayed_acceptance_length"),
                "recipe": {"data": asdict(recipe.data), "drafter": asdict(recipe.drafter), "train": asdict(recipe.train)}}
@@ -152,6 +162,8 @@ def run_train_stage(recipe: DrafterRecipe, minutes: float | None = None) -> None
 def _training_data(recipe: DrafterRecipe, with_final_hidden: bool):
     """(target, training sequences): the target loaded, its features computed for every data shard not
     done yet, and every sequence read back."""
+    import torch
+
     from ..assets import ensure_default_model
     from ..drafter import build_target_layer_ids
     from ..target import TargetModel
@@ -159,8 +171,10 @@ def _training_data(recipe: DrafterRecipe, with_final_hidden: bool):
 
     target = TargetModel.load(recipe.model or ensure_default_model(), recipe.dtype)
     layer_ids = build_target_layer_ids(target.num_layers, recipe.drafter.num_target_features)
-    sequences = load_sequences(compute_features(target, recipe.data_dir, layer_ids, with_final_hidden=with_final_hidden),
-                               target.hidden_size)
+    on_gpu = torch.cuda.is_available()  # features there in bigger batches; training validates on the CPU
+    feature_dir = compute_features(target.to("cuda" if on_gpu else "cpu"), recipe.data_dir, layer_ids,
+                                   batch_tokens=32768 if on_gpu else 4096, with_final_hidden=with_final_hidden)
+    sequences = load_sequences(feature_dir, target.to("cpu").hidden_size)
     if not sequences:
         raise ValueError(f"no training data in {recipe.data_dir}: run the data stage first")
     return target, sequences

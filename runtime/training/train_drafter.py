@@ -57,52 +57,59 @@ class TrainingBatch(NamedTuple):
 
 
 def make_batch(sequences: list[Sequence], rng: random.Random, anchors: int, block_size: int,
-               mask_token_id: int) -> TrainingBatch:
+               mask_token_id: int, float_dtype: torch.dtype = torch.float32) -> TrainingBatch:
     """Tensors for one training step, at `anchors` random positions inside each response."""
     chosen = []
     for s in sequences:
         candidates = range(s.prompt_len, len(s.tokens) - 1)  # the anchor needs at least one label after it
         chosen.append(sorted(rng.sample(candidates, min(anchors, len(candidates)))) if len(candidates) else [])
-    return batch_for_anchors(sequences, chosen, anchors, block_size, mask_token_id)
+    return batch_for_anchors(sequences, chosen, anchors, block_size, mask_token_id, float_dtype)
 
 
 def batch_for_anchors(sequences: list[Sequence], chosen: list[list[int]], anchors: int, block_size: int,
-                      mask_token_id: int) -> TrainingBatch:
+                      mask_token_id: int, float_dtype: torch.dtype = torch.float32) -> TrainingBatch:
     """Context features, blocks, positions, labels, attention mask (and the soft targets' hidden states
     when the sequences carry them) for blocks at the given anchor positions (at most `anchors` per
-    sequence; unused slots are inert)."""
+    sequence; unused slots are inert). `float_dtype` float16 keeps the stored features' own type (no
+    conversion on the CPU: `batch_to` makes them float32 on the training device)."""
     batch_size = len(sequences)
     context_len = max(max(a) if a else 1 for a in chosen)
     width = anchors * block_size
-    features = torch.zeros(batch_size, context_len, sequences[0].features.shape[1])
+    numpy_dtype = np.float16 if float_dtype == torch.float16 else np.float32
+    features = torch.zeros(batch_size, context_len, sequences[0].features.shape[1], dtype=float_dtype)
     tokens = torch.full((batch_size, width), mask_token_id, dtype=torch.long)
     positions = torch.zeros(batch_size, width, dtype=torch.long)
     labels = torch.full((batch_size, width), -100, dtype=torch.long)
     with_teacher = all(s.final_hidden is not None for s in sequences)
-    teacher = torch.zeros(batch_size, width, sequences[0].final_hidden.shape[1]) if with_teacher else None
+    teacher = (torch.zeros(batch_size, width, sequences[0].final_hidden.shape[1], dtype=float_dtype)
+               if with_teacher else None)
     offsets = torch.arange(block_size)
     for i, (s, anchor_list) in enumerate(zip(sequences, chosen)):
-        features[i, : min(context_len, len(s.tokens))] = torch.from_numpy(
-            np.asarray(s.features[:context_len], dtype=np.float32))
+        features[i, : min(context_len, len(s.tokens))].numpy()[:] = s.features[:context_len]  # numpy casts
+        if not anchor_list:
+            continue
+        # All of a sequence's blocks at once (a Python loop over anchors is most of a GPU step's time):
+        # block a fills columns a * B .. a * B + B - 1.
         seq = torch.from_numpy(s.tokens.astype(np.int64))
-        for a, p in enumerate(anchor_list):
-            cols = slice(a * block_size, (a + 1) * block_size)
-            tokens[i, a * block_size] = seq[p]
-            positions[i, cols] = p + offsets
-            targets = p + offsets[1:]
-            valid = targets < len(seq)
-            labels[i, a * block_size + 1: (a + 1) * block_size][valid] = seq[targets[valid]]
-            if with_teacher:  # the label at t was predicted from the target's hidden state at t - 1
-                sources = (targets[valid] - 1).numpy()
-                teacher[i, a * block_size + 1: a * block_size + 1 + len(sources)] = torch.from_numpy(
-                    np.asarray(s.final_hidden[sources], dtype=np.float32))
+        count, starts = len(anchor_list), torch.tensor(anchor_list)
+        cells = starts[:, None] + offsets  # [count, B] the sequence position of every block cell
+        used = slice(0, count * block_size)
+        positions[i, used] = cells.flatten()
+        tokens[i, torch.arange(count) * block_size] = seq[starts]
+        predicted = cells < len(seq)
+        predicted[:, 0] = False  # the anchor itself is given, not predicted
+        labels[i, used].view(count, block_size)[predicted] = seq[cells[predicted]]
+        if with_teacher:  # the label at t was predicted from the target's hidden state at t - 1
+            sources = (cells[predicted] - 1).numpy()
+            teacher[i, used].view(count, block_size, -1)[predicted] = torch.from_numpy(
+                np.asarray(s.final_hidden[sources], dtype=numpy_dtype))
     visible = anchored_draft_mask(chosen, anchors, block_size, context_len)
     return TrainingBatch(features, tokens, positions, labels, visible, teacher)
 
 
 def drafter_hidden(drafter: DFlashDraftModel, target: TargetModel, features, tokens, positions, visible):
     """Drafter outputs `[b, W, hidden]` for a training batch (context K/V built with gradients)."""
-    context_positions = torch.arange(features.shape[1]).expand(features.shape[0], -1)
+    context_positions = torch.arange(features.shape[1], device=features.device).expand(features.shape[0], -1)
     kv = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in drafter.context_kv(features, context_positions)]
     return drafter.forward_block(target.embed_tokens(tokens), positions, kv, visible)
 
@@ -257,8 +264,23 @@ def training_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def training_hardware() -> str:
+    """Where the training steps run, in words (the model card says it)."""
+    import os
+    import platform
+
+    cpu = f"a {os.cpu_count()}-core {platform.machine()} CPU"
+    if training_device().type == "cuda":
+        return f"one {torch.cuda.get_device_name()} (validation on {cpu})"
+    return f"{cpu} (no GPU)"
+
+
 def batch_to(batch: TrainingBatch, device: torch.device) -> TrainingBatch:
-    return TrainingBatch(*(t.to(device, non_blocking=True) if t is not None else None for t in batch))
+    """The batch on `device`, float16 tensors (the stored features) widened to float32 there."""
+    def moved(t):
+        t = t.to(device, non_blocking=True)
+        return t.float() if t.dtype == torch.float16 else t
+    return TrainingBatch(*(moved(t) if t is not None else None for t in batch))
 
 
 def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path,
@@ -316,7 +338,7 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step)
         batch = batch_to(make_batch(rng.sample(train_set, cfg.sequences_per_step), rng, cfg.anchors_per_sequence,
-                                    shape.block_size, mask_id), device)
+                                    shape.block_size, mask_id, torch.float16), device)
         with autocast:
             loss, accuracy = step_loss(drafter, heads, batch, weights, shortlist, cfg.soft_target_weight)
         supervised += int((batch.labels >= 0).sum())
