@@ -457,7 +457,11 @@ class VerifyRule:
             chosen = torch.where(whole, draft_counts, chosen)
             chosen = draft_counts.clamp(max=int(chosen.max()))
         else:
-            chosen = torch.where(probes | whole, draft_counts, chosen)  # a ragged probe costs its own row only
+            # A ragged row that drafts at all drafts its whole block: a drafter forward costs about the same
+            # at any small width, and the verify rule, which sees this step's confidences, cuts the verify
+            # better than an average of past steps can (and a narrowed row would never see its later
+            # positions again). A ragged probe costs its own row only.
+            chosen = torch.where(probes | whole | (chosen > 0), draft_counts, chosen)
         for outlook, drafts, wanted in zip(outlooks, chosen.tolist(), draft_counts.tolist()):
             if outlook is not None and wanted > 0:
                 outlook.planned(drafts)

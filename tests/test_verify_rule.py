@@ -324,3 +324,19 @@ def test_the_rule_plans_only_with_a_table_and_the_plan_on():
     assert VerifyRule(VerifyMode.AUTO, table).plan(outlooks, counts).tolist() == [0, 4]
     assert VerifyRule(VerifyMode.AUTO, table, draft_plan=False).plan(outlooks, counts).tolist() == [4, 4]
     assert VerifyRule(VerifyMode.FULL).plan(outlooks, counts).tolist() == [4, 4]
+
+
+def test_a_ragged_row_that_drafts_drafts_its_whole_block():
+    """The reference engine's plan decides only whether a row drafts: a row whose outlook pays for one
+    draft drafts its whole block (the drafter costs about the same at any small width, and the verify
+    rule cuts with this step's own confidences), so its outlook keeps seeing every position. The
+    padded plan still narrows the step's width to what pays for the batch."""
+    dear_past_one = StepCostTable([1, 8, 16, 64], [1 / 0.02, 1 / 0.024, 1 / 0.06, 1 / 0.5], 64, [2, 64],
+                                  [0.0001, 0.0002])
+    rule = VerifyRule(VerifyMode.AUTO, dear_past_one)
+    first_only, hopeless = DraftOutlook(), DraftOutlook()
+    first_only.observe(torch.tensor([0.9, 0.01, 0.001, 0.0001]))
+    hopeless.observe(torch.full((4,), 0.001))
+    counts = torch.tensor([4, 4])
+    assert rule.plan([first_only, hopeless], counts, padded=True).tolist() == [1, 1]
+    assert rule.plan([first_only, hopeless], counts).tolist() == [4, 0]
