@@ -9,22 +9,18 @@ to what the engine would commit.
 """
 
 import argparse
-import os
-from pathlib import Path
 
-from blockpilot.runtime.assets import ensure_default_model
+from blockpilot.runtime.assets import cache_dir, ensure_default_model
 from blockpilot.runtime.drafter import DFlashDraftModel
 from blockpilot.runtime.replay import replay_every_size
 from blockpilot.runtime.target import TargetModel
 from blockpilot.runtime.training.datagen import read_responses
-from blockpilot.runtime.training.model_card import POSITION_ACCURACY_SIZE, position_accuracy
+from blockpilot.runtime.training.model_card import POSITION_ACCURACY_SIZE, position_accuracy, totals_by_size
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("drafters", nargs="+")
 parser.add_argument("--sizes", default="2,3,4")
-parser.add_argument("--reference", default=os.path.expandvars(
-    "${BLOCKPILOT_CACHE}/drafter-smollm2-v2/eval-reference") if os.environ.get("BLOCKPILOT_CACHE")
-    else str(Path.home() / ".cache/blockpilot/drafter-smollm2-v2/eval-reference"))
+parser.add_argument("--reference", default=str(cache_dir() / "drafter-smollm2-v2" / "eval-reference"))
 args = parser.parse_args()
 sizes = sorted({*map(int, args.sizes.split(",")), POSITION_ACCURACY_SIZE})
 target = TargetModel.load(ensure_default_model(), "float32")
@@ -32,8 +28,7 @@ outputs = read_responses(args.reference)
 print(f"{len(outputs)} MT-Bench first turns, greedy, from {args.reference}")
 for directory in args.drafters:
     rows = replay_every_size(target, DFlashDraftModel.load(directory), outputs, sizes, 256, show_progress=False)
-    accepted = {s: sum(r["generated_tokens"] - 1 for r in rows if r["block_size"] == s) /
-                sum(r["target_forwards"] for r in rows if r["block_size"] == s) for s in sizes}
+    accepted = {size: tokens / forwards for size, (tokens, forwards) in sorted(totals_by_size(rows).items())}
     positions = position_accuracy(rows, POSITION_ACCURACY_SIZE)["positions"]
     print(f"{directory}: acceptance length " + ", ".join(f"{s}: {a:.3f}" for s, a in accepted.items())
           + f"; block {POSITION_ACCURACY_SIZE} draft accuracy " + ", ".join(

@@ -18,11 +18,18 @@ from ..step_cost import step_ms
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
-def summarise_curve(rows: list[dict], costs: dict) -> dict:
+def totals_by_size(rows: list[dict]) -> defaultdict:
+    """{block size: [tokens committed after the first, target forwards]} over replayed or run rows; their
+    ratio is the acceptance length. A size with no rows reads [0, 0]."""
     by_size = defaultdict(lambda: [0, 0])
     for row in rows:
         by_size[row["block_size"]][0] += row["generated_tokens"] - 1
         by_size[row["block_size"]][1] += row["target_forwards"]
+    return by_size
+
+
+def summarise_curve(rows: list[dict], costs: dict) -> dict:
+    by_size = totals_by_size(rows)
     per_prompt = per_prompt_scores(rows, costs)
     plain_rate = by_size[1][0] / (by_size[1][1] * step_ms(costs, 1)) if by_size[1][1] else None
     curve = []

@@ -93,19 +93,19 @@ class DrafterRecipe:
 
 
 def run_data_stage(recipe: DrafterRecipe) -> None:
-    import torch
-
     from ..assets import ensure_default_model
     from ..config import EngineConfig, build_engine
     from ..target import TargetModel
     from .datagen import DeviceGenerator, generate_responses, read_responses
+    from .train_drafter import training_device
     from .prompt_sets import (check_prompt_set, follow_up_prompts, prompt_part, question_requests,
                               self_question_prompts, training_prompts)
 
     prompts = training_prompts()
     check_prompt_set(prompts, recipe.data.prompt_set_sha256, "drafter recipe data.prompt_set_sha256")
-    if torch.cuda.is_available():  # a GPU: the HF model's batched generate, a shard at a time
-        engine = DeviceGenerator(TargetModel.load(recipe.model or ensure_default_model(), recipe.dtype).to("cuda"))
+    device = training_device()
+    if device.type == "cuda":  # a GPU: the HF model's batched generate, a shard at a time
+        engine = DeviceGenerator(TargetModel.load(recipe.model or ensure_default_model(), recipe.dtype).to(device))
     else:
         engine = build_engine(EngineConfig(model=recipe.model, drafter=None, dtype=recipe.dtype,
                                            max_batch_size=recipe.data.batch_size))
@@ -162,18 +162,18 @@ def run_train_stage(recipe: DrafterRecipe, minutes: float | None = None) -> None
 def _training_data(recipe: DrafterRecipe, with_final_hidden: bool):
     """(target, training sequences): the target loaded, its features computed for every data shard not
     done yet, and every sequence read back."""
-    import torch
-
     from ..assets import ensure_default_model
     from ..drafter import build_target_layer_ids
     from ..target import TargetModel
     from .features import compute_features, load_sequences
+    from .train_drafter import training_device
 
     target = TargetModel.load(recipe.model or ensure_default_model(), recipe.dtype)
     layer_ids = build_target_layer_ids(target.num_layers, recipe.drafter.num_target_features)
-    on_gpu = torch.cuda.is_available()  # features there in bigger batches; training validates on the CPU
-    feature_dir = compute_features(target.to("cuda" if on_gpu else "cpu"), recipe.data_dir, layer_ids,
-                                   batch_tokens=32768 if on_gpu else 4096, with_final_hidden=with_final_hidden)
+    device = training_device()  # features on a GPU in bigger batches; the target then returns to the CPU,
+    feature_dir = compute_features(target.to(device), recipe.data_dir, layer_ids,  # where training validates
+                                   batch_tokens=32768 if device.type == "cuda" else 4096,
+                                   with_final_hidden=with_final_hidden)
     sequences = load_sequences(feature_dir, target.to("cpu").hidden_size)
     if not sequences:
         raise ValueError(f"no training data in {recipe.data_dir}: run the data stage first")

@@ -75,7 +75,6 @@ def batch_for_anchors(sequences: list[Sequence], chosen: list[list[int]], anchor
     batch_size = len(sequences)
     context_len = max(max(a) if a else 1 for a in chosen)
     width = anchors * block_size
-    numpy_dtype = np.float16 if float_dtype == torch.float16 else np.float32
     features = torch.zeros(batch_size, context_len, sequences[0].features.shape[1], dtype=float_dtype)
     tokens = torch.full((batch_size, width), mask_token_id, dtype=torch.long)
     positions = torch.zeros(batch_size, width, dtype=torch.long)
@@ -102,7 +101,7 @@ def batch_for_anchors(sequences: list[Sequence], chosen: list[list[int]], anchor
         if with_teacher:  # the label at t was predicted from the target's hidden state at t - 1
             sources = (cells[predicted] - 1).numpy()
             teacher[i, used].view(count, block_size, -1)[predicted] = torch.from_numpy(
-                np.asarray(s.final_hidden[sources], dtype=numpy_dtype))
+                np.asarray(s.final_hidden[sources])).to(float_dtype)
     visible = anchored_draft_mask(chosen, anchors, block_size, context_len)
     return TrainingBatch(features, tokens, positions, labels, visible, teacher)
 
