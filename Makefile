@@ -14,7 +14,7 @@ SGL_VENV := .venv-sglang
 SGL_BIN := $(SGL_VENV)/bin
 SGL_STAMP := $(SGL_VENV)/.installed
 
-.PHONY: install install-sglang demo test test-core test-sglang test-fast bench serve-bench serve-64 padding-cost step-costs \
+.PHONY: install install-sglang demo test test-core test-sglang test-fast bench serve-bench serve-64 padding-cost step-costs linear-layouts \
 	calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare clean
 
 install: $(STAMP)
@@ -41,7 +41,10 @@ $(SGL_STAMP): pyproject.toml .ci/install_sglang_cpu.sh plugins/sglang/boot.py
 	touch $(SGL_STAMP)
 
 # Everything: the runtime, policy and training tests, then the SGLang plugin against real servers.
-test: test-core test-sglang
+# SGLang's venv installs (mostly downloads) while the core tests run: CI is a fresh clone.
+test: install
+	$(MAKE) -j2 --no-print-directory test-core install-sglang
+	$(MAKE) --no-print-directory test-sglang
 
 test-core: install
 	$(BIN)/blockpilot prepare
@@ -80,7 +83,7 @@ serve-bench: install install-sglang
 	$(SGL_BIN)/python -m blockpilot.plugins.sglang.serve_bench --concurrency $(SERVE_CONCURRENCY) \
 		--variants $(SERVE_VARIANTS) --repeats $(SERVE_REPEATS) $(if $(SERVE_ENV),--env $(SERVE_ENV)) --output-dir runs/serve-bench
 
-# 64 concurrent requests at mixed block sizes (1, 2, 3, 8, auto, policy) against the plain server:
+# 64 concurrent requests at mixed block sizes (1, 2, 3, 6, auto, policy) against the plain server:
 # all complete, and how many outputs equal the plain server's token for token (issue 14; outside CI).
 serve-64: install install-sglang
 	$(BIN)/blockpilot prepare
@@ -91,11 +94,16 @@ serve-64: install install-sglang
 padding-cost: install
 	$(BIN)/blockpilot step-costs --mixed 16,16,16,16 12,14,16,20 12,12,12,20 12-20 4,16 --output runs/padding_cost.json
 
+# What a linear layer costs per row count in each weight layout here (why `runtime/cpu_linear.py`
+# keeps two); nothing else may run meanwhile.
+linear-layouts: install
+	$(BIN)/python examples/linear_layouts.py
+
 # This machine's step-cost table (what the per-step verify rule reads); the shipped one came from
 # `make step-costs STEP_COSTS=runtime/assets/smollm2-135m-instruct-dflash/step_costs.json` on an idle machine.
 STEP_COSTS ?= runs/step_costs.json
 step-costs: install
-	$(BIN)/blockpilot step-costs --dtypes float32 --output $(STEP_COSTS) --report runs/step_costs_raw.json
+	$(BIN)/blockpilot step-costs --dtypes float32 --repeats 21 --output $(STEP_COSTS) --report runs/step_costs_raw.json
 
 # The verify rule's calibration (held-apart prompts) and its held-out evaluation (MT-Bench, projected).
 calibrate-verify: install

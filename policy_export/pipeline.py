@@ -120,7 +120,7 @@ def step_costs(recipe: PolicyRecipe, engine) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     log.warning("measuring the step-cost table once (keep the machine otherwise idle): %s", path)
-    costs = measure_step_costs(engine.target, engine.drafter, sorted({1, *recipe.sizes}))
+    costs = measure_step_costs(engine.target, engine.drafter, sorted({1, *recipe.sizes}), repeats=21)  # as `make step-costs`
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(costs, indent=2) + "\n")
     return json.loads(path.read_text())

@@ -33,6 +33,9 @@ DEFAULT_POLICY_PATH = DEFAULT_DRAFTER_DIR / POLICY_FILE_NAME
 # The step-cost table measured on this project's machine (2-core x86-64 CPU, float32) for the shipped
 # pair; the per-step verify rule reads it unless another table is given.
 DEFAULT_STEP_COSTS_PATH = DEFAULT_DRAFTER_DIR / "step_costs.json"
+# The same machine's table with every linear in nn.Linear's one layout, as SGLang's CPU engine runs
+# them (`cpu_linear.py`): what the SGLang plugin prices its steps with by default.
+DEFAULT_SGLANG_STEP_COSTS_PATH = DEFAULT_DRAFTER_DIR / "step_costs_sglang.json"
 
 
 def cache_dir() -> Path:

@@ -23,6 +23,9 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     group.add_argument("--max-batch-size", type=int)
     group.add_argument("--max-block-size", type=int)
+    group.add_argument("--cpu-weight-layouts", type=int, choices=[1, 2],
+                       help="on a CPU: 2 (default) keeps each linear weight also transposed for cheap "
+                            "multi-token verifies; 1 half the weights' memory")
     group = parser.add_argument_group("per-step verify")
     group.add_argument("--step-costs", help="step-cost table JSON (blockpilot step-costs --output); default "
                                             "$BLOCKPILOT_STEP_COSTS, else the one shipped with the shipped drafter")
@@ -48,7 +51,7 @@ def _engine_config(args):
 
     config = EngineConfig.from_yaml(args.config) if args.config else EngineConfig()
     for name in ("model", "drafter", "dtype", "max_batch_size", "max_block_size", "step_costs",
-                 "verify_calibration"):
+                 "verify_calibration", "cpu_weight_layouts"):
         if getattr(args, name, None) is not None:
             setattr(config, name, getattr(args, name))
     if getattr(args, "block_size", None) is not None:

@@ -50,6 +50,9 @@ class EngineConfig:
     # plan each step before the drafter runs (`VerifyRule.plan`): rows whose drafts are not expected
     # to pay at this batch size draft less or not at all
     draft_plan: bool = True
+    # on a CPU: 2 keeps every linear weight also transposed, so a verify over 4-16 tokens streams the
+    # weights once (`cpu_linear.py`); 1 runs them as loaded (half the weights' memory)
+    cpu_weight_layouts: int = 2
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "EngineConfig":
@@ -140,7 +143,8 @@ def build_engine(config: EngineConfig, untrained_drafter_if_missing: bool = True
         drafter = None
     engine = SpeculativeEngine(target, drafter, max_batch_size=config.max_batch_size,
                                default_block_size=None if auto else config.block_size,
-                               max_block_size=config.max_block_size, verify_rule=verify_rule)
+                               max_block_size=config.max_block_size, verify_rule=verify_rule,
+                               cpu_weight_layouts=config.cpu_weight_layouts)
     if policy_path is not None:
         policy = load_block_size_policy(policy_path, target, drafter)
         for size in policy.candidate_sizes:
@@ -201,16 +205,19 @@ def load_block_size_policy(path: Path, target, drafter):
     return BlockSizePolicy.load(path, target, drafter)
 
 
-def build_verify_rule(config: EngineConfig, drafter_dir: Path | None):
+def build_verify_rule(config: EngineConfig, drafter_dir: Path | None, shipped_step_costs: Path | None = None):
     """The engine's `VerifyRule`: its default mode, the step-cost table and the drafter's calibration,
-    each resolved as `EngineConfig` documents; files are read (and refused with the reason) here."""
+    each resolved as `EngineConfig` documents; files are read (and refused with the reason) here.
+    `shipped_step_costs`: the table used with the shipped drafter when none is named (default: the
+    reference runtime's, `assets.DEFAULT_STEP_COSTS_PATH`; the SGLang plugin names its own)."""
     from .step_verify import CALIBRATION_FILE, ConfidenceCalibration, StepCostTable, VerifyMode, VerifyRule, \
         resolve_step_costs_path
 
     costs_path = resolve_step_costs_path(config.step_costs)
     if costs_path is None and drafter_dir is not None and \
             Path(drafter_dir).resolve() == assets.DEFAULT_DRAFTER_DIR.resolve():
-        costs_path = assets.DEFAULT_STEP_COSTS_PATH if assets.DEFAULT_STEP_COSTS_PATH.is_file() else None
+        shipped = Path(shipped_step_costs or assets.DEFAULT_STEP_COSTS_PATH)
+        costs_path = shipped if shipped.is_file() else None
     if costs_path is not None and str(costs_path).strip().lower() in assets.POLICY_OFF:
         costs_path = None
     costs = StepCostTable.load(costs_path) if costs_path is not None else None

@@ -22,6 +22,7 @@ import torch
 
 from . import blocks
 from .blocks import DEFAULT_MAX_BLOCK_SIZE, MAX_BLOCK_SIZE, BlockSizeSource
+from .cpu_linear import use_two_layouts
 from .drafter import DFlashDraftModel
 from .requests import GenerationRequest, GenerationResult, RequestStats
 from .sampling import choose_tokens
@@ -87,10 +88,16 @@ class SpeculativeEngine:
     def __init__(self, target: TargetModel, drafter: DFlashDraftModel | None = None, *,
                  max_batch_size: int = 8, default_block_size: int | None = None,
                  max_block_size: int = DEFAULT_MAX_BLOCK_SIZE, block_size_chooser: BlockSizeChooser | None = None,
-                 verify_rule: VerifyRule | None = None):
+                 verify_rule: VerifyRule | None = None, cpu_weight_layouts: int = 2):
         if drafter is not None:
             drafter.check_fits(target)
             drafter.to(target.dtype)
+        if cpu_weight_layouts not in (1, 2):
+            raise ValueError(f"cpu_weight_layouts must be 1 or 2, got {cpu_weight_layouts!r}")
+        if target.device.type == "cpu" and cpu_weight_layouts == 2:  # a cheap multi-token verify (`cpu_linear.py`)
+            for model in (target.hf_model, drafter):
+                if model is not None:
+                    use_two_layouts(model)
         if not 1 <= max_block_size <= MAX_BLOCK_SIZE:
             raise ValueError(f"max_block_size must be in 1..{MAX_BLOCK_SIZE}, got {max_block_size}")
         self.target = target

@@ -14,9 +14,15 @@ import time
 import torch
 
 from . import blocks
+from .cpu_linear import TwoLayoutLinear
 from .drafter import DFlashDraftModel
 from .engine import propose_drafts
 from .target import TargetModel
+
+
+def weight_layouts(target: TargetModel) -> int:
+    """How the target's linears ran: 2 with `cpu_linear.TwoLayoutLinear` (the engine on a CPU), else 1."""
+    return 2 if any(isinstance(m, TwoLayoutLinear) for m in target.hf_model.modules()) else 1
 
 
 def filled_caches(target: TargetModel, drafter: DFlashDraftModel | None, rows: int, context_tokens: int,
@@ -58,6 +64,7 @@ def measure_step_costs(target: TargetModel, drafter: DFlashDraftModel | None, wi
     return {
         "context_tokens": context_tokens, "batch_size": batch_size, "repeats": repeats,
         "dtype": str(target.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+        "cpu_weight_layouts": weight_layouts(target),
         "target_ms": {w: statistics.median(v) for w, v in target_ms.items()},
         "drafter_ms": {w: statistics.median(v) for w, v in draft_ms.items() if v},
     }

@@ -167,7 +167,8 @@ class StepCostTable:
         target, drafter = by_width(costs["target_ms"]), by_width(costs["drafter_ms"])
         verify_tokens = sorted(target)
         draft_tokens = sorted(drafter)
-        setup = {k: costs[k] for k in ("context_tokens", "batch_size", "repeats", "dtype", "threads") if k in costs}
+        setup = {k: costs[k] for k in ("context_tokens", "batch_size", "repeats", "dtype", "threads",
+                                       "cpu_weight_layouts") if k in costs}
         return cls(verify_tokens, [1e3 / target[w] for w in verify_tokens], verify_tokens[-1],
                    draft_tokens, [drafter[w] / 1e3 for w in draft_tokens], setup)
 

@@ -10,8 +10,9 @@ order alternating between repeats, each request streamed so its time to first to
 
 * ``policy``: no block size: the shipped policy picks each request's size, the server's verify
   mode (``auto`` with the shipped step-cost table: the per-step verify rule);
-* ``mixed``: requests cycle through block sizes 1, 2, 3, 8, "auto" and none (the policy), the mix a
-  server that lets clients choose sees;
+* ``mixed``: requests cycle through block sizes 1, 2, 3, 6, "auto" and none (the policy), the mix a
+  server that lets clients choose sees (6: the widest the default server takes with the shipped
+  drafter, whose range is 2 to max(its block size 4, the policy's candidates));
 * ``dflash``: every request at the drafter's training size with every draft verified (what SGLang's
   DFLASH does);
 * ``fixed-N``: every request at size N; ``fixed-N-full``: the same with every draft verified.
@@ -35,7 +36,7 @@ from typing import Callable, Optional
 
 from .local_server import LocalServer
 
-MIXED_SIZES = [1, 2, 3, 8, "auto", None]  # None: the policy decides
+MIXED_SIZES = [1, 2, 3, 6, "auto", None]  # None: the policy decides
 
 
 @dataclass

@@ -278,14 +278,17 @@ def resolve_policy_path(cfg: ServerSettings, draft_model_path: Optional[str]) ->
 def build_verify_rule(cfg: ServerSettings, draft_model_path: Optional[str]):
     """The per-step verify rule (``step_verify.VerifyRule``), resolved by the runtime's own rule
     (``config.build_verify_rule``): the step-cost table from the settings / ``BLOCKPILOT_STEP_COSTS``,
-    else the shipped table when serving the shipped drafter; the calibration beside the drafter.
+    else the shipped table when serving the shipped drafter (``step_costs_sglang.json``: measured with
+    every linear in one layout, as SGLang's CPU engine runs them); the calibration beside the drafter.
     ValueError, one line naming the file, for a table or calibration that cannot be used."""
+    from blockpilot.runtime import assets
     from blockpilot.runtime.config import build_verify_rule as runtime_verify_rule
 
     fields_ = SimpleNamespace(verify=cfg.verify, step_costs=cfg.step_costs, verify_calibration=cfg.verify_calibration,
                               draft_plan=cfg.draft_plan)
     try:
-        rule = runtime_verify_rule(fields_, Path(draft_model_path) if draft_model_path else None)
+        rule = runtime_verify_rule(fields_, Path(draft_model_path) if draft_model_path else None,
+                                   shipped_step_costs=assets.DEFAULT_SGLANG_STEP_COSTS_PATH)
     except (OSError, ValueError) as err:
         raise ValueError(f"BLOCKPILOT verify: {err} (from {ENV_VERIFY}, {ENV_STEP_COSTS} or the config)") from None
     check_dspark_formats(rule)

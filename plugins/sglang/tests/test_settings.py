@@ -256,3 +256,17 @@ def test_checkpoint_fingerprint_equals_the_runtime_targets():
     if not (path / "config.json").is_file():
         pytest.skip("the default model is not prepared (blockpilot prepare)")
     assert target_fingerprint_from_checkpoint(path) == TargetModel.load(path, "float32").fingerprint()
+
+
+def test_the_shipped_drafter_is_served_with_the_one_layout_step_costs():
+    """SGLang's CPU engine runs nn.Linear as loaded, so the plugin prices its steps with the table
+    measured that way, not the reference runtime's two-layout table (`runtime/cpu_linear.py`)."""
+    from blockpilot.runtime import assets
+    from blockpilot.runtime.config import EngineConfig, build_verify_rule
+
+    served = settings.build_verify_rule(ServerSettings(), str(assets.DEFAULT_DRAFTER_DIR))
+    assert served.costs.source == str(assets.DEFAULT_SGLANG_STEP_COSTS_PATH)
+    assert served.costs.setup["cpu_weight_layouts"] == 1
+    engine = build_verify_rule(EngineConfig(), assets.DEFAULT_DRAFTER_DIR)
+    assert engine.costs.source == str(assets.DEFAULT_STEP_COSTS_PATH)
+    assert engine.costs.setup["cpu_weight_layouts"] == 2

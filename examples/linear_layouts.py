@@ -1,0 +1,94 @@
+"""What a linear layer costs per row count in each weight layout on this machine (`runtime/cpu_linear.py`).
+
+    python examples/linear_layouts.py            # or: make linear-layouts
+
+Two tables, medians of interleaved repeats, the default target (SmolLM2-135M-Instruct, float32):
+1. the target's layer weights (every q/k/v/o/gate/up/down of every layer, called in turn so the
+   weights come from memory as in a forward): x @ W^T (`nn.Linear`), x @ W (a transposed copy),
+   and what `TwoLayoutLinear` picks;
+2. one target forward over a block of that many tokens after a 256-token context, plus the lm_head
+   over every position (a verify), with plain `nn.Linear` and with `TwoLayoutLinear`, and the
+   largest difference in the hidden states.
+Nothing else may run on the machine meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.nn import functional as F
+
+from blockpilot.runtime.assets import ensure_default_model
+from blockpilot.runtime.blocks import RaggedLayout
+from blockpilot.runtime.cpu_linear import TRANSPOSED_FROM_ROWS, use_two_layouts
+from blockpilot.runtime.target import TargetModel
+
+
+def timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return (time.perf_counter() - start) * 1e3
+
+
+def layer_weights_table(target: TargetModel, rows_list: list[int], repeats: int) -> None:
+    weights = [m.weight.detach() for layer in target.hf_model.model.layers for m in layer.modules()
+               if isinstance(m, torch.nn.Linear)]
+    transposed = [w.t().contiguous() for w in weights]
+    print(f"\n{len(weights)} layer weights, ms for all of them (median of {repeats}):")
+    print(f"{'rows':>5} {'x @ W^T':>9} {'x @ W':>9} {'picked':>9}")
+    for rows in rows_list:
+        inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+        plain, flipped = [], []
+        for _ in range(repeats):
+            plain.append(timed(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights]))
+            flipped.append(timed(lambda: [inputs[t.shape[0]] @ t for t in transposed]))
+        a, b = statistics.median(plain), statistics.median(flipped)
+        print(f"{rows:>5} {a:>9.1f} {b:>9.1f} {(b if rows >= TRANSPOSED_FROM_ROWS else a):>9.1f}")
+
+
+def verify_table(model_dir, rows_list: list[int], repeats: int, context: int = 256) -> None:
+    plain, switched = TargetModel.load(model_dir), TargetModel.load(model_dir)
+    use_two_layouts(switched.hf_model)
+    prompt = torch.randint(0, plain.vocab_size, (context,))
+    caches = {}
+    for name, target in (("plain", plain), ("two", switched)):
+        caches[name] = target.new_cache(1, context + max(rows_list))
+        target.prefill([prompt], cache=caches[name])
+    print(f"\none verify forward (+ lm_head) after {context} tokens, ms (median of {repeats}):")
+    print(f"{'tokens':>6} {'nn.Linear':>10} {'two layouts':>12} {'ratio':>6} {'max |diff|':>11}")
+    for rows in rows_list:
+        layout = RaggedLayout.build(torch.tensor([rows]), torch.tensor([context]))
+        tokens = torch.randint(0, plain.vocab_size, (rows,))
+        times = {"plain": [], "two": []}
+        outputs = {}
+        for _ in range(repeats):
+            for name, target in (("plain", plain), ("two", switched)):
+                def step(target=target, name=name):
+                    with torch.inference_mode():
+                        hidden, _ = target.forward(tokens, layout, caches[name])
+                        outputs[name] = target.lm_head(hidden)
+                times[name].append(timed(step))
+        a, b = statistics.median(times["plain"]), statistics.median(times["two"])
+        diff = (outputs["plain"] - outputs["two"]).abs().max().item()
+        print(f"{rows:>6} {a:>10.1f} {b:>12.1f} {b / a:>6.2f} {diff:>11.1e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="1,2,3,4,6,8,16,32,256")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows_list = [int(r) for r in args.rows.split(",")]
+    model_dir = ensure_default_model()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, {model_dir.name}")
+    layer_weights_table(TargetModel.load(model_dir), rows_list, args.repeats)
+    verify_table(model_dir, [r for r in rows_list if r <= 64], args.repeats)
+
+
+if __name__ == "__main__":
+    main()
