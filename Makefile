@@ -103,7 +103,7 @@ linear-layouts: install
 # `make step-costs STEP_COSTS=runtime/assets/smollm2-135m-instruct-dflash/step_costs.json` on an idle machine.
 STEP_COSTS ?= runs/step_costs.json
 step-costs: install
-	$(BIN)/blockpilot step-costs --dtypes float32 --repeats 21 --output $(STEP_COSTS) --report runs/step_costs_raw.json
+	$(BIN)/blockpilot step-costs --dtypes float32 --output $(STEP_COSTS) --report runs/step_costs_raw.json
 
 # The verify rule's calibration (held-apart prompts) and its held-out evaluation (MT-Bench, projected).
 calibrate-verify: install

@@ -114,13 +114,13 @@ def _records(spec: CollectConfig):
 
 def step_costs(recipe: PolicyRecipe, engine) -> dict:
     """The deployment machine's step-cost table, measured once and kept in work_dir."""
-    from blockpilot.runtime.step_cost import measure_step_costs
+    from blockpilot.runtime.step_cost import TABLE_REPEATS, measure_step_costs
 
     path = recipe.path("step_costs.json")
     if path.exists():
         return json.loads(path.read_text())
     log.warning("measuring the step-cost table once (keep the machine otherwise idle): %s", path)
-    costs = measure_step_costs(engine.target, engine.drafter, sorted({1, *recipe.sizes}), repeats=21)  # as `make step-costs`
+    costs = measure_step_costs(engine.target, engine.drafter, sorted({1, *recipe.sizes}), repeats=TABLE_REPEATS)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(costs, indent=2) + "\n")
     return json.loads(path.read_text())

@@ -138,8 +138,9 @@ def mixed_widths(spec: str) -> list[int]:
 
 def cmd_step_costs(args) -> None:
     from .config import EngineConfig, build_engine
-    from .step_cost import measure_padding_cost, measure_step_costs
+    from .step_cost import TABLE_REPEATS, measure_padding_cost, measure_step_costs
 
+    args.repeats = args.repeats or TABLE_REPEATS
     if args.mixed:
         batches = {spec: mixed_widths(spec) for spec in args.mixed}  # bad widths fail before any model loads
         engine = build_engine(_engine_config(args))
@@ -295,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--widths", type=parse_sizes, default=parse_sizes("1-10,12,16,24,32,48,64"))
     p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     p.add_argument("--context-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, help="interleaved repeats per width (default: step_cost.TABLE_REPEATS)")
     p.add_argument("--output", help="write the step-cost table the per-step verify rule reads (first dtype) here "
                                     "(with --mixed: the padding report)")
     p.add_argument("--report", help="write every dtype's raw milliseconds per width as JSON here")

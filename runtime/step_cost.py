@@ -20,6 +20,11 @@ from .engine import propose_drafts
 from .target import TargetModel
 
 
+# Repeats behind a step-cost table the rule reads: its entries are medians, and single forwards on a
+# shared 2-core machine move by tens of percent.
+TABLE_REPEATS = 21
+
+
 def weight_layouts(target: TargetModel) -> int:
     """How the target's linears ran: 2 with `cpu_linear.TwoLayoutLinear` (the engine on a CPU), else 1."""
     return 2 if any(isinstance(m, TwoLayoutLinear) for m in target.hf_model.modules()) else 1
