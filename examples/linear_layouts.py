@@ -8,7 +8,7 @@ Two tables, medians of interleaved repeats, the default target (SmolLM2-135M-Ins
    and what `TwoLayoutLinear` picks;
 2. one target forward over a block of that many tokens after a 256-token context, plus the lm_head
    over every position (a verify), with plain `nn.Linear` and with `TwoLayoutLinear`, and the
-   largest difference in the hidden states.
+   largest difference in the logits.
 Nothing else may run on the machine meanwhile.
 """
 
@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from blockpilot.runtime.assets import ensure_default_model
 from blockpilot.runtime.blocks import RaggedLayout
-from blockpilot.runtime.cpu_linear import TRANSPOSED_FROM_ROWS, use_two_layouts
+from blockpilot.runtime.cpu_linear import takes_transposed, use_two_layouts
 from blockpilot.runtime.target import TargetModel
 
 
@@ -46,11 +46,11 @@ def layer_weights_table(target: TargetModel, rows_list: list[int], repeats: int)
             plain.append(timed(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights]))
             flipped.append(timed(lambda: [inputs[t.shape[0]] @ t for t in transposed]))
         a, b = statistics.median(plain), statistics.median(flipped)
-        print(f"{rows:>5} {a:>9.1f} {b:>9.1f} {(b if rows >= TRANSPOSED_FROM_ROWS else a):>9.1f}")
+        print(f"{rows:>5} {a:>9.1f} {b:>9.1f} {(b if takes_transposed(rows) else a):>9.1f}")
 
 
-def verify_table(model_dir, rows_list: list[int], repeats: int, context: int = 256) -> None:
-    plain, switched = TargetModel.load(model_dir), TargetModel.load(model_dir)
+def verify_table(plain: TargetModel, model_dir, rows_list: list[int], repeats: int, context: int = 256) -> None:
+    switched = TargetModel.load(model_dir)
     use_two_layouts(switched.hf_model)
     prompt = torch.randint(0, plain.vocab_size, (context,))
     caches = {}
@@ -86,8 +86,9 @@ def main() -> None:
     rows_list = [int(r) for r in args.rows.split(",")]
     model_dir = ensure_default_model()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, {model_dir.name}")
-    layer_weights_table(TargetModel.load(model_dir), rows_list, args.repeats)
-    verify_table(model_dir, [r for r in rows_list if r <= 64], args.repeats)
+    plain = TargetModel.load(model_dir)
+    layer_weights_table(plain, rows_list, args.repeats)
+    verify_table(plain, model_dir, [r for r in rows_list if r <= 64], args.repeats)
 
 
 if __name__ == "__main__":

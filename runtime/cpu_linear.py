@@ -4,9 +4,9 @@ Speculative decoding pays for a verify over several tokens with the bet that it 
 as one token; on a CPU that holds only while the weights stream from memory once. For `nn.Linear`
 (x @ W^T, W stored [out, in]) torch's float32 GEMM (MKL) does that for up to 3 rows and streams
 them again from 4 rows on. Measured on the development machine (`make linear-layouts`, the
-SmolLM2-135M target's 210 layer weights, cold): 24 ms at 1-3 rows, 53 ms at 4, 62 ms at 8, 107 ms
-at 16. With the weight stored transposed ([in, out], x @ W) the same linears cost 37-41 ms at 2-8
-rows and 47 ms at 16, but more than W^T's at 2-3 rows and from ~64 rows on (prefill sizes, where
+SmolLM2-135M target's 210 layer weights, cold): 24-26 ms at 1-3 rows, 55 ms at 4, 65 ms at 8,
+112 ms at 16. With the weight stored transposed ([in, out], x @ W) the same linears cost 37-44 ms at
+2-8 rows and 49 ms at 16, but more than W^T's at 2-3 rows and from ~64 rows on (prefill sizes, where
 W^T's kernel streams well again). So an inference model on a CPU keeps both layouts (twice the
 weights' memory) and each call takes the faster one for its row count.
 
@@ -24,6 +24,11 @@ from torch.nn import functional as F
 # (`make linear-layouts`: 64 rows 125 vs 119 ms, 128 rows 192 vs 179 ms).
 TRANSPOSED_FROM_ROWS = 4
 TRANSPOSED_BELOW_ROWS = 64
+
+
+def takes_transposed(rows: int) -> bool:
+    """Whether a CPU call over `rows` rows runs x @ W (the transposed copy) rather than x @ W^T."""
+    return TRANSPOSED_FROM_ROWS <= rows < TRANSPOSED_BELOW_ROWS
 
 
 class TwoLayoutLinear(nn.Linear):
@@ -49,8 +54,7 @@ class TwoLayoutLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if (x.device.type != "cpu" or not TRANSPOSED_FROM_ROWS <= rows < TRANSPOSED_BELOW_ROWS
-                or torch.is_grad_enabled()):
+        if x.device.type != "cpu" or not takes_transposed(rows) or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
         out = torch.matmul(x, self.transposed_weight())
         return out if self.bias is None else out + self.bias
