@@ -48,11 +48,11 @@ test: install
 
 test-core: install
 	$(BIN)/blockpilot prepare
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-sglang: install install-sglang
 	$(BIN)/blockpilot prepare
-	SGLANG_USE_CPU_ENGINE=1 $(SGL_BIN)/python -m pytest -q plugins/sglang/tests
+	SGLANG_USE_CPU_ENGINE=1 $(SGL_BIN)/python -m pytest -q --durations=15 plugins/sglang/tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests

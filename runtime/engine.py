@@ -242,8 +242,11 @@ class SpeculativeEngine:
             self._count_step(state, int(widths[r]) - 1, int(verified[r]))
             state.processed += accepted_r + 1
             state.stats.target_forwards += 1
-            state.stats.committed_per_step[len(tokens)] += 1
+            before = len(state.tokens)
             self._commit(state, tokens, on_commit)
+            # what the step added to the output: a block that reaches eos, the length limit or a stop
+            # string keeps only its tokens up to there
+            state.stats.committed_per_step[max(len(state.tokens) - before, 0)] += 1
 
     def _plan_widths(self, running: list[_Running]) -> torch.Tensor:
         """[n] this step's block per row: its block size cut to what it may still commit; for AUTO rows

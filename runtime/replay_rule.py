@@ -124,7 +124,7 @@ def _outcomes(target, drafter, sequences, positions, width, rule) -> tuple[torch
     return matched, confidence
 
 
-def _outcome_at(target, drafter, sequence, rule):
+def outcomes_on_demand(target, drafter, sequence, rule):
     """`walk`'s `outcome_at` for one sequence: a single narrower block drafted on demand."""
     def outcome_at(position, width):
         matched, confidence = _outcomes(target, drafter, [sequence], [position], width, rule)
@@ -179,7 +179,7 @@ def replay_with_rule(target: TargetModel, drafter: DFlashDraftModel, sequences: 
     mode = mode or rule.mode
     results = []
     for profile in draft_profiles(target, drafter, sequences, block_size, rule):
-        results.append(walk(profile, rule, mode, _outcome_at(target, drafter, profile.sequence, rule)))
+        results.append(walk(profile, rule, mode, outcomes_on_demand(target, drafter, profile.sequence, rule)))
     return results
 
 
@@ -259,7 +259,7 @@ def compare_verify_rules(target: TargetModel, drafter: DFlashDraftModel, sequenc
         for i, s in enumerate(sequences):
             size = choice[s.id]
             out.append(plain_replay(s) if size == 1
-                       else walk(profiles[size][i], walk_rule, mode, _outcome_at(target, drafter, s, rule)))
+                       else walk(profiles[size][i], walk_rule, mode, outcomes_on_demand(target, drafter, s, rule)))
         return out
 
     def entry(replays, seconds=None):

@@ -46,6 +46,22 @@ def test_replay_counts_equal_the_engine_on_a_tiny_pair(size):
     assert_same_counts(results, rows)
 
 
+def test_a_block_that_reaches_eos_counts_only_the_tokens_kept():
+    # This tiny pair's greedy outputs are long runs of one token, often drafted right; token 4 first
+    # appears mid-output in one of them. Made eos, a block reaches it with drafts accepted past it:
+    # the output, and the step's count, keep the tokens up to it, the eos included.
+    target = tiny_target(vocab_size=8, seed=3)
+    drafter = tiny_drafter(target, block_size=8)
+    target.hf_model.generation_config.eos_token_id = 4
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 8, (n,), generator=generator).tolist() for n in (5, 9, 13, 7, 6, 11)]
+    results, rows = engine_and_replay(target, drafter, prompts, 8, max_new_tokens=30)
+    assert any(r.finish_reason == "eos" and r.stats.generated_tokens > 4 for r in results), "the test needs eos"
+    for result in results:  # the first token comes from the prefill, every later one from a step
+        assert sum(k * c for k, c in result.stats.committed_per_step.items()) == result.stats.generated_tokens - 1
+    assert_same_counts(results, rows)
+
+
 @pytest.mark.slow
 def test_replay_counts_equal_the_engine_with_the_shipped_drafter(default_target, chat_prompts):
     from blockpilot.runtime.assets import DEFAULT_DRAFTER_DIR

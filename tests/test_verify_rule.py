@@ -123,6 +123,22 @@ def test_step_cost_table_round_trips_in_sglangs_sps_format(tmp_path):
     assert loaded.draft_seconds(3) == pytest.approx(0.0095)
 
 
+def test_beyond_the_last_probe_a_wider_step_never_costs_less():
+    """The shipped one-layout table's widest probe (64 tokens) is cheaper than the one before (48):
+    past it, a step is priced along the table's mean slope, never below the widest probe (let alone
+    below a plain step); a table whose last segment rises keeps that slope."""
+    falling = table(sample_batch_tokens=[1, 16, 48, 64], sample_steps_per_sec=[18.75, 5.67, 4.48, 5.37],
+                    max_batch_tokens=64, draft_block_tokens=[2, 48, 64], draft_seconds_per_block=[0.011, 0.051, 0.043])
+    assert falling.verify_seconds(56) == pytest.approx((1 / 4.48 + 1 / 5.37) / 2)  # measured: kept as measured
+    mean_slope = (1 / 5.37 - 1 / 18.75) / 63
+    for tokens in (65, 96, 128, 1024):
+        assert falling.verify_seconds(tokens) == pytest.approx(1 / 5.37 + mean_slope * (tokens - 64))
+        assert falling.verify_seconds(tokens) > falling.verify_seconds(64) and falling.verify_seconds(tokens) > 1 / 5.67
+        assert falling.draft_seconds(tokens) == pytest.approx(0.043 + (0.043 - 0.011) / 62 * (tokens - 64))
+    steep_end = table(sample_steps_per_sec=[32.0, 30.0, 19.0])  # 1/32, 1/30, 1/19 s at 1, 2, 4 tokens
+    assert steep_end.verify_seconds(8) == pytest.approx(1 / 19 + (1 / 19 - 1 / 30) / 2 * 4)  # its last slope
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(sample_batch_tokens=[2, 1, 4]), "strictly increasing"),
     (dict(sample_steps_per_sec=[32.0, 0.0, 19.0]), "> 0"),

@@ -6,22 +6,24 @@
 #   bash examples/gpu/run_drafter.sh         # rebuild the target, data, features, train, pack into $OUT
 #
 # It reads from $BUNDLE what earlier device calls left there: the default target's GGUF in parts
-# (part-*), its tokenizer and config (model-files.tgz) and weights digest (model-digest.txt), the CPU
-# run's data (data.tgz), the v1 drafter (v1/) and the gguf wheel (*.whl). No network is needed.
+# (part-*), its tokenizer and config (model-files.tgz) and weights digest (model-digest.txt), the earlier
+# runs' data (data.tgz), the drafter the recipe starts from (init/, copied to its train.init_from) and
+# the gguf wheel (*.whl). No network is needed. CONFIG names the recipe (v2's GPU run by default).
 set -uo pipefail
 BUNDLE=${BUNDLE:-/tmp/bp-bundle}
 OUT=${OUT:-/tmp/bp-out}
 DATA_SECONDS=${DATA_SECONDS:-170}  # the data stage's share; it resumes shard by shard, so a cut loses little
 DEADLINE=$(( $(date +%s) + ${TOTAL_SECONDS:-540} ))
-CONFIG=configs/drafter-smollm2-v2-gpu.yaml
+CONFIG=${CONFIG:-configs/drafter-smollm2-v2-gpu.yaml}
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 export BLOCKPILOT_CACHE=${BLOCKPILOT_CACHE:-/tmp/bp-cache} PYTHONUNBUFFERED=1
-WORK=$BLOCKPILOT_CACHE/drafter-smollm2-v2-gpu
 mkdir -p /tmp/bp-pkg "$OUT" "$BLOCKPILOT_CACHE/downloads"
 ln -sfn "$PWD" /tmp/bp-pkg/blockpilot  # the repo's folders as the one package `blockpilot`, as installed
 export PYTHONPATH=/tmp/bp-pkg:/tmp/bp-site
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/bp-site "$BUNDLE"/gguf-*.whl || exit 1
 step() { echo "=== $(date +%T) $*"; }
+recipe() { python3 -c "from blockpilot.runtime.training.recipe import DrafterRecipe as R; print(R.from_yaml('$CONFIG').$1)"; }
+WORK=$(recipe work_dir) && INIT=$(recipe train.init_from) || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 
 if [ "${1:-run}" = smoke ]; then
@@ -38,7 +40,7 @@ tar -xzf "$BUNDLE/model-files.tgz" -C "$model_dir"  # this project's tokenizer a
 digest=$(python3 examples/gpu/model_digest.py "$model_dir")
 [ "$digest" = "$(cat "$BUNDLE/model-digest.txt")" ] || { echo "target weights digest $digest differs"; exit 1; }
 mkdir -p "$WORK/data" && [ -n "$(ls "$WORK/data")" ] || tar -xzf "$BUNDLE/data.tgz" -C "$WORK/data"
-rm -rf "$BLOCKPILOT_CACHE/drafter-smollm2-v1" && cp -r "$BUNDLE/v1" "$BLOCKPILOT_CACHE/drafter-smollm2-v1"
+rm -rf "$INIT" && cp -r "$BUNDLE/init" "$INIT"
 
 step "data stage (at most ${DATA_SECONDS} s)"
 timeout "$DATA_SECONDS" python3 -m blockpilot.runtime.cli train-drafter --config $CONFIG --stage data

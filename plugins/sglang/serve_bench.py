@@ -37,6 +37,7 @@ from typing import Callable, Optional
 from .local_server import LocalServer
 
 MIXED_SIZES = [1, 2, 3, 6, "auto", None]  # None: the policy decides
+WARMUP_NEW_TOKENS = 32  # per warm-up request: enough decode steps for the step-time correction to settle
 
 
 @dataclass
@@ -70,6 +71,7 @@ class LevelRun:
     verified_per_verify: Optional[float]  # drafts the target verified per verify (BlockPilot's meta_info)
     identical_to_plain: Optional[int] = None
     outputs: list[list[int]] = field(default_factory=list, repr=False)
+    started_at: Optional[float] = None  # wall-clock seconds: lines the run up with BLOCKPILOT_STEP_LOG's steps
 
     @property
     def tokens_per_s(self) -> float:
@@ -121,7 +123,7 @@ def one_request(server: LocalServer, index: int, prompt: list[int], max_new_toke
 
 def run_level(server: LocalServer, variant: str, prompts: list[list[int]], concurrency: int, repeat: int,
               max_new_tokens: int, params: Callable[[int], Optional[dict]]) -> LevelRun:
-    start = time.perf_counter()
+    started_at, start = time.time(), time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         results = list(pool.map(lambda i: one_request(server, i, prompts[i], max_new_tokens, params(i)),
                                 range(len(prompts))))
@@ -136,7 +138,7 @@ def run_level(server: LocalServer, variant: str, prompts: list[list[int]], concu
         median_tpot_s=statistics.median(tpots) if tpots else None,
         accept_length=sum(r.tokens for r in results) / verifies if verifies else None,
         verified_per_verify=(sum(verified) / verifies if verifies and None not in verified else None),
-        outputs=[r.output_ids for r in results])
+        outputs=[r.output_ids for r in results], started_at=round(started_at, 3))
 
 
 def median_of(runs: list[LevelRun], key: Callable[[LevelRun], Optional[float]]) -> Optional[float]:
@@ -215,6 +217,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--min-requests", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1, help="interleaved passes per level (order alternates)")
+    parser.add_argument("--warmup-requests", type=int, default=2,
+                        help="unmeasured requests per variant before the first level, from the last MT-Bench turns\n"
+                             "(never measured): first-call costs and the plan's step-time correction settle")
     parser.add_argument("--model", default=None, help="target HF directory (default: the default model)")
     parser.add_argument("--drafter", default=None, help="DFlash drafter directory (default: the shipped one)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -256,6 +261,12 @@ def main(argv: Optional[list[str]] = None) -> None:
                         env=env, model=model, device=args.device) as blockpilot:
         started = [plain.wait_ready(), blockpilot.wait_ready()]
         print(f"servers ready ({started[0]:.0f} s, {started[1]:.0f} s)", flush=True)
+        warmup = [encode_prompt(tokenizer, r) for r in records[len(records) - args.warmup_requests:]]
+        for variant in (["plain", *args.variants] if warmup else []):
+            run_level(plain if variant == "plain" else blockpilot, variant, warmup, 1, -1, WARMUP_NEW_TOKENS,
+                      variant_params("plain", trained_size) if variant == "plain" else params[variant])
+        if warmup:
+            print(f"warmed up: {len(warmup)} requests x {WARMUP_NEW_TOKENS} tokens per variant", flush=True)
         runs: list[LevelRun] = []
         for level in args.concurrency:
             count = max(args.rounds * level, args.min_requests)

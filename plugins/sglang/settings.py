@@ -33,6 +33,9 @@ ENV_CONFIG, ENV_POLICY, ENV_SIZES, ENV_PAD_TO, ENV_VERIFY = (
     "BLOCKPILOT_SGLANG_CONFIG", "BLOCKPILOT_POLICY", "BLOCKPILOT_BLOCK_SIZES", "BLOCKPILOT_PAD_TO", "BLOCKPILOT_VERIFY")
 ENV_STEP_COSTS = "BLOCKPILOT_STEP_COSTS"  # the runtime's name (step_verify.STEP_COSTS_ENV)
 ENV_DRAFT_PLAN = "BLOCKPILOT_DRAFT_PLAN"  # on | off
+# A file: every timed decode step as a JSON line (rows, widths, measured and priced ms, the correction's
+# scales), to see what the plan saw. A diagnostic, not a setting: read by the worker, not `settings()`.
+ENV_STEP_LOG = "BLOCKPILOT_STEP_LOG"
 ENV_NAMES = (ENV_CONFIG, ENV_POLICY, ENV_SIZES, ENV_PAD_TO, ENV_VERIFY, ENV_STEP_COSTS, ENV_DRAFT_PLAN)
 ON_OFF = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}
 

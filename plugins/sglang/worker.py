@@ -28,7 +28,9 @@ docs/sglang-per-request-design.md.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -134,6 +136,7 @@ class BlockPilotWorker(DFlashWorkerV2):
         self._bp_step_widths: Optional[list[int]] = None  # [bs] each row's block this step (the plan's)
         # measured / priced step times, plain and drafting (CPU engine: a returned step has run)
         self._bp_correction = StepTimeCorrection() if str(self.device) == "cpu" else None
+        self._bp_step_log = os.environ.get(bp_settings.ENV_STEP_LOG) or None
         capacity = max(int(server_args.max_running_requests or 0),
                        int(getattr(server_args, "cuda_graph_max_bs_decode", 0) or 0), 1) + 8
         self._bp_alloc_widths(capacity)
@@ -342,9 +345,15 @@ class BlockPilotWorker(DFlashWorkerV2):
             return
         verified = int(self.block_size)  # the verify width the step ran at (the rule may have narrowed it)
         drafting = window > 1
-        self._bp_correction.observe(drafting, seconds,
-                                    self._bp_rule.step_seconds(rows, rows * window if drafting else 0, rows * verified),
-                                    rows)
+        priced = self._bp_rule.step_seconds(rows, rows * window if drafting else 0, rows * verified)
+        if self._bp_step_log:
+            line = {"t": round(time.time(), 3), "rows": rows, "window": window, "verified": verified,
+                    "measured_ms": round(seconds * 1e3, 2), "priced_ms": round(priced * 1e3, 2),
+                    "scale_plain": round(self._bp_correction.scale(False, rows), 3),
+                    "scale_drafting": round(self._bp_correction.scale(True, rows), 3)}
+            with open(self._bp_step_log, "a") as log_file:
+                log_file.write(json.dumps(line) + "\n")
+        self._bp_correction.observe(drafting, seconds, priced, rows)
 
     def _bp_plan_widths(self, choices: list[BlockChoice]) -> list[int]:
         """Each row's block this step: its own size, narrowed by the runtime's plan

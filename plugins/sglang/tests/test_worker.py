@@ -11,6 +11,7 @@ Run: python -m pytest plugins/sglang/tests -q
 from __future__ import annotations
 
 import inspect
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -66,7 +67,7 @@ def bare_worker(width: int = 16, pad_to: str = "batch") -> BlockPilotWorker:
     w._bp_pad_to = pad_to
     w._bp_states, w._bp_cap, w._bp_batch, w._bp_choices = {}, None, None, None
     w._bp_width, w._bp_auto_rows, w._bp_verify_width, w._bp_step_widths = width, None, None, None
-    w._bp_correction = None
+    w._bp_correction, w._bp_step_log = None, None
     w._bp_rule = VerifyRule()  # full verify (no step-cost table)
     w._bp_default, w._bp_default_source = width, "default"
     w._bp_policy = None
@@ -326,6 +327,22 @@ def test_measured_step_times_correct_the_plan():
     assert w._bp_plan_widths(choices) == [1, 1]
     w._bp_correction = None  # a GPU server: never timed, the table's prices
     assert max(w._bp_plan_widths(choices)) > 1
+
+
+def test_the_step_log_records_what_each_timed_step_cost_and_was_priced(tmp_path):
+    """BLOCKPILOT_STEP_LOG: one JSON line per timed step, with the scales the plan priced it by
+    (the correction before this step's own observation)."""
+    w = verify_worker(8)
+    w._bp_correction, w._bp_step_log = StepTimeCorrection(), str(tmp_path / "steps.jsonl")
+    priced = w._bp_rule.step_seconds(2, 2 * 4, 2 * 4)
+    with w._bp_step([4, 4]):
+        w._bp_time_step(2, 4, 3 * priced)
+        w._bp_time_step(2, 4, 3 * priced)
+    first, second = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert second["t"] >= first.pop("t") > 0  # wall-clock seconds: a log lines up with a benchmark's phases
+    assert first == {"rows": 2, "window": 4, "verified": 4, "measured_ms": round(3 * priced * 1e3, 2),
+                     "priced_ms": round(priced * 1e3, 2), "scale_plain": 1.0, "scale_drafting": 1.0}
+    assert second["scale_drafting"] == round(0.8 + 0.2 * 3, 3)  # StepTimeCorrection.DECAY after one step
 
 
 def test_a_drafting_step_updates_the_rows_outlooks():
