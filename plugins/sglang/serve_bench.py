@@ -261,11 +261,11 @@ def main(argv: Optional[list[str]] = None) -> None:
                         env=env, model=model, device=args.device) as blockpilot:
         started = [plain.wait_ready(), blockpilot.wait_ready()]
         print(f"servers ready ({started[0]:.0f} s, {started[1]:.0f} s)", flush=True)
-        warmup = [encode_prompt(tokenizer, r) for r in records[len(records) - args.warmup_requests:]]
-        for variant in (["plain", *args.variants] if warmup else []):
-            run_level(plain if variant == "plain" else blockpilot, variant, warmup, 1, -1, WARMUP_NEW_TOKENS,
-                      variant_params("plain", trained_size) if variant == "plain" else params[variant])
-        if warmup:
+        if args.warmup_requests > 0:
+            warmup = [encode_prompt(tokenizer, r) for r in records[-args.warmup_requests:]]
+            for variant in ["plain", *args.variants]:
+                run_level(plain if variant == "plain" else blockpilot, variant, warmup, 1, -1, WARMUP_NEW_TOKENS,
+                          variant_params("plain", trained_size) if variant == "plain" else params[variant])
             print(f"warmed up: {len(warmup)} requests x {WARMUP_NEW_TOKENS} tokens per variant", flush=True)
         runs: list[LevelRun] = []
         for level in args.concurrency:
