@@ -14,7 +14,7 @@ SGL_VENV := .venv-sglang
 SGL_BIN := $(SGL_VENV)/bin
 SGL_STAMP := $(SGL_VENV)/.installed
 
-.PHONY: install install-sglang demo test test-core test-sglang test-fast bench serve-bench serve-64 padding-cost step-costs linear-layouts \
+.PHONY: install install-sglang demo test test-core test-sglang test-fast bench serve-bench serve-64 padding-cost step-costs step-costs-here linear-layouts \
 	calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare clean
 
 install: $(STAMP)
@@ -104,6 +104,14 @@ linear-layouts: install
 STEP_COSTS ?= runs/step_costs.json
 step-costs: install
 	$(BIN)/blockpilot step-costs --dtypes float32 --output $(STEP_COSTS) --report runs/step_costs_raw.json
+
+# This machine's own tables, where the engine (two layouts) and the SGLang plugin (one) look for them
+# first (the cache folder, by CPU model): a table measured on another CPU can price steps far off.
+# About 2 min on an idle machine.
+step-costs-here: install
+	$(BIN)/blockpilot prepare
+	$(BIN)/blockpilot step-costs --dtypes float32 --this-machine
+	$(BIN)/blockpilot step-costs --dtypes float32 --this-machine --cpu-weight-layouts 1
 
 # The verify rule's calibration (held-apart prompts) and its held-out evaluation (MT-Bench, projected).
 calibrate-verify: install

@@ -5,7 +5,7 @@
 Two tables, medians of interleaved repeats, the default target (SmolLM2-135M-Instruct, float32):
 1. the target's layer weights (every q/k/v/o/gate/up/down of every layer, called in turn so the
    weights come from memory as in a forward): x @ W^T (`nn.Linear`), x @ W (a transposed copy),
-   and what `TwoLayoutLinear` picks;
+   and what `TwoLayoutLinear` picks by the rule it measures on them (`cpu_linear.LayoutRule`);
 2. one target forward over a block of that many tokens after a 256-token context, plus the lm_head
    over every position (a verify), with plain `nn.Linear` and with `TwoLayoutLinear`, and the
    largest difference in the logits.
@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from blockpilot.runtime.assets import ensure_default_model
 from blockpilot.runtime.blocks import RaggedLayout
-from blockpilot.runtime.cpu_linear import takes_transposed, use_two_layouts
+from blockpilot.runtime.cpu_linear import LayoutRule, use_two_layouts
 from blockpilot.runtime.target import TargetModel
 
 
@@ -37,6 +37,8 @@ def layer_weights_table(target: TargetModel, rows_list: list[int], repeats: int)
     weights = [m.weight.detach() for layer in target.hf_model.model.layers for m in layer.modules()
                if isinstance(m, torch.nn.Linear)]
     transposed = [w.t().contiguous() for w in weights]
+    rule = LayoutRule.measure(weights)
+    print(f"\nthe rule TwoLayoutLinear measures on these weights: {rule.describe()}")
     print(f"\n{len(weights)} layer weights, ms for all of them (median of {repeats}):")
     print(f"{'rows':>5} {'x @ W^T':>9} {'x @ W':>9} {'picked':>9}")
     for rows in rows_list:
@@ -46,7 +48,7 @@ def layer_weights_table(target: TargetModel, rows_list: list[int], repeats: int)
             plain.append(timed(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights]))
             flipped.append(timed(lambda: [inputs[t.shape[0]] @ t for t in transposed]))
         a, b = statistics.median(plain), statistics.median(flipped)
-        print(f"{rows:>5} {a:>9.1f} {b:>9.1f} {(b if takes_transposed(rows) else a):>9.1f}")
+        print(f"{rows:>5} {a:>9.1f} {b:>9.1f} {(b if rule.takes_transposed(rows) else a):>9.1f}")
 
 
 def verify_table(plain: TargetModel, model_dir, rows_list: list[int], repeats: int, context: int = 256) -> None:

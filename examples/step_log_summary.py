@@ -5,7 +5,8 @@
     python examples/step_log_summary.py runs/steps.jsonl runs/serve-bench/serve_bench.json
 
 Per group: steps, median measured ms, median priced ms (the step-cost table), their ratio, and the
-correction's median scales the plan priced those steps by. A plain step has window 1.
+correction's median scales the plan priced those steps by (the drafting one at the width the step
+verified). A plain step has window 1.
 """
 
 import argparse

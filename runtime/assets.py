@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
+import re
 import subprocess
 import sys
 import zipfile
@@ -30,8 +32,9 @@ DEFAULT_DRAFTER_DIR = PACKAGE_ASSETS / "smollm2-135m-instruct-dflash"
 POLICY_FILE_NAME = "blockpilot_policy.onnx"
 POLICY_OFF = ("", "none", "off", "0")
 DEFAULT_POLICY_PATH = DEFAULT_DRAFTER_DIR / POLICY_FILE_NAME
-# The step-cost table measured on this project's machine (2-core x86-64 CPU, float32) for the shipped
-# pair; the per-step verify rule reads it unless another table is given.
+# The step-cost table measured on this project's development machine (a 2-core Intel x86-64, float32;
+# its CPU model was not recorded then) for the shipped pair; the per-step verify rule reads it unless
+# another table is given or this machine has measured its own (`machine_step_costs_path`).
 DEFAULT_STEP_COSTS_PATH = DEFAULT_DRAFTER_DIR / "step_costs.json"
 # The same machine's table with every linear in nn.Linear's one layout, as SGLang's CPU engine runs
 # them (`cpu_linear.py`): what the SGLang plugin prices its steps with by default.
@@ -42,6 +45,40 @@ def cache_dir() -> Path:
     """Root of everything BlockPilot downloads or converts; moved with $BLOCKPILOT_CACHE."""
     root = os.environ.get("BLOCKPILOT_CACHE") or Path.home() / ".cache" / "blockpilot"
     return Path(root)
+
+
+def machine_name() -> str:
+    """The CPU model: what machine-specific measurements (step costs, weight layouts) are keyed by.
+    Two CPUs price the same step very differently (docs/measurements.md, session 13)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return name or platform.processor() or platform.machine() or "unknown"
+
+
+def machine_slug() -> str:
+    """`machine_name` as a folder name."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", machine_name()).strip("-").lower() or "unknown"
+
+
+def machine_step_costs_path(shipped_table: Path) -> Path:
+    """Where this machine's own measurement of a shipped step-cost table lives (`blockpilot step-costs
+    --this-machine`): read instead of the shipped one when present."""
+    return cache_dir() / "step-costs" / machine_slug() / Path(shipped_table).name
+
+
+def step_costs_for_this_machine(shipped_table: Path) -> Path | None:
+    """The table to price a shipped pair's steps with on this machine: its own measurement (the cache
+    folder), else one shipped for this CPU model (`machines/<cpu>/` beside the default table), else
+    the default table; None if none exists."""
+    shipped_table = Path(shipped_table)
+    for path in (machine_step_costs_path(shipped_table),
+                 shipped_table.parent / "machines" / machine_slug() / shipped_table.name, shipped_table):
+        if path.is_file():
+            return path
+    return None
 
 
 def default_model_dir() -> Path:

@@ -348,16 +348,22 @@ def choose_prefix_lengths(survival_products: torch.Tensor, draft_counts: torch.T
 
 
 def choose_verify_lengths(survival_products: torch.Tensor, draft_counts: torch.Tensor, verify_seconds: torch.Tensor,
-                          draft_seconds: float, padded: bool = False) -> torch.Tensor:
+                          draft_seconds: float, padded: bool = False,
+                          step_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
     """After the draft: [n] drafts each row verifies this step (0..draft_counts[r]).
     `verify_seconds[t]` is the target's verify over `t` tokens in all; `draft_seconds` is this
-    step's drafter forward, already paid but part of the step's time (`choose_prefix_lengths`)."""
-    return choose_prefix_lengths(survival_products, draft_counts, draft_seconds + verify_seconds.double(), padded)
+    step's drafter forward, already paid but part of the step's time (`choose_prefix_lengths`);
+    `step_scale` (a number, or a tensor over t like `verify_seconds`) corrects the whole step's
+    price where a server measured its own steps (`step_verify.StepTimeCorrection`)."""
+    seconds = draft_seconds + verify_seconds.double()
+    if isinstance(step_scale, torch.Tensor):
+        step_scale = step_scale.double().cpu()[: len(seconds)]
+    return choose_prefix_lengths(survival_products, draft_counts, seconds * step_scale, padded)
 
 
 def plan_draft_lengths(expected_products: torch.Tensor, draft_counts: torch.Tensor, verify_seconds: torch.Tensor,
                        draft_seconds: torch.Tensor, padded: bool = False, plain_scale: float = 1.0,
-                       drafting_scale: float = 1.0) -> torch.Tensor:
+                       drafting_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Before the draft: [n] drafts each row drafts this step (0: a plain step for it, no drafter),
     from the survival products its drafts are expected to have (what its recent steps' calibrated
     confidences averaged). The step is priced as a verify of every drafted token plus the drafter's
@@ -365,12 +371,15 @@ def plan_draft_lengths(expected_products: torch.Tensor, draft_counts: torch.Tens
     row drafts). So drafting stops where, on this machine and at this batch size, it would not pay
     on average: a wide verify of a large batch costs more than its expected extra tokens.
     `plain_scale` / `drafting_scale` correct the table's prices of a step without and with drafts
-    where a server measured its own steps (`step_verify.StepTimeCorrection`)."""
+    where a server measured its own steps (`step_verify.StepTimeCorrection`; `drafting_scale` may be
+    a tensor over the step's total tokens, like `verify_seconds`)."""
     n = len(draft_counts)
     seconds = verify_seconds.double().cpu().clone()
     totals = torch.arange(len(seconds))
     drafting = totals > n  # some row drafts: the drafter runs over (about) every verified token
     seconds[drafting] += draft_seconds.double().cpu()[: len(seconds)][drafting]
+    if isinstance(drafting_scale, torch.Tensor):
+        drafting_scale = drafting_scale.double().cpu()[: len(seconds)][drafting]
     seconds[drafting] *= drafting_scale
     seconds[~drafting] *= plain_scale
     return choose_prefix_lengths(expected_products, draft_counts, seconds, padded)

@@ -141,6 +141,13 @@ def cmd_step_costs(args) -> None:
     from .step_cost import TABLE_REPEATS, measure_padding_cost, measure_step_costs
 
     args.repeats = args.repeats or TABLE_REPEATS
+    if args.this_machine:
+        if args.mixed or args.output:
+            raise ValueError("--this-machine names the output itself; it measures the table, not --mixed")
+        from . import assets
+
+        shipped = assets.DEFAULT_SGLANG_STEP_COSTS_PATH if args.cpu_weight_layouts == 1 else assets.DEFAULT_STEP_COSTS_PATH
+        args.output = str(assets.machine_step_costs_path(shipped))
     if args.mixed:
         batches = {spec: mixed_widths(spec) for spec in args.mixed}  # bad widths fail before any model loads
         engine = build_engine(_engine_config(args))
@@ -179,6 +186,7 @@ def cmd_step_costs(args) -> None:
     if args.output:
         from .step_verify import StepCostTable
 
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         StepCostTable.from_measurement(tables[0]).save(args.output)
         print(f"step-cost table ({tables[0]['dtype']}, SGLang SpsCostTable format + the drafter's costs): {args.output}")
 
@@ -300,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the step-cost table the per-step verify rule reads (first dtype) here "
                                     "(with --mixed: the padding report)")
     p.add_argument("--report", help="write every dtype's raw milliseconds per width as JSON here")
+    p.add_argument("--this-machine", action="store_true",
+                   help="write the table where the engine and the SGLang plugin look for this machine's own\n"
+                        "(the cache folder, by CPU model; --cpu-weight-layouts 1: the table the plugin reads)")
     _engine_args(p)
     p.add_argument("--mixed", nargs="+", metavar="WIDTHS",
                    help="instead: mixed-width batches (e.g. 12,16,20,20 or 12-20), ragged vs padded to the widest")

@@ -205,6 +205,25 @@ def load_block_size_policy(path: Path, target, drafter):
     return BlockSizePolicy.load(path, target, drafter)
 
 
+_WARNED_TABLES: set[str] = set()
+
+
+def warn_if_measured_elsewhere(costs) -> None:
+    """A step-cost table prices this machine's steps only if it was measured here: on another CPU the
+    same widths cost very differently (a 3-token verify is 1.06x one token on the development Intel,
+    1.96x on an AMD EPYC), and the rule then drafts where it loses. Warned once per table."""
+    measured_on = costs.setup.get("machine")
+    here = assets.machine_name()
+    if measured_on == here or costs.source in _WARNED_TABLES:
+        return
+    _WARNED_TABLES.add(costs.source)
+    layouts = costs.setup.get("cpu_weight_layouts", 2)
+    log.warning("step-cost table %s was measured on %s, this machine is %s: its prices may be far off. "
+                "Measure this machine's once: blockpilot step-costs --this-machine%s (make step-costs-here)",
+                costs.source, measured_on or "a machine it does not name", here,
+                " --cpu-weight-layouts 1" if layouts == 1 else "")
+
+
 def build_verify_rule(config: EngineConfig, drafter_dir: Path | None, shipped_step_costs: Path | None = None):
     """The engine's `VerifyRule`: its default mode, the step-cost table and the drafter's calibration,
     each resolved as `EngineConfig` documents; files are read (and refused with the reason) here.
@@ -216,11 +235,12 @@ def build_verify_rule(config: EngineConfig, drafter_dir: Path | None, shipped_st
     costs_path = resolve_step_costs_path(config.step_costs)
     if costs_path is None and drafter_dir is not None and \
             Path(drafter_dir).resolve() == assets.DEFAULT_DRAFTER_DIR.resolve():
-        shipped = Path(shipped_step_costs or assets.DEFAULT_STEP_COSTS_PATH)
-        costs_path = shipped if shipped.is_file() else None
+        costs_path = assets.step_costs_for_this_machine(shipped_step_costs or assets.DEFAULT_STEP_COSTS_PATH)
     if costs_path is not None and str(costs_path).strip().lower() in assets.POLICY_OFF:
         costs_path = None
     costs = StepCostTable.load(costs_path) if costs_path is not None else None
+    if costs is not None:
+        warn_if_measured_elsewhere(costs)
     calibration_path = Path(config.verify_calibration) if config.verify_calibration else (
         Path(drafter_dir) / CALIBRATION_FILE if drafter_dir is not None else None)
     calibration = None

@@ -14,6 +14,7 @@ import time
 import torch
 
 from . import blocks
+from .assets import machine_name
 from .cpu_linear import TwoLayoutLinear
 from .drafter import DFlashDraftModel
 from .engine import propose_drafts
@@ -69,7 +70,7 @@ def measure_step_costs(target: TargetModel, drafter: DFlashDraftModel | None, wi
     return {
         "context_tokens": context_tokens, "batch_size": batch_size, "repeats": repeats,
         "dtype": str(target.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-        "cpu_weight_layouts": weight_layouts(target),
+        "cpu_weight_layouts": weight_layouts(target), "machine": machine_name(),
         "target_ms": {w: statistics.median(v) for w, v in target_ms.items()},
         "drafter_ms": {w: statistics.median(v) for w, v in draft_ms.items() if v},
     }

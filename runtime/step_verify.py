@@ -171,7 +171,7 @@ class StepCostTable:
         verify_tokens = sorted(target)
         draft_tokens = sorted(drafter)
         setup = {k: costs[k] for k in ("context_tokens", "batch_size", "repeats", "dtype", "threads",
-                                       "cpu_weight_layouts") if k in costs}
+                                       "cpu_weight_layouts", "machine") if k in costs}
         return cls(verify_tokens, [1e3 / target[w] for w in verify_tokens], verify_tokens[-1],
                    draft_tokens, [drafter[w] / 1e3 for w in draft_tokens], setup)
 
@@ -326,13 +326,27 @@ class DraftOutlook:
         return self.products is None or self.plain_steps >= self.PROBE_AFTER
 
     def expected(self, drafts: int) -> torch.Tensor:
-        """[drafts] expected survival products (1 where a probe is due: the plan then drafts it whole;
-        0 past the positions ever drafted)."""
+        """[drafts] expected survival products (1 where a probe is due: the plan then drafts it whole).
+        Past the positions ever drafted the last product keeps falling by its last step's ratio
+        (survival products fall about geometrically: drafter v3 on MT-Bench accepts a draft given the
+        previous ones 54 %, 45 %, 43 % of the time at positions 1-3), so the plan can price a wider
+        block than the request has drafted yet."""
         if self.probe_due:
+            return torch.ones(drafts, dtype=torch.float64)
+        return self.last_known(drafts)
+
+    def last_known(self, drafts: int) -> torch.Tensor:
+        """[drafts] what its drafting steps so far say, probe due or not (1 before any: unknown)."""
+        if self.products is None:
             return torch.ones(drafts, dtype=torch.float64)
         out = torch.zeros(drafts, dtype=torch.float64)
         known = min(drafts, len(self.products))
         out[:known] = self.products[:known]
+        if drafts > known and known > 0:
+            last = float(self.products[known - 1])
+            before = float(self.products[known - 2]) if known > 1 else 1.0
+            ratio = min(max(last / before, 0.0), 1.0) if before > 0 else 0.0
+            out[known:] = last * ratio ** torch.arange(1, drafts - known + 1, dtype=torch.float64)
         return out
 
     def observe(self, survival_products: torch.Tensor) -> None:
@@ -354,38 +368,65 @@ class DraftOutlook:
 @dataclass
 class StepTimeCorrection:
     """How a server's real decode steps compare with the step-cost table's price for them, kept apart
-    for plain steps (no drafts) and drafting steps, and by batch size (powers of two: 1, 2-3, 4-7,
-    8-15, ...): an exponential average of measured / priced seconds (newest step weighted `DECAY`).
-    The table is measured with the reference runtime; a server that runs the same model through
-    another stack (SGLang's model runners, its draft pass, its scheduler) pays overheads the table
-    does not see, not the same for the two kinds of step, nor at 1 row and at 16. A batch size not
-    measured yet borrows the nearest measured one's ratios (1 before any). The plan
-    (`VerifyRule.plan`) scales its prices by them."""
+    for plain steps (no drafter) and drafting steps, by batch size (powers of two: 1, 2-3, 4-7, 8-15,
+    ...) and by the width the step verified (tokens per row, the bonus included): an exponential
+    average of measured / priced seconds (newest step weighted `DECAY`). The table is measured with
+    the reference runtime; a server that runs the same model through another stack (SGLang's fused
+    model runners, its draft pass, its scheduler) pays overheads the table does not see, and on some
+    CPUs a differently shaped curve (session 13's AMD EPYC: the runtime's 3-token verify costs twice
+    its 1-token one, SGLang's 1.4x). A width not timed yet borrows the nearest timed one's ratio (same
+    kind of step, nearest batch size first; 1 before any); `timed` says whether it was. The rule's
+    plan and choice (`VerifyRule.plan`, `VerifyRule.choose`) scale their prices by them."""
 
     DECAY = 0.2
+    # The first observations of a (size, width) are averaged, not decayed into a neighbour's ratio: one
+    # step may carry a first call's cost. A width counts as timed from TIMED_AFTER of them.
+    AVERAGE_FIRST = 4
+    TIMED_AFTER = 2
 
     def __init__(self):
-        self._ratios: dict[int, dict[bool, float]] = {}  # size class -> {drafting: ratio}
+        self._ratios: dict[tuple[int, bool, int], float] = {}  # (size class, drafting, verified width) -> ratio
+        self._counts: dict[tuple[int, bool, int], int] = {}
 
     @staticmethod
     def size_class(rows: int) -> int:
         return max(int(rows), 1).bit_length()
 
-    def observe(self, drafting: bool, measured_s: float, priced_s: float, rows: int = 1) -> None:
+    def _key(self, drafting: bool, rows: int, width: int | None) -> tuple[int, bool, int]:
+        return self.size_class(rows), bool(drafting), max(int(width or (2 if drafting else 1)), 1)
+
+    def observe(self, drafting: bool, measured_s: float, priced_s: float, rows: int = 1,
+                width: int | None = None) -> None:
+        """One timed step: `width` is the width it verified (tokens per row)."""
         if not (priced_s > 0 and measured_s > 0):
             return
-        before = self.scale(drafting, rows)  # a size class seen for the first time starts from its neighbour's
-        self._ratios.setdefault(self.size_class(rows), {})[drafting] = (
-            (1 - self.DECAY) * before + self.DECAY * measured_s / priced_s)
+        key, ratio = self._key(drafting, rows, width), measured_s / priced_s
+        count = self._counts.get(key, 0)
+        if count < self.AVERAGE_FIRST:
+            self._ratios[key] = (self._ratios.get(key, 0.0) * count + ratio) / (count + 1)
+        else:
+            self._ratios[key] = (1 - self.DECAY) * self._ratios[key] + self.DECAY * ratio
+        self._counts[key] = count + 1
 
-    def scale(self, drafting: bool, rows: int = 1) -> float:
-        """The measured / priced ratio for this kind of step at `rows` rows (nearest measured size class)."""
-        wanted = self.size_class(rows)
-        measured = [c for c, r in self._ratios.items() if drafting in r]
-        if not measured:
+    def timed(self, drafting: bool, rows: int, width: int) -> bool:
+        return self._counts.get(self._key(drafting, rows, width), 0) >= self.TIMED_AFTER
+
+    def scale(self, drafting: bool, rows: int = 1, width: int | None = None) -> float:
+        """The measured / priced ratio for this kind of step at `rows` rows verifying `width` tokens a
+        row (None: 2 for a drafting step, 1 for a plain one), from the nearest timed size and width."""
+        wanted = self._key(drafting, rows, width)
+        timed = [key for key in self._ratios if key[1] == bool(drafting)]
+        if not timed:
             return 1.0
-        nearest = min(measured, key=lambda c: (abs(c - wanted), c))
-        return self._ratios[nearest][drafting]
+        nearest = min(timed, key=lambda k: (abs(k[0] - wanted[0]), abs(k[2] - wanted[2]), k))
+        return self._ratios[nearest]
+
+    def drafting_scales(self, rows: int, max_tokens: int) -> torch.Tensor:
+        """[max_tokens + 1] the drafting scale of a padded step of `rows` rows by the tokens it
+        verifies in all (t tokens: ceil(t / rows) a row): what the rule multiplies its prices by."""
+        widths = [max(1, -(-t // max(rows, 1))) for t in range(max_tokens + 1)]
+        by_width = {w: self.scale(True, rows, w) for w in set(widths)}
+        return torch.tensor([by_width[w] for w in widths], dtype=torch.float64)
 
 
 @dataclass
@@ -432,7 +473,7 @@ class VerifyRule:
         return draft_confidences(draft_logits, temps[positions.cpu() - 1])
 
     def plan(self, outlooks: list[DraftOutlook | None], draft_counts: torch.Tensor, padded: bool = False,
-             correction: StepTimeCorrection | None = None) -> torch.Tensor:
+             correction: StepTimeCorrection | None = None, widen_to: torch.Tensor | None = None) -> torch.Tensor:
         """Before the draft: [n] drafts each row drafts this step (0..draft_counts[r]), from the rows'
         outlooks and this machine's step costs (`blocks.plan_draft_lengths`); each outlook notes the
         choice. A row without an outlook (a FULL row) drafts its block; a row whose outlook is due a
@@ -441,38 +482,67 @@ class VerifyRule:
         none at all where even certain drafts do not pay. A padded step drafts every row as wide as
         its widest row at no extra cost, so every row drafts that wide: its outlook learns from the
         step, and one probe serves the whole batch. Every row drafts its block without a table or
-        with the plan off."""
-        if self.costs is None or not self.draft_plan or len(draft_counts) == 0 or int(draft_counts.max()) == 0:
+        with the plan off.
+
+        `widen_to` (padded): [n] the most drafts a row may draft beyond its own block where its
+        outlook expects the wider block to pay on this machine (a block the policy chose after
+        prefill was priced with the costs it was trained on, which another CPU does not share); a
+        probe stays within the row's own block."""
+        limits = draft_counts if widen_to is None or not padded else torch.maximum(draft_counts, widen_to)
+        if self.costs is None or not self.draft_plan or len(limits) == 0 or int(limits.max()) == 0:
             return draft_counts.clone()
-        n, k = len(draft_counts), int(draft_counts.max())
+        n, k = len(limits), int(limits.max())
+        timed_correction = correction is not None
         correction = correction or StepTimeCorrection()
         tokens = n * (k + 1)
 
-        def plan_for(expected: torch.Tensor) -> torch.Tensor:
-            return blocks.plan_draft_lengths(expected, draft_counts, self.costs.verify_seconds_table(tokens),
+        def plan_for(expected: torch.Tensor, counts: torch.Tensor, must_draft: bool = False) -> torch.Tensor:
+            return blocks.plan_draft_lengths(expected, counts, self.costs.verify_seconds_table(tokens),
                                              self.costs.draft_seconds_table(tokens), padded=padded,
-                                             plain_scale=correction.scale(False, n),
-                                             drafting_scale=correction.scale(True, n))
+                                             plain_scale=float("inf") if must_draft else correction.scale(False, n),
+                                             drafting_scale=correction.drafting_scales(n, tokens))
 
         ones = torch.ones(k, dtype=torch.float64)
-        chosen = plan_for(torch.stack([o.expected(k) if o is not None else ones for o in outlooks]))
         probes = torch.tensor([o is not None and o.probe_due for o in outlooks])
         whole = torch.tensor([o is None for o in outlooks])
         if padded:
-            probe_width = int(plan_for(ones.expand(n, k)).max()) if bool(probes.any()) else 0
-            chosen = torch.where(probes, draft_counts.clamp(max=probe_width), chosen)
+            planned_limits = torch.where(probes, draft_counts, limits)
+            chosen = plan_for(torch.stack([o.expected(k) if o is not None else ones for o in outlooks]),
+                              planned_limits)
+            probe_width = int(plan_for(ones.expand(n, k), draft_counts).max()) if bool(probes.any()) else 0
+            probe_limits = draft_counts
+            if probe_width > 0 and widen_to is not None and all(o.products is not None for o, p in zip(outlooks, probes) if p):
+                # Every probing row has drafted before: it probes at the drafting width its last drafts
+                # say pays best here (on some CPUs its own block is the dearest width to verify).
+                last = torch.stack([o.last_known(k) if o is not None else ones for o in outlooks])
+                probe_width = int(plan_for(last, limits, must_draft=True).max())
+                probe_limits = limits
+            chosen = torch.where(probes, probe_limits.clamp(max=probe_width), chosen)
             chosen = torch.where(whole, draft_counts, chosen)
-            chosen = draft_counts.clamp(max=int(chosen.max()))
+            untimed = self._untimed_width(correction if timed_correction else None, n, draft_counts)
+            if untimed is not None:  # measure it once rather than trust another width's ratio for it
+                chosen = draft_counts.clamp(max=untimed - 1)
+            chosen = torch.where(probes, probe_limits, planned_limits).clamp(max=int(chosen.max()))
         else:
+            chosen = plan_for(torch.stack([o.expected(k) if o is not None else ones for o in outlooks]), draft_counts)
             # A ragged row that drafts at all drafts its whole block: a drafter forward costs about the same
             # at any small width, and the verify rule, which sees this step's confidences, cuts the verify
             # better than an average of past steps can (and a narrowed row would never see its later
             # positions again). A ragged probe costs its own row only.
             chosen = torch.where(probes | whole | (chosen > 0), draft_counts, chosen)
-        for outlook, drafts, wanted in zip(outlooks, chosen.tolist(), draft_counts.tolist()):
+        for outlook, drafts, wanted in zip(outlooks, chosen.tolist(), limits.tolist()):
             if outlook is not None and wanted > 0:
                 outlook.planned(drafts)
         return chosen
+
+    @staticmethod
+    def _untimed_width(correction: StepTimeCorrection | None, rows: int, draft_counts: torch.Tensor) -> int | None:
+        """The narrowest drafting width up to the rows' own blocks that a server (`correction`) has not
+        timed at this batch size, if any: the plan drafts it once (and `choose` verifies it whole), so
+        every width a row may ask for gets the server's own price. None without a server's correction."""
+        if correction is None:
+            return None
+        return next((w for w in range(2, int(draft_counts.max()) + 2) if not correction.timed(True, rows, w)), None)
 
     def step_seconds(self, rows: int, drafted_tokens: int, verified_tokens: int) -> float:
         """The table's price of one step: the drafter over `drafted_tokens` (0: none) and a verify
@@ -482,15 +552,25 @@ class VerifyRule:
         return self.costs.draft_seconds(drafted_tokens) + self.costs.verify_seconds(max(verified_tokens, rows))
 
     def choose(self, confidence: torch.Tensor, draft_counts: torch.Tensor, drafted_tokens: int,
-               padded: bool = False) -> torch.Tensor:
+               padded: bool = False, correction: StepTimeCorrection | None = None) -> torch.Tensor:
         """After the draft: [n] drafts to verify per row (0..draft_counts[r]) this step:
-        `blocks.choose_verify_lengths` over this machine's step costs (all of them without a table)."""
+        `blocks.choose_verify_lengths` over this machine's step costs (all of them without a table),
+        scaled by what a server measured of its own steps (`correction`, padded). A padded step at a
+        width the server has never timed at this batch size verifies its whole block, so the width's
+        real price is measured once instead of guessed from another width's."""
         if self.costs is None:
             return draft_counts.clone()
         n, k = confidence.shape
         verify_costs = self.costs.verify_seconds_table(n * (k + 1))
+        step_scale = 1.0
+        if correction is not None and padded and n > 0:
+            width = int(draft_counts.max()) + 1
+            if width > 1 and not correction.timed(True, n, width):
+                return draft_counts.clone()
+            step_scale = correction.drafting_scales(n, n * (k + 1))
         return blocks.choose_verify_lengths(blocks.survival(confidence, draft_counts), draft_counts, verify_costs,
-                                            self.costs.draft_seconds(drafted_tokens), padded=padded)
+                                            self.costs.draft_seconds(drafted_tokens), padded=padded,
+                                            step_scale=step_scale)
 
 
 NO_TABLE = (f"verify 'auto' needs a step-cost table: write one with `blockpilot step-costs --output FILE` and pass "

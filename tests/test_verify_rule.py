@@ -258,7 +258,7 @@ def test_an_outlook_follows_recent_drafts_and_probes_after_plain_steps():
     assert outlook.probe_due and outlook.expected(3).tolist() == [1.0, 1.0, 1.0]  # unknown: draft whole
     outlook.observe(torch.tensor([0.8, 0.4]))
     assert not outlook.probe_due
-    assert outlook.expected(3).tolist() == pytest.approx([0.8, 0.4, 0.0])
+    assert outlook.expected(3).tolist() == pytest.approx([0.8, 0.4, 0.2])  # past them: falling by 0.4 / 0.8
     outlook.observe(torch.tensor([0.0, 0.0]))
     decay = DraftOutlook.DECAY
     assert outlook.expected(2).tolist() == pytest.approx([0.8 * (1 - decay), 0.4 * (1 - decay)])
@@ -307,7 +307,9 @@ def test_a_measured_correction_moves_the_plan():
     assert slow_plain.tolist() == [3] * 4  # both 3x: the same choice as the table's
     correction = StepTimeCorrection()
     correction.observe(True, 0.3, 0.1, rows=1)
-    assert correction.scale(True, 1) == pytest.approx(1 + StepTimeCorrection.DECAY * 2)
+    assert correction.scale(True, 1) == pytest.approx(3.0)  # a first observation is taken as it is
+    correction.observe(True, 0.1, 0.1, rows=1)
+    assert correction.scale(True, 1) == pytest.approx(2.0)  # the first AVERAGE_FIRST are averaged
     assert correction.scale(False, 1) == 1.0
     correction.observe(False, 0.0, 0.1)  # nothing measured: ignored
     assert correction.scale(False, 1) == 1.0
@@ -356,3 +358,143 @@ def test_a_ragged_row_that_drafts_drafts_its_whole_block():
     counts = torch.tensor([4, 4])
     assert rule.plan([first_only, hopeless], counts, padded=True).tolist() == [1, 1]
     assert rule.plan([first_only, hopeless], counts).tolist() == [4, 0]
+
+
+def test_this_machines_own_table_is_read_before_the_shipped_ones(tmp_path, monkeypatch):
+    from blockpilot.runtime import assets
+    from blockpilot.runtime.config import EngineConfig, build_verify_rule
+
+    monkeypatch.setenv("BLOCKPILOT_CACHE", str(tmp_path))
+    monkeypatch.delenv("BLOCKPILOT_STEP_COSTS", raising=False)
+    monkeypatch.setattr(assets, "machine_name", lambda: "Test CPU 9000")  # no table ships for it
+    shipped = build_verify_rule(EngineConfig(), assets.DEFAULT_DRAFTER_DIR)
+    assert shipped.costs.source == str(assets.DEFAULT_STEP_COSTS_PATH)
+    own = assets.machine_step_costs_path(assets.DEFAULT_STEP_COSTS_PATH)
+    assert own.is_relative_to(tmp_path) and own.parent.name == "test-cpu-9000"
+    own.parent.mkdir(parents=True)
+    StepCostTable([1, 2], [10.0, 5.0], 2, [2], [0.01], {"machine": assets.machine_name()}).save(own)
+    assert build_verify_rule(EngineConfig(), assets.DEFAULT_DRAFTER_DIR).costs.source == str(own)
+    sglang = build_verify_rule(EngineConfig(), assets.DEFAULT_DRAFTER_DIR,
+                               shipped_step_costs=assets.DEFAULT_SGLANG_STEP_COSTS_PATH)
+    assert sglang.costs.source == str(assets.DEFAULT_SGLANG_STEP_COSTS_PATH)  # its own not measured here
+    monkeypatch.setattr(assets, "machine_name", lambda: "AMD EPYC")  # a CPU model a table ships for
+    epyc = build_verify_rule(EngineConfig(), assets.DEFAULT_DRAFTER_DIR,
+                             shipped_step_costs=assets.DEFAULT_SGLANG_STEP_COSTS_PATH)
+    assert epyc.costs.source.endswith("machines/amd-epyc/step_costs_sglang.json")
+    assert epyc.costs.setup["machine"] == "AMD EPYC" and epyc.costs.setup["cpu_weight_layouts"] == 1
+
+
+def test_a_table_measured_on_another_machine_is_warned_about_once(tmp_path, caplog):
+    from blockpilot.runtime import assets
+    from blockpilot.runtime.config import warn_if_measured_elsewhere
+
+    elsewhere = tmp_path / "elsewhere.json"
+    StepCostTable([1, 2], [10.0, 5.0], 2, [2], [0.01], {"machine": "Some Other CPU"}).save(elsewhere)
+    here = tmp_path / "here.json"
+    StepCostTable([1, 2], [10.0, 5.0], 2, [2], [0.01], {"machine": assets.machine_name()}).save(here)
+    with caplog.at_level("WARNING"):
+        warn_if_measured_elsewhere(StepCostTable.load(here))
+        assert not caplog.records
+        for _ in range(2):
+            warn_if_measured_elsewhere(StepCostTable.load(elsewhere))
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "Some Other CPU" in message and assets.machine_name() in message and "--this-machine" in message
+
+
+def test_an_outlook_prices_positions_it_has_not_drafted_by_its_last_fall():
+    outlook = DraftOutlook()
+    outlook.observe(torch.tensor([0.6]))
+    assert outlook.expected(3).tolist() == pytest.approx([0.6, 0.36, 0.216])  # one known: its own ratio
+    outlook.observe(torch.tensor([0.6, 0.0]))
+    assert outlook.expected(4)[2:].tolist() == [0.0, 0.0]  # nothing survives past a dead position
+
+
+def amd_like_table() -> StepCostTable:
+    """A verify priced as this project's AMD EPYC prices SGLang's (session 13, one layout): three
+    tokens cost twice one, five cost less than three; the drafter about flat."""
+    tokens = [1, 2, 3, 4, 5, 6, 8, 16, 32, 64]
+    ms = [54.6, 89.0, 110.3, 77.3, 69.6, 75.5, 73.4, 87.7, 116.4, 172.9]
+    return StepCostTable(tokens, [1e3 / m for m in ms], 64, [2, 64], [0.02, 0.04])
+
+
+def test_the_padded_plan_widens_a_block_where_this_machines_costs_say_it_pays():
+    rule = VerifyRule(VerifyMode.AUTO, amd_like_table())
+    outlook = DraftOutlook()
+    outlook.observe(torch.tensor([0.7, 0.45]))  # a block of 3 that drafts well
+    own_block = torch.tensor([2])
+    assert rule.plan([outlook], own_block, padded=True).tolist() == [0]  # 3 tokens do not pay here
+    widened = rule.plan([outlook], own_block, padded=True, widen_to=torch.tensor([7]))
+    assert int(widened[0]) >= 3  # wider blocks do: 4-8 tokens cost less than 3, and the drafts still survive
+    assert rule.plan([outlook], own_block, widen_to=torch.tensor([7])).tolist() == [0]  # ragged: never widened
+    probe = DraftOutlook()  # nothing known yet: it probes its own block, never wider
+    assert int(rule.plan([probe], own_block, padded=True, widen_to=torch.tensor([7]))[0]) <= 2
+    for _ in range(DraftOutlook.PROBE_AFTER):
+        outlook.planned(0)
+    assert outlook.probe_due  # drafted before: it probes where its last drafts say a drafting step pays best
+    assert rule.plan([outlook], own_block, padded=True, widen_to=torch.tensor([7])).tolist() == widened.tolist()
+
+
+def test_the_correction_is_kept_per_width_and_a_new_width_borrows_its_nearest():
+    """SGLang's step on a CPU can be shaped unlike the table's (session 13's AMD EPYC): each drafting
+    width keeps its own measured / priced ratio."""
+    correction = StepTimeCorrection()
+    for _ in range(60):
+        correction.observe(True, 2.0, 1.0, rows=2, width=3)
+        correction.observe(True, 1.0, 1.0, rows=2, width=6)
+    assert correction.scale(True, 2, 3) == pytest.approx(2.0, rel=1e-3)
+    assert correction.scale(True, 2, 4) == pytest.approx(2.0, rel=1e-3)  # nearest measured width: 3
+    assert correction.scale(True, 2, 5) == pytest.approx(1.0, rel=1e-3)  # nearest: 6
+    assert correction.scale(False, 2) == 1.0  # plain steps are not drafting ones
+    scales = correction.drafting_scales(2, 12)  # a padded step of 2 rows: t tokens are ceil(t / 2) wide
+    assert scales[6].item() == pytest.approx(2.0, rel=1e-3) and scales[12].item() == pytest.approx(1.0, rel=1e-3)
+    verify = torch.full((13,), 0.05, dtype=torch.float64)
+    verify[0] = 0.0
+    sure = torch.full((2, 5), 0.99, dtype=torch.float64)
+    flat = blocks.plan_draft_lengths(sure, torch.full((2,), 5), verify, torch.zeros(13, dtype=torch.float64),
+                                     padded=True)
+    assert flat.tolist() == [5, 5]  # a flat table: the whole block
+    dear_at_6 = torch.ones(13, dtype=torch.float64)
+    dear_at_6[11:] = 40.0  # the 6-wide step (11-12 tokens of 2 rows) measured 40x its price
+    chosen = blocks.plan_draft_lengths(sure, torch.full((2,), 5), verify, torch.zeros(13, dtype=torch.float64),
+                                       padded=True, drafting_scale=dear_at_6)
+    assert chosen.tolist() == [4, 4]  # one width narrower: the dear width alone is avoided
+
+
+def test_an_untimed_width_is_verified_whole_then_priced_as_the_server_measured_it():
+    """The rule after the draft, padded, with a server's correction: a width it never timed verifies
+    the whole block (so its price is measured, not guessed); once timed, each width is priced by its
+    own measured ratio. Here the table says 3 tokens cost twice one, the server measured them cheap."""
+    rule = VerifyRule(VerifyMode.AUTO, amd_like_table())
+    confidence = torch.tensor([[0.5, 0.3]])
+    counts = torch.tensor([2])
+    assert rule.choose(confidence, counts, drafted_tokens=3, padded=True).tolist() == [1]  # the table alone
+    correction = StepTimeCorrection()
+    assert rule.choose(confidence, counts, drafted_tokens=3, padded=True, correction=correction).tolist() == [2]
+    for _ in range(60):
+        for width, ratio in ((1, 1.3), (2, 1.0), (3, 0.6)):
+            correction.observe(True, ratio, 1.0, rows=1, width=width)
+    assert correction.timed(True, 1, 3) and not correction.timed(True, 2, 3)
+    assert rule.choose(confidence, counts, drafted_tokens=3, padded=True, correction=correction).tolist() == [2]
+    for _ in range(60):
+        correction.observe(True, 3.0, 1.0, rows=1, width=3)  # now measured dear: cut again
+    assert rule.choose(confidence, counts, drafted_tokens=3, padded=True, correction=correction).tolist() == [1]
+
+
+def test_a_server_plans_each_width_of_its_rows_blocks_once_before_trusting_its_prices():
+    """With a server's correction, the padded plan drafts the narrowest width it has not timed at
+    this batch size (twice: `TIMED_AFTER`), so a table that overprices a width is found out; the
+    reference engine (no correction) plans from the table alone."""
+    rule = VerifyRule(VerifyMode.AUTO, amd_like_table())
+    hopeless = DraftOutlook()
+    hopeless.observe(torch.full((2,), 0.01))
+    counts = torch.tensor([2])
+    assert rule.plan([hopeless], counts, padded=True).tolist() == [0]
+    correction = StepTimeCorrection()
+    seen = []
+    for _ in range(6):
+        drafts = int(rule.plan([hopeless], counts, padded=True, correction=correction)[0])
+        seen.append(drafts)
+        if drafts:
+            correction.observe(True, 0.1, 0.1, rows=1, width=drafts + 1)
+    assert seen == [1, 1, 2, 2, 0, 0]  # widths 2 and 3 timed twice each, then the prices decide

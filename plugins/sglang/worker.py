@@ -52,6 +52,9 @@ from . import metrics, plugin
 from . import settings as bp_settings
 from .info import BlockChoice, BlockPilotDraftBlockInfo, BlockPilotDraftInput, choices_of
 
+# Where a block size came from for the plan to treat it as a starting point, not a cap (`_bp_plan_widths`).
+WIDENABLE_SOURCES = (BlockSizeSource.POLICY, BlockSizeSource.DEFAULT, BlockSizeSource.FALLBACK)
+
 logger = logging.getLogger("blockpilot.plugins.sglang")
 
 
@@ -137,15 +140,27 @@ class BlockPilotWorker(DFlashWorkerV2):
         # measured / priced step times, plain and drafting (CPU engine: a returned step has run)
         self._bp_correction = StepTimeCorrection() if str(self.device) == "cpu" else None
         self._bp_step_log = os.environ.get(bp_settings.ENV_STEP_LOG) or None
+        # CPU engine: the drafter's linears and the draft head take the weight layout measured faster on
+        # this machine per call (cpu/draft_layouts.py); the target keeps SGLang's own linears.
+        self._bp_draft_head, layouts = None, "off (not the CPU engine)"
+        if str(self.device) == "cpu":
+            from .cpu.draft_layouts import DraftHead, use_two_layouts_in_draft_model
+
+            switched, layer_rule = use_two_layouts_in_draft_model(self.draft_model_runner.model)
+            self._bp_draft_head = DraftHead.for_target(self.target_worker.model_runner.model)
+            layouts = (f"{switched} drafter linears: {layer_rule.describe()}; draft head: "
+                       f"{self._bp_draft_head.rule.describe() if self._bp_draft_head.rule else 'measured at first use'}")
         capacity = max(int(server_args.max_running_requests or 0),
                        int(getattr(server_args, "cuda_graph_max_bs_decode", 0) or 0), 1) + 8
         self._bp_alloc_widths(capacity)
         logger.info(
             "BLOCKPILOT per-request block sizes: range %d-%d (server width %d), default %d (%s), policy %s, "
-            "pad_to %s, draft mask %s, verify %s%s, draft plan %s", self._bp_min, self._bp_max, self._bp_max,
+            "pad_to %s, draft mask %s, verify %s%s, draft plan %s, CPU weight layouts %s",
+            self._bp_min, self._bp_max, self._bp_max,
             self._bp_default, self._bp_default_source, path if path is not None else "none", self._bp_pad_to,
             cfg.draft_mask, verify_rule.describe(), f" (step costs {verify_rule.costs.source})" if verify_rule.costs else "",
-            "on" if verify_rule.can_choose and verify_rule.draft_plan and self._bp_pad_to == "batch" else "off")
+            "on" if verify_rule.can_choose and verify_rule.draft_plan and self._bp_pad_to == "batch" else "off",
+            layouts)
 
     def _bp_alloc_widths(self, capacity: int) -> None:
         pin = str(self.device).startswith("cuda")
@@ -303,10 +318,13 @@ class BlockPilotWorker(DFlashWorkerV2):
         # each draft's confidence and the step's verify width is chosen here.
         weight = getattr(lm_head, "weight", None)
         shard = getattr(lm_head, "shard_indices", None)
-        if (self._bp_auto_rows is None or hidden_states.numel() == 0 or not is_dense_head_weight(weight)
-                or (shard is not None and int(shard.num_added_elements))):
+        rule_runs = self._bp_auto_rows is not None
+        if ((not rule_runs and self._bp_draft_head is None) or hidden_states.numel() == 0
+                or not is_dense_head_weight(weight) or (shard is not None and int(shard.num_added_elements))):
             return super()._greedy_sample_from_vocab_parallel_head(hidden_states=hidden_states, lm_head=lm_head,
                                                                     chunk_size=chunk_size)
+        if not rule_runs:  # the CPU engine's draft head, argmax only
+            return self._bp_drafts_and_confidence(hidden_states, weight, shard, None)[0]
         step = int(self.block_size)
         drafts, confidence = self._bp_drafts_and_confidence(hidden_states, weight, shard, step - 1)
         bs = drafts.shape[0] // (step - 1)
@@ -350,10 +368,10 @@ class BlockPilotWorker(DFlashWorkerV2):
             line = {"t": round(time.time(), 3), "rows": rows, "window": window, "verified": verified,
                     "measured_ms": round(seconds * 1e3, 2), "priced_ms": round(priced * 1e3, 2),
                     "scale_plain": round(self._bp_correction.scale(False, rows), 3),
-                    "scale_drafting": round(self._bp_correction.scale(True, rows), 3)}
+                    "scale_drafting": round(self._bp_correction.scale(True, rows, verified), 3)}
             with open(self._bp_step_log, "a") as log_file:
                 log_file.write(json.dumps(line) + "\n")
-        self._bp_correction.observe(drafting, seconds, priced, rows)
+        self._bp_correction.observe(drafting, seconds, priced, rows, verified)
 
     def _bp_plan_widths(self, choices: list[BlockChoice]) -> list[int]:
         """Each row's block this step: its own size, narrowed by the runtime's plan
@@ -362,7 +380,9 @@ class BlockPilotWorker(DFlashWorkerV2):
         no longer makes every row draft and verify its width. A step whose rows all plan no drafts
         is a plain step (width 1, no draft forward: :meth:`_bp_skip_the_draft_forward`); otherwise
         the padded step is at least ``blocks.batch_width``'s floor (2), and the verify width chosen
-        after the draft may drop a planned-plain row's column."""
+        after the draft may drop a planned-plain row's column. A row whose block the policy (or the
+        default) chose may also be planned wider, up to the server's width, where this machine's
+        prices say the wider block pays (``VerifyRule.plan(widen_to=)``)."""
         sizes = [c.block_size for c in choices]
         if not (self._bp_rule.can_choose and self._bp_rule.draft_plan) or self._bp_pad_to != "batch":
             return sizes  # (padded to the server's width, a narrower row would save nothing)
@@ -370,8 +390,12 @@ class BlockPilotWorker(DFlashWorkerV2):
                     for c in choices]
         if all(o is None for o in outlooks):
             return sizes
+        # A block the policy (or the drafter's default) chose may widen up to the server's width where
+        # this machine's table says it pays; a size the request or the operator named is kept as a cap.
+        widen_to = torch.tensor([self._bp_max - 1 if o is not None and c.source in WIDENABLE_SOURCES else 0
+                                 for c, o in zip(choices, outlooks)])
         planned = self._bp_rule.plan(outlooks, torch.tensor([max(s - 1, 0) for s in sizes]), padded=True,
-                                     correction=self._bp_correction)
+                                     correction=self._bp_correction, widen_to=widen_to)
         return [int(p) + 1 for p in planned]
 
     def _bp_rows_the_rule_may_cut(self, batch, choices: list[BlockChoice]) -> Optional[torch.Tensor]:
@@ -387,22 +411,27 @@ class BlockPilotWorker(DFlashWorkerV2):
         return auto if bool(auto.any()) else None
 
     def _bp_drafts_and_confidence(self, hidden_states: torch.Tensor, weight: torch.Tensor, shard,
-                                  drafts_per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The drafts (argmax over the target's lm_head, as DFlashWorkerV2's tp=1 path) and their
-        calibrated confidences (the runtime's ``VerifyRule.confidences``) from the same logits,
-        in chunks so the vocabulary-wide logits of a large batch are never held at once."""
+                                  drafts_per_row: Optional[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The drafts (argmax over the target's lm_head, as DFlashWorkerV2's tp=1 path) and, with
+        `drafts_per_row` (the rule runs), their calibrated confidences (the runtime's
+        ``VerifyRule.confidences``) from the same logits, in chunks so the vocabulary-wide logits of
+        a large batch are never held at once. On the CPU engine the logits go through the draft
+        head's faster layout (cpu/draft_layouts.py)."""
         num_org = int(shard.num_org_elements) if shard is not None else int(weight.shape[0])
         vocab_start = int(shard.org_vocab_start_index) if shard is not None else 0
         head = weight[:num_org]
         n = int(hidden_states.shape[0])
-        positions = torch.arange(n) % drafts_per_row + 1  # each draft's 1-based column in its block
         drafts = torch.empty((n,), dtype=torch.long, device=hidden_states.device)
-        confidence = torch.empty((n,), dtype=torch.float32)
+        confidence = torch.empty((n,), dtype=torch.float32) if drafts_per_row else None
+        positions = torch.arange(n) % drafts_per_row + 1 if drafts_per_row else None  # 1-based column in its block
         for start in range(0, n, 1024):
             end = min(n, start + 1024)
-            logits = torch.matmul(hidden_states[start:end].to(head.dtype), head.T)
+            hidden = hidden_states[start:end].to(head.dtype)
+            logits = (self._bp_draft_head.logits(hidden, head) if self._bp_draft_head is not None
+                      else torch.matmul(hidden, head.T))
             drafts[start:end] = logits.argmax(dim=-1) + vocab_start
-            confidence[start:end] = self._bp_rule.confidences(logits, positions[start:end]).float().cpu()
+            if confidence is not None:
+                confidence[start:end] = self._bp_rule.confidences(logits, positions[start:end]).float().cpu()
         return drafts, confidence
 
     def _bp_choose_verify_width(self, confidence: torch.Tensor) -> int:
@@ -415,7 +444,7 @@ class BlockPilotWorker(DFlashWorkerV2):
         for r in torch.nonzero(auto & (counts > 0)).flatten().tolist():  # what the next plans read
             self._bp_choices[r].outlook.observe(products[r, : int(counts[r])])
         drafted = int(confidence.shape[0]) * (int(confidence.shape[1]) + 1)  # the padded draft forward's tokens
-        chosen = self._bp_rule.choose(grid, counts, drafted_tokens=drafted, padded=True)
+        chosen = self._bp_rule.choose(grid, counts, drafted_tokens=drafted, padded=True, correction=self._bp_correction)
         keep_whole = int(counts[~auto].max()) if bool((~auto).any()) else 0
         return max(int(chosen.max()), keep_whole) + 1
 

@@ -30,7 +30,7 @@ import pytest
 
 pytest.importorskip("openai")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_server, whatever pytest's --import-mode
-from test_server import (  # noqa: E402,F401  (the fixtures are used by name)
+from test_server import (  # noqa: E402  (the shared fixtures are conftest.py's)
     CANDIDATES,
     FALLBACK_LINES,
     MAX_NEW_TOKENS,
@@ -41,11 +41,6 @@ from test_server import (  # noqa: E402,F401  (the fixtures are used by name)
     TEXTS,
     Server,
     assert_greedy_equal,
-    drafter_dir,
-    policy,
-    prompts,
-    reference,
-    target,
 )
 
 pytestmark = pytest.mark.slow

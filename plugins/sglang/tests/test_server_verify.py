@@ -30,17 +30,12 @@ import pytest
 pytest.importorskip("sglang")
 torch = pytest.importorskip("torch")
 
-from test_server import (  # noqa: E402,F401  (fixtures: target, prompts, reference, drafter_dir)
+from test_server import (  # noqa: E402  (the shared fixtures are conftest.py's)
     MAX_NEW_TOKENS,
     Server,
     assert_greedy_equal,
-    drafter_dir,
     greedy,
-    prompts,
-    reference,
     run_concurrently,
-    run_plain_server,
-    target,
 )
 
 pytestmark = pytest.mark.slow
@@ -83,12 +78,13 @@ def verify_run(drafter_dir, prompts, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def plain_outputs(prompts, tmp_path_factory, verify_run):  # after the BLOCKPILOT server is gone
+def plain_outputs(request):
+    """The plain server's greedy tokens for the prompts (conftest.py's one run, shared with test_server.py)."""
     if os.environ.get("BLOCKPILOT_SGLANG_TEST_PLAIN", "1") == "0":
         return None
-    run = run_plain_server(prompts, tmp_path_factory.mktemp("verify-plain"), concurrent=False)
-    assert all(status == 200 for status, _ in run["sequential"]), run["sequential"]
-    return [out["output_ids"] for _, out in run["sequential"]]
+    plain_run = request.getfixturevalue("plain_run")
+    assert all(status == 200 for status, _ in plain_run["sequential"]), plain_run["sequential"]
+    return [out["output_ids"] for _, out in plain_run["sequential"]]
 
 
 def test_greedy_outputs_with_the_rule_on_equal_sglang_without_speculation(verify_run, plain_outputs, reference):

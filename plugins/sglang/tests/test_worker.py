@@ -67,7 +67,7 @@ def bare_worker(width: int = 16, pad_to: str = "batch") -> BlockPilotWorker:
     w._bp_pad_to = pad_to
     w._bp_states, w._bp_cap, w._bp_batch, w._bp_choices = {}, None, None, None
     w._bp_width, w._bp_auto_rows, w._bp_verify_width, w._bp_step_widths = width, None, None, None
-    w._bp_correction, w._bp_step_log = None, None
+    w._bp_correction, w._bp_step_log, w._bp_draft_head = None, None, None
     w._bp_rule = VerifyRule()  # full verify (no step-cost table)
     w._bp_default, w._bp_default_source = width, "default"
     w._bp_policy = None
@@ -309,6 +309,25 @@ def test_the_plan_narrows_a_batch_whose_drafts_are_not_expected_to_pay():
     assert server._bp_plan_widths(batch(0.01)) == [8, 8]
 
 
+def test_a_policy_chosen_block_widens_where_this_machines_table_says_it_pays_a_named_one_does_not():
+    """On a CPU where a 5-token verify costs less than a 3-token one (the AMD EPYC of session 13), a
+    row whose block of 3 the policy chose drafts wider; a row whose 3 the request named keeps it."""
+    tokens = [1, 2, 3, 4, 5, 6, 8, 16, 32, 64, 128]
+    ms = [54.6, 89.0, 110.3, 77.3, 69.6, 75.5, 73.4, 87.7, 116.4, 172.9, 340.0]
+    w = verify_worker(8, VerifyRule(VerifyMode.AUTO, StepCostTable(tokens, [1e3 / m for m in ms], 128, [2, 128],
+                                                                   [0.02, 0.04])))
+
+    def row(source):
+        choice = BlockChoice(3, source)
+        choice.outlook.observe(torch.tensor([0.7, 0.45]))
+        return choice
+
+    widened = w._bp_plan_widths([row("policy")])
+    assert widened[0] >= 4  # 4-8 tokens cost less than 3 here
+    assert w._bp_plan_widths([row("request")]) == [1]  # its own 3 tokens do not pay here: plain
+    assert w._bp_plan_widths([row("fixed")]) == [1]  # nor a size the operator set for every request
+
+
 def test_measured_step_times_correct_the_plan():
     """A server whose drafting steps cost far more than the table says (SGLang's draft pass on a
     CPU) learns it from its own steps, and the plan then keeps a batch plain that the table alone
@@ -319,14 +338,18 @@ def test_measured_step_times_correct_the_plan():
     for c in choices:
         c.outlook.observe(torch.full((7,), 0.6).cumprod(0))
     assert max(w._bp_plan_widths(choices)) > 1  # the table alone: these drafts pay
-    priced = w._bp_rule.step_seconds(2, 2 * 4, 2 * 4)
-    with w._bp_step([4, 4]):
-        for _ in range(30):
-            w._bp_time_step(2, 4, 10 * priced)  # each drafting step took 10x its price
+    for width in range(2, 9):  # every width the rows may draft, timed
+        priced = w._bp_rule.step_seconds(2, 2 * width, 2 * width)
+        with w._bp_step([width, width]):
+            for _ in range(30):
+                w._bp_time_step(2, width, 10 * priced)  # each drafting step took 10x its price
     assert w._bp_correction.scale(True, 2) == pytest.approx(10, rel=0.01) and w._bp_correction.scale(False, 2) == 1.0
     assert w._bp_plan_widths(choices) == [1, 1]
     w._bp_correction = None  # a GPU server: never timed, the table's prices
     assert max(w._bp_plan_widths(choices)) > 1
+    fresh = verify_worker(8)
+    fresh._bp_correction = StepTimeCorrection()
+    assert fresh._bp_plan_widths(choices) == [2, 2]  # a server that never timed width 2 drafts it once
 
 
 def test_the_step_log_records_what_each_timed_step_cost_and_was_priced(tmp_path):
@@ -342,7 +365,7 @@ def test_the_step_log_records_what_each_timed_step_cost_and_was_priced(tmp_path)
     assert second["t"] >= first.pop("t") > 0  # wall-clock seconds: a log lines up with a benchmark's phases
     assert first == {"rows": 2, "window": 4, "verified": 4, "measured_ms": round(3 * priced * 1e3, 2),
                      "priced_ms": round(priced * 1e3, 2), "scale_plain": 1.0, "scale_drafting": 1.0}
-    assert second["scale_drafting"] == round(0.8 + 0.2 * 3, 3)  # StepTimeCorrection.DECAY after one step
+    assert second["scale_drafting"] == 3.0  # the first step's own ratio (the first few are averaged)
 
 
 def test_a_drafting_step_updates_the_rows_outlooks():
@@ -709,3 +732,72 @@ def test_flashinfer_host_lengths_follow_the_row_widths():
     got = info.hook_flashinfer_call_begin_forward(call_begin_forward, None, *args, block_info, seq_lens_cpu=host,
                                                   plan=None)
     assert got.tolist() == [13, 28, 38]
+
+
+# ---- the CPU engine's drafter in two weight layouts (cpu/draft_layouts.py) --------------------
+def test_the_drafters_sglang_linears_take_the_transposed_layout_and_agree():
+    from sglang.srt.layers.linear import ReplicatedLinear
+    from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
+
+    from blockpilot.plugins.sglang.cpu.draft_layouts import COPY_ATTR, use_two_layouts_in_draft_model
+    from blockpilot.runtime.cpu_linear import TRANSPOSED_BELOW_ROWS, LayoutRule
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.proj = ReplicatedLinear(24, 40, bias=True)
+    model.fc = torch.nn.Linear(40, 24, bias=False)
+    with torch.no_grad():
+        model.proj.weight.normal_()
+        model.proj.bias.normal_()
+    x = torch.randn(9, 24)
+    with torch.inference_mode():
+        expected = model.fc(model.proj(x)[0])
+    rule = LayoutRule((4, 6, 8, 12, 16, 24, 32, 48))  # the copy from 4 to 63 rows
+    assert use_two_layouts_in_draft_model(model, rule) == (2, rule)
+    assert use_two_layouts_in_draft_model(model, rule)[0] == 0
+    assert isinstance(model.proj.quant_method, UnquantizedLinearMethod)  # DFlash's fused-KV check still passes
+    copy = model.proj.__dict__[COPY_ATTR]
+    with torch.inference_mode():
+        for rows in (1, 3, TRANSPOSED_BELOW_ROWS):
+            model.proj(torch.randn(rows, 24))
+        assert copy.tensor is None  # few rows or many: SGLang's own x @ W^T
+        torch.testing.assert_close(model.fc(model.proj(x)[0]), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(copy.tensor, model.proj.weight.detach().t())  # 9 rows ran through the copy
+
+
+def test_the_cpu_draft_head_gives_dflashs_own_drafts():
+    from blockpilot.plugins.sglang.cpu.draft_layouts import DraftHead
+    from blockpilot.runtime.cpu_linear import LayoutRule
+
+    g = torch.Generator().manual_seed(0)
+    head = FakeHead(torch.randn(300, 24, generator=g))
+    hidden = torch.randn(16, 24, generator=g)  # 8 rows x 2 drafts: in the transposed layout's range
+    w = bare_worker(8)
+    expected = dflash_worker_v2.DFlashWorkerV2._greedy_sample_from_vocab_parallel_head(
+        w, hidden_states=hidden, lm_head=head)
+    w._bp_draft_head = DraftHead(LayoutRule((16,)))  # the copy at 16 rows (a measured rule may pick none)
+    with torch.inference_mode():  # as SGLang's scheduler loop runs (DynamicGradMode)
+        got = w._greedy_sample_from_vocab_parallel_head(hidden_states=hidden, lm_head=head)
+    assert torch.equal(got, expected)
+    assert w._bp_draft_head._transposed.tensor is not None  # the argmax read the transposed head
+
+
+def test_a_draft_model_without_a_given_rule_is_measured_and_still_agrees():
+    from sglang.srt.layers.linear import ReplicatedLinear
+
+    from blockpilot.plugins.sglang.cpu.draft_layouts import DraftHead, use_two_layouts_in_draft_model
+
+    torch.manual_seed(1)
+    model = torch.nn.Module()
+    model.proj = ReplicatedLinear(24, 40, bias=False)
+    with torch.no_grad():
+        model.proj.weight.normal_()
+    x = torch.randn(12, 24)
+    expected = F.linear(x, model.proj.weight)
+    switched, rule = use_two_layouts_in_draft_model(model)
+    assert switched == 1 and set(rule.transposed_at) <= {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48}
+    head = DraftHead.for_target(SimpleNamespace(lm_head=SimpleNamespace(weight=model.proj.weight)))
+    with torch.inference_mode():
+        torch.testing.assert_close(model.proj(x)[0], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(head.logits(x, model.proj.weight), expected, rtol=1e-5, atol=1e-5)
+    assert head.rule is not None  # measured at start, not by the first request
