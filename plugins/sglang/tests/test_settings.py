@@ -258,15 +258,26 @@ def test_checkpoint_fingerprint_equals_the_runtime_targets():
     assert target_fingerprint_from_checkpoint(path) == TargetModel.load(path, "float32").fingerprint()
 
 
-def test_the_shipped_drafter_is_served_with_the_one_layout_step_costs():
+def test_the_shipped_drafter_is_served_with_the_one_layout_step_costs(tmp_path, monkeypatch):
     """SGLang's CPU engine runs nn.Linear as loaded, so the plugin prices its steps with the table
-    measured that way, not the reference runtime's two-layout table (`runtime/cpu_linear.py`)."""
+    measured that way, not the reference runtime's two-layout table (`runtime/cpu_linear.py`); on a
+    CPU model a table ships for, with that CPU's, and with this machine's own once measured."""
     from blockpilot.runtime import assets
     from blockpilot.runtime.config import EngineConfig, build_verify_rule
+    from blockpilot.runtime.step_verify import StepCostTable
 
+    monkeypatch.setenv("BLOCKPILOT_CACHE", str(tmp_path))  # no table of this machine's own yet
+    monkeypatch.setattr(assets, "machine_name", lambda: "Test CPU 9000")  # none shipped for it
     served = settings.build_verify_rule(ServerSettings(), str(assets.DEFAULT_DRAFTER_DIR))
     assert served.costs.source == str(assets.DEFAULT_SGLANG_STEP_COSTS_PATH)
     assert served.costs.setup["cpu_weight_layouts"] == 1
     engine = build_verify_rule(EngineConfig(), assets.DEFAULT_DRAFTER_DIR)
     assert engine.costs.source == str(assets.DEFAULT_STEP_COSTS_PATH)
     assert engine.costs.setup["cpu_weight_layouts"] == 2
+    monkeypatch.setattr(assets, "machine_name", lambda: "AMD EPYC")
+    shipped_for_it = settings.build_verify_rule(ServerSettings(), str(assets.DEFAULT_DRAFTER_DIR)).costs
+    assert shipped_for_it.setup == {**shipped_for_it.setup, "machine": "AMD EPYC", "cpu_weight_layouts": 1}
+    own = assets.machine_step_costs_path(assets.DEFAULT_SGLANG_STEP_COSTS_PATH)
+    own.parent.mkdir(parents=True)
+    StepCostTable([1, 2], [10.0, 5.0], 2, [2], [0.01], {"machine": "AMD EPYC", "cpu_weight_layouts": 1}).save(own)
+    assert settings.build_verify_rule(ServerSettings(), str(assets.DEFAULT_DRAFTER_DIR)).costs.source == str(own)
