@@ -7,6 +7,7 @@ and saved as an ordinary Hugging Face directory in the cache. Every later load r
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -47,6 +48,7 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+@functools.cache
 def machine_name() -> str:
     """The CPU model: what machine-specific measurements (step costs, weight layouts) are keyed by.
     Two CPUs price the same step very differently (docs/measurements.md, session 13)."""

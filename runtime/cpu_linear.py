@@ -11,7 +11,8 @@ the picture is the other way round (`make linear-layouts`: x @ W^T 35 / 52 / 61 
 1 / 2 / 3 / 8 / 16 rows, x @ W 30 / 40 / 47 / 48 / 57). So the choice is not a constant: the
 first switch of a set of weights on a machine times both kernels over those weights, cold, at a
 few row counts (`LayoutRule.measure`, about 3.5 s for the target; kept in the cache folder after),
-and every call takes the measured winner for its row count. An inference model on a CPU keeps both layouts (twice the weights' memory).
+and every call takes the measured winner for its row count. An inference model on a CPU keeps both
+layouts (twice the weights' memory).
 
 The results agree to float rounding (~1e-5), as two GEMM kernels always do; the engine's verify and
 its plain decoding use the same layers, so a greedy output is still the target's own.

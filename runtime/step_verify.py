@@ -486,21 +486,23 @@ class VerifyRule:
 
         `widen_to` (padded): [n] the most drafts a row may draft beyond its own block where its
         outlook expects the wider block to pay on this machine (a block the policy chose after
-        prefill was priced with the costs it was trained on, which another CPU does not share); a
-        probe stays within the row's own block."""
+        prefill was priced with the costs it was trained on, which another CPU does not share). A
+        first probe stays within the row's own block; a later one goes to the drafting width the
+        row's last drafts say pays best. With a server's `correction`, a width of the rows' own
+        blocks not yet timed at this batch size is drafted first (`_untimed_width`)."""
         limits = draft_counts if widen_to is None or not padded else torch.maximum(draft_counts, widen_to)
         if self.costs is None or not self.draft_plan or len(limits) == 0 or int(limits.max()) == 0:
             return draft_counts.clone()
         n, k = len(limits), int(limits.max())
-        timed_correction = correction is not None
-        correction = correction or StepTimeCorrection()
         tokens = n * (k + 1)
+        prices = correction or StepTimeCorrection()  # the table's own prices without a server's timings
+        verify_seconds, draft_seconds = self.costs.verify_seconds_table(tokens), self.costs.draft_seconds_table(tokens)
+        plain_scale, drafting_scale = prices.scale(False, n), prices.drafting_scales(n, tokens)
 
         def plan_for(expected: torch.Tensor, counts: torch.Tensor, must_draft: bool = False) -> torch.Tensor:
-            return blocks.plan_draft_lengths(expected, counts, self.costs.verify_seconds_table(tokens),
-                                             self.costs.draft_seconds_table(tokens), padded=padded,
-                                             plain_scale=float("inf") if must_draft else correction.scale(False, n),
-                                             drafting_scale=correction.drafting_scales(n, tokens))
+            return blocks.plan_draft_lengths(expected, counts, verify_seconds, draft_seconds, padded=padded,
+                                             plain_scale=float("inf") if must_draft else plain_scale,
+                                             drafting_scale=drafting_scale)
 
         ones = torch.ones(k, dtype=torch.float64)
         probes = torch.tensor([o is not None and o.probe_due for o in outlooks])
@@ -519,10 +521,10 @@ class VerifyRule:
                 probe_limits = limits
             chosen = torch.where(probes, probe_limits.clamp(max=probe_width), chosen)
             chosen = torch.where(whole, draft_counts, chosen)
-            untimed = self._untimed_width(correction if timed_correction else None, n, draft_counts)
+            untimed = self._untimed_width(correction, n, draft_counts)
             if untimed is not None:  # measure it once rather than trust another width's ratio for it
                 chosen = draft_counts.clamp(max=untimed - 1)
-            chosen = torch.where(probes, probe_limits, planned_limits).clamp(max=int(chosen.max()))
+            chosen = torch.where(probes, probe_limits, limits).clamp(max=int(chosen.max()))
         else:
             chosen = plan_for(torch.stack([o.expected(k) if o is not None else ones for o in outlooks]), draft_counts)
             # A ragged row that drafts at all drafts its whole block: a drafter forward costs about the same

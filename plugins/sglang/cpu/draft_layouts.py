@@ -8,8 +8,8 @@ that row count (`runtime/cpu_linear.py`'s `LayoutRule`: on some CPUs the copy wi
 others at 1-3 or nowhere). The drafter is BlockPilot's own model, so here its linears do the same
 (one rule measured over its weights), and so does the draft head (a transposed copy of the target's
 lm_head, used only for the drafts, with its own measured rule: a tall vocabulary matrix behaves
-unlike the layers). The target's own forward keeps SGLang's linears, exactly as a server without speculation
-runs them, so the serving benchmark compares the same target forward.
+unlike the layers). The target's own forward keeps SGLang's linears, exactly as a server without
+speculation runs them, so the serving benchmark compares the same target forward.
 
 Not applied where SGLang packs the weights for its own CPU kernels (`use_intel_amx_backend`, a
 real sgl-kernel CPU build) nor to quantized layers: only `UnquantizedLinearMethod` layers switch.
