@@ -1,13 +1,14 @@
-"""What a linear layer costs per row count in each weight layout on this machine (`runtime/cpu_linear.py`).
+"""What a linear layer costs per row count with each GEMM kernel on this machine (`runtime/cpu_linear.py`).
 
     python examples/linear_layouts.py            # or: make linear-layouts
 
 Two tables, medians of interleaved repeats, the default target (SmolLM2-135M-Instruct, float32):
 1. the target's layer weights (every q/k/v/o/gate/up/down of every layer, called in turn so the
    weights come from memory as in a forward): x @ W^T (`nn.Linear`), x @ W (a transposed copy),
-   and what `TwoLayoutLinear` picks by the rule it measures on them (`cpu_linear.LayoutRule`);
+   oneDNN's linear, and what `MeasuredLinear` picks by the rule it measures on them
+   (`cpu_linear.KernelRule`);
 2. one target forward over a block of that many tokens after a 256-token context, plus the lm_head
-   over every position (a verify), with plain `nn.Linear` and with `TwoLayoutLinear`, and the
+   over every position (a verify), with plain `nn.Linear` and with `MeasuredLinear`, and the
    largest difference in the logits.
 Nothing else may run on the machine meanwhile.
 """
@@ -19,11 +20,10 @@ import statistics
 import time
 
 import torch
-from torch.nn import functional as F
 
 from blockpilot.runtime.assets import ensure_default_model
 from blockpilot.runtime.blocks import RaggedLayout
-from blockpilot.runtime.cpu_linear import LayoutRule, use_two_layouts
+from blockpilot.runtime.cpu_linear import Kernel, KernelRule, run_kernel, onednn_available, use_measured_kernels
 from blockpilot.runtime.target import TargetModel
 
 
@@ -36,45 +36,49 @@ def timed(call) -> float:
 def layer_weights_table(target: TargetModel, rows_list: list[int], repeats: int) -> None:
     weights = [m.weight.detach() for layer in target.hf_model.model.layers for m in layer.modules()
                if isinstance(m, torch.nn.Linear)]
-    transposed = [w.t().contiguous() for w in weights]
-    rule = LayoutRule.measure(weights)
-    print(f"\nthe rule TwoLayoutLinear measures on these weights: {rule.describe()}")
+    kernels = [k for k in Kernel if k is not Kernel.ONEDNN or onednn_available()]
+    operands = {k: [w.t().contiguous() for w in weights] if k is Kernel.W else weights for k in kernels}
+    rule = KernelRule.measure(weights)
+    print(f"\nthe rule MeasuredLinear measures on these weights: {rule.describe()}")
     print(f"\n{len(weights)} layer weights, ms for all of them (median of {repeats}):")
-    print(f"{'rows':>5} {'x @ W^T':>9} {'x @ W':>9} {'picked':>9}")
+    print(f"{'rows':>5} " + " ".join(f"{k.value:>9}" for k in kernels) + f" {'picked':>9}")
     for rows in rows_list:
         inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
-        plain, flipped = [], []
-        for _ in range(repeats):
-            plain.append(timed(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights]))
-            flipped.append(timed(lambda: [inputs[t.shape[0]] @ t for t in transposed]))
-        a, b = statistics.median(plain), statistics.median(flipped)
-        print(f"{rows:>5} {a:>9.1f} {b:>9.1f} {(b if rule.takes_transposed(rows) else a):>9.1f}")
+        times = {k: [] for k in kernels}
+        with torch.inference_mode():
+            for _ in range(repeats):
+                for k in kernels:
+                    times[k].append(timed(lambda: [run_kernel(k, inputs[w.shape[1] if k is not Kernel.W else w.shape[0]], w, None)
+                                                   for w in operands[k]]))
+        medians = {k: statistics.median(times[k]) for k in kernels}
+        print(f"{rows:>5} " + " ".join(f"{medians[k]:>9.1f}" for k in kernels)
+              + f" {medians[rule.kernel_for(rows)]:>9.1f}")
 
 
 def verify_table(plain: TargetModel, model_dir, rows_list: list[int], repeats: int, context: int = 256) -> None:
     switched = TargetModel.load(model_dir)
-    use_two_layouts(switched.hf_model)
+    use_measured_kernels(switched.hf_model)
     prompt = torch.randint(0, plain.vocab_size, (context,))
     caches = {}
-    for name, target in (("plain", plain), ("two", switched)):
+    for name, target in (("plain", plain), ("measured", switched)):
         caches[name] = target.new_cache(1, context + max(rows_list))
         target.prefill([prompt], cache=caches[name])
     print(f"\none verify forward (+ lm_head) after {context} tokens, ms (median of {repeats}):")
-    print(f"{'tokens':>6} {'nn.Linear':>10} {'two layouts':>12} {'ratio':>6} {'max |diff|':>11}")
+    print(f"{'tokens':>6} {'nn.Linear':>10} {'measured':>12} {'ratio':>6} {'max |diff|':>11}")
     for rows in rows_list:
         layout = RaggedLayout.build(torch.tensor([rows]), torch.tensor([context]))
         tokens = torch.randint(0, plain.vocab_size, (rows,))
-        times = {"plain": [], "two": []}
+        times = {"plain": [], "measured": []}
         outputs = {}
         for _ in range(repeats):
-            for name, target in (("plain", plain), ("two", switched)):
+            for name, target in (("plain", plain), ("measured", switched)):
                 def step(target=target, name=name):
                     with torch.inference_mode():
                         hidden, _ = target.forward(tokens, layout, caches[name])
                         outputs[name] = target.lm_head(hidden)
                 times[name].append(timed(step))
-        a, b = statistics.median(times["plain"]), statistics.median(times["two"])
-        diff = (outputs["plain"] - outputs["two"]).abs().max().item()
+        a, b = statistics.median(times["plain"]), statistics.median(times["measured"])
+        diff = (outputs["plain"] - outputs["measured"]).abs().max().item()
         print(f"{rows:>6} {a:>10.1f} {b:>12.1f} {b / a:>6.2f} {diff:>11.1e}")
 
 

@@ -50,7 +50,7 @@ def cache_dir() -> Path:
 
 @functools.cache
 def machine_name() -> str:
-    """The CPU model: what machine-specific measurements (step costs, weight layouts) are keyed by.
+    """The CPU model: what machine-specific measurements (step costs, GEMM kernel rules) are keyed by.
     Two CPUs price the same step very differently (docs/measurements.md, session 13)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:

@@ -24,8 +24,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-batch-size", type=int)
     group.add_argument("--max-block-size", type=int)
     group.add_argument("--cpu-weight-layouts", type=int, choices=[1, 2],
-                       help="on a CPU: 2 (default) keeps each linear weight also transposed for cheap "
-                            "multi-token verifies; 1 half the weights' memory")
+                       help="on a CPU: 2 (default) runs each linear by the GEMM kernel measured fastest on "
+                            "this machine per row count (cheap multi-token verifies); 1 torch's own F.linear")
     group = parser.add_argument_group("per-step verify")
     group.add_argument("--step-costs", help="step-cost table JSON (blockpilot step-costs --output); default "
                                             "$BLOCKPILOT_STEP_COSTS, else the one shipped with the shipped drafter")

@@ -50,8 +50,9 @@ class EngineConfig:
     # plan each step before the drafter runs (`VerifyRule.plan`): rows whose drafts are not expected
     # to pay at this batch size draft less or not at all
     draft_plan: bool = True
-    # on a CPU: 2 keeps every linear weight also transposed, so a verify over 4-16 tokens streams the
-    # weights once (`cpu_linear.py`); 1 runs them as loaded (half the weights' memory)
+    # on a CPU: 2 runs every linear by the GEMM kernel measured fastest on this machine per row count, so
+    # a multi-token verify streams the weights once (`cpu_linear.py`); 1 torch's own F.linear, as a server
+    # without speculation runs them (the name is from when the choice was between two weight layouts)
     cpu_weight_layouts: int = 2
 
     @classmethod

@@ -1,18 +1,19 @@
-"""Linear layers that keep a verify cheap on a CPU: each weight in two layouts, the faster one per
-call, by a rule measured on this machine.
+"""Linear layers that keep a verify cheap on a CPU: per call, the float32 GEMM kernel measured
+fastest on this machine for the call's row count.
 
 Speculative decoding pays for a verify over several tokens with the bet that it costs about as much
-as one token; on a CPU that holds only while the weights stream from memory once, and which float32
-GEMM kernel does that for which row count depends on the CPU. On the Intel development machine of
-the early sessions `nn.Linear`'s x @ W^T (W stored [out, in]) streamed the SmolLM2-135M target's
-210 layer weights once up to 3 rows (24-26 ms) and again from 4 rows on (55 ms at 4, 112 at 16),
-while x @ W over a transposed copy cost 37-49 ms from 2 to 16 rows. On the AMD EPYC of session 13
-the picture is the other way round (`make linear-layouts`: x @ W^T 35 / 52 / 61 / 42 / 50 ms at
-1 / 2 / 3 / 8 / 16 rows, x @ W 30 / 40 / 47 / 48 / 57). So the choice is not a constant: the
-first switch of a set of weights on a machine times both kernels over those weights, cold, at a
-few row counts (`LayoutRule.measure`, about 3.5 s for the target; kept in the cache folder after),
-and every call takes the measured winner for its row count. An inference model on a CPU keeps both
-layouts (twice the weights' memory).
+as one token; on a CPU that holds only while the weights stream from memory once, and which kernel
+does that for which row count depends on the CPU and the BLAS build. Three kernels are candidates:
+torch's own x @ W^T (`F.linear`: MKL on x86), x @ W over a transposed copy of the weight, and
+oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, over W as stored: no copy). On the Intel of
+the early sessions x @ W^T streamed the SmolLM2-135M target's layer weights once up to 3 rows and
+again from 4 rows on (24-26 ms, then 55 ms at 4, 112 at 16), and x @ W held 37-49 ms from 2 to 16
+rows. On the AMD EPYC (AVX-512) of sessions 13-14 MKL's x @ W^T is slow at every small row count
+(37 / 63 / 76 / 44 ms for the target's layers at 1 / 2 / 3 / 5 rows) while oneDNN streams them
+once at 26-30 ms from 1 to 8 rows (`make linear-layouts`). So the choice is not a constant: the
+first switch of a set of weights on a machine times every kernel over those weights, cold, at a few
+row counts (`KernelRule.measure`, a few seconds for the target; kept in the cache folder after),
+and every call takes the measured winner for its row count.
 
 The results agree to float rounding (~1e-5), as two GEMM kernels always do; the engine's verify and
 its plain decoding use the same layers, so a greedy output is still the target's own.
@@ -20,6 +21,7 @@ its plain decoding use the same layers, so a greedy output is still the target's
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import os
@@ -34,70 +36,118 @@ from torch.nn import functional as F
 
 from .assets import cache_dir, machine_name
 
-# The row counts both kernels are timed at; a call takes the decision of the largest one <= its rows.
+
+class Kernel(str, enum.Enum):
+    """A float32 GEMM kernel for y = x @ W^T (+ b), W stored [out, in] as `nn.Linear` keeps it."""
+
+    WT = "x @ W^T"  # F.linear: torch's own (and SGLang's), the default
+    W = "x @ W"  # over a transposed contiguous copy of W (twice the weight's memory)
+    ONEDNN = "oneDNN"  # torch.ops.mkldnn._linear_pointwise over W as stored
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+# The row counts the kernels are timed at; a call takes the decision of the largest one <= its rows.
 PROBE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48)
-# From 64 rows (prefill sizes) x @ W^T streams well on every machine measured: no copy is read.
-TRANSPOSED_BELOW_ROWS = 64
-# The copy is taken only where it is clearly faster: a tie keeps SGLang's and torch's own kernel.
+# From 64 rows (prefill sizes) x @ W^T streams well on every machine measured: only it runs there.
+MEASURED_BELOW_ROWS = 64
+# Another kernel is taken only where it is clearly faster: a tie keeps torch's (and SGLang's) own.
 MIN_GAIN = 0.05
-# Weights timed per measurement at most (evenly spaced), so a large model measures in about a second;
+# Weights timed per measurement at most (evenly spaced), so a large model measures in a few seconds;
 # still far more bytes than any cache, so the weights come from memory as in a forward.
 MAX_TIMED_WEIGHTS = 72
 
 
 @dataclass(frozen=True)
-class LayoutRule:
-    """Which row counts run x @ W (the transposed copy) rather than x @ W^T, as measured."""
+class KernelRule:
+    """Which kernel each probe row count runs, as measured (probes not named run x @ W^T)."""
 
-    transposed_at: tuple[int, ...] = ()  # the PROBE_ROWS where the copy won
+    picks: tuple[tuple[int, Kernel], ...] = ()  # (probe, kernel) where another kernel than WT won
 
-    def takes_transposed(self, rows: int) -> bool:
-        if not 1 <= rows < TRANSPOSED_BELOW_ROWS:
-            return False
-        return max(p for p in PROBE_ROWS if p <= rows) in self.transposed_at
+    def kernel_for(self, rows: int) -> Kernel:
+        if not 1 <= rows < MEASURED_BELOW_ROWS:
+            return Kernel.WT
+        probe = max(p for p in PROBE_ROWS if p <= rows)
+        return dict(self.picks).get(probe, Kernel.WT)
 
     def describe(self) -> str:
-        return f"x @ W at {', '.join(map(str, self.transposed_at))} rows (probes)" if self.transposed_at else "x @ W^T only"
+        if not self.picks:
+            return "x @ W^T only"
+        by_kernel: dict[Kernel, list[int]] = {}
+        for probe, kernel in self.picks:
+            by_kernel.setdefault(kernel, []).append(probe)
+        return "; ".join(f"{k.value} at {', '.join(map(str, probes))} rows (probes)" for k, probes in by_kernel.items())
+
+    def to_json(self) -> dict:
+        return {str(probe): kernel.value for probe, kernel in self.picks}
 
     @classmethod
-    def measure(cls, weights: Iterable[torch.Tensor], repeats: int = 3,
-                clock: Callable[[], float] = time.perf_counter) -> "LayoutRule":
-        """Time both kernels over `weights` (in turn, so they come from memory) at every probe,
-        interleaved over `repeats`; the copy wins a probe where its median is MIN_GAIN faster."""
+    def from_json(cls, data) -> "KernelRule":
+        """The rule kept by `measured_rule`; ValueError for anything else (an older format included)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a kernel rule is a mapping probe -> kernel, got {type(data).__name__}")
+        picks = tuple(sorted((int(p), Kernel(k)) for p, k in data.items()))
+        if any(p not in PROBE_ROWS for p, _ in picks):
+            raise ValueError(f"a kernel rule names probes outside {PROBE_ROWS}: {data}")
+        return cls(picks)
+
+    @classmethod
+    def measure(cls, weights: Iterable[torch.Tensor], repeats: int = 3, clock: Callable[[], float] = time.perf_counter,
+                kernels: tuple[Kernel, ...] | None = None) -> "KernelRule":
+        """Time every kernel (`kernels`, default: all this torch build has) over `weights` (in turn,
+        so they come from memory) at every probe, interleaved over `repeats`; a kernel other than
+        x @ W^T wins a probe where its median is the fastest and MIN_GAIN under x @ W^T's."""
         weights = [w.detach() for w in weights if w.dim() == 2 and w.device.type == "cpu"]
-        if not weights:
+        if kernels is None:
+            kernels = tuple(k for k in Kernel if k is not Kernel.ONEDNN or onednn_available())
+        if not weights or kernels == (Kernel.WT,):
             return cls()
+        kernels = (Kernel.WT,) + tuple(k for k in kernels if k is not Kernel.WT)
         step = max(1, -(-len(weights) // MAX_TIMED_WEIGHTS))
         weights = weights[::step]
-        copies = [w.t().contiguous() for w in weights]
-        plain = {rows: [] for rows in PROBE_ROWS}
-        flipped = {rows: [] for rows in PROBE_ROWS}
+        operands = {Kernel.WT: weights, Kernel.ONEDNN: weights}
+        if Kernel.W in kernels:
+            operands[Kernel.W] = [w.t().contiguous() for w in weights]
+        times = {(rows, k): [] for rows in PROBE_ROWS for k in kernels}
         with torch.inference_mode():
             inputs = {rows: {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
                       for rows in PROBE_ROWS}
             for _ in range(repeats + 1):  # the first pass warms up and is not counted
                 for rows in PROBE_ROWS:
                     x = inputs[rows]
-                    began = clock()
-                    for w in weights:
-                        F.linear(x[w.shape[1]], w)
-                    middle = clock()
-                    for c in copies:
-                        torch.matmul(x[c.shape[0]], c)
-                    plain[rows].append(middle - began)
-                    flipped[rows].append(clock() - middle)
-        won = tuple(rows for rows in PROBE_ROWS
-                    if statistics.median(flipped[rows][1:]) < (1 - MIN_GAIN) * statistics.median(plain[rows][1:]))
-        return cls(won)
+                    for kernel in kernels:
+                        began = clock()
+                        for w in operands[kernel]:
+                            run_kernel(kernel, x[w.shape[1] if kernel is not Kernel.W else w.shape[0]], w, None)
+                        times[rows, kernel].append(clock() - began)
+        picks = []
+        for rows in PROBE_ROWS:
+            median = {k: statistics.median(times[rows, k][1:]) for k in kernels}
+            best = min(kernels, key=lambda k: median[k])
+            if best is not Kernel.WT and median[best] < (1 - MIN_GAIN) * median[Kernel.WT]:
+                picks.append((rows, best))
+        return cls(tuple(picks))
 
 
-_MEASURED: dict[str, LayoutRule] = {}
+def run_kernel(kernel: Kernel, x: torch.Tensor, operand: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) by `kernel`; `operand` is W, or its transposed copy for Kernel.W."""
+    if kernel is Kernel.ONEDNN:
+        return torch.ops.mkldnn._linear_pointwise(x, operand, bias, "none", [], "")
+    if kernel is Kernel.W:
+        out = torch.matmul(x, operand)
+        return out if bias is None else out + bias
+    return F.linear(x, operand, bias)
+
+
+_MEASURED: dict[str, KernelRule] = {}
 # Measured rules kept between processes (a CLI run, a server start), per machine and weight set.
-RULES_FILE = "cpu_layout_rules.json"
+RULES_FILE = "cpu_kernel_rules.json"
 
 
-def measured_rule(weights: list[torch.Tensor]) -> LayoutRule:
-    """`LayoutRule.measure` once per machine (CPU model, torch version, thread count) and set of weight
+def measured_rule(weights: list[torch.Tensor]) -> KernelRule:
+    """`KernelRule.measure` once per machine (CPU model, torch version, thread count) and set of weight
     shapes and dtypes: kept for the process and in the cache folder (`assets.cache_dir`), so a model
     measures on its first start and reads the rule after."""
     shapes = sorted((tuple(w.shape), str(w.dtype).removeprefix("torch.")) for w in weights)
@@ -108,13 +158,14 @@ def measured_rule(weights: list[torch.Tensor]) -> LayoutRule:
     path = cache_dir() / RULES_FILE
     try:
         known = json.loads(path.read_text())
+        known = known if isinstance(known, dict) else {}
     except (OSError, ValueError):
         known = {}
-    if isinstance(known.get(key), list) and all(p in PROBE_ROWS for p in known[key]):
-        rule = LayoutRule(tuple(known[key]))
-    else:
-        rule = LayoutRule.measure(weights)
-        known[key] = list(rule.transposed_at)
+    try:
+        rule = KernelRule.from_json(known[key])
+    except (KeyError, ValueError):
+        rule = KernelRule.measure(weights)
+        known[key] = rule.to_json()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -149,33 +200,34 @@ class TransposedCopy:
         return self.tensor
 
 
-def two_layout_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      transposed: TransposedCopy, rule: LayoutRule) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, through the weight's transposed copy where `rule` measured it
-    faster for this row count, on a CPU, outside autograd."""
+def measured_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    transposed: TransposedCopy, rule: KernelRule) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` by the kernel `rule` measured fastest for this row count, on a
+    CPU, outside autograd (training keeps torch's own kernel and its gradients)."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if x.device.type != "cpu" or not rule.takes_transposed(rows) or torch.is_grad_enabled():
+    kernel = rule.kernel_for(rows)
+    if kernel is Kernel.WT or x.device.type != "cpu" or torch.is_grad_enabled():
         return F.linear(x, weight, bias)
-    out = torch.matmul(x, transposed(weight))
-    return out if bias is None else out + bias
+    return run_kernel(kernel, x, transposed(weight) if kernel is Kernel.W else weight, bias)
 
 
-class TwoLayoutLinear(nn.Linear):
-    """An `nn.Linear` (same parameters, same state-dict keys) that also keeps `weight` transposed,
-    read where its `LayoutRule` says. The copy follows the weight (`TransposedCopy`), so the module
-    stays correct if it is trained or moved after the switch. Off the CPU it is a plain `nn.Linear`."""
+class MeasuredLinear(nn.Linear):
+    """An `nn.Linear` (same parameters, same state-dict keys) that runs, per call, the kernel its
+    `KernelRule` names. A transposed copy, where the rule reads one, follows the weight
+    (`TransposedCopy`), so the module stays correct if it is trained or moved after the switch. Off
+    the CPU it is a plain `nn.Linear`."""
 
     _transposed: TransposedCopy | None = None
-    _layout_rule: LayoutRule = LayoutRule()
+    _kernel_rule: KernelRule = KernelRule()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._transposed is None:
             self._transposed = TransposedCopy()
-        return two_layout_linear(x, self.weight, self.bias, self._transposed, self._layout_rule)
+        return measured_linear(x, self.weight, self.bias, self._transposed, self._kernel_rule)
 
 
-def use_two_layouts(model: nn.Module, rule: LayoutRule | None = None) -> int:
-    """Switch every plain `nn.Linear` of `model` to `TwoLayoutLinear` in place (tied weights stay
+def use_measured_kernels(model: nn.Module, rule: KernelRule | None = None) -> int:
+    """Switch every plain `nn.Linear` of `model` to `MeasuredLinear` in place (tied weights stay
     tied: the parameters are the modules' own), with `rule`, else the rule measured on the switched
     weights (`measured_rule`). Returns how many it switched; a second call switches none."""
     modules = [m for m in model.modules() if type(m) is nn.Linear]
@@ -183,11 +235,11 @@ def use_two_layouts(model: nn.Module, rule: LayoutRule | None = None) -> int:
         return 0
     rule = rule if rule is not None else measured_rule([m.weight for m in modules])
     for module in modules:
-        module.__class__ = TwoLayoutLinear  # same fields, one more method: no copy, no new keys
-        module._layout_rule = rule
+        module.__class__ = MeasuredLinear  # same fields, one more method: no copy, no new keys
+        module._kernel_rule = rule
     return len(modules)
 
 
-def layout_rule_of(model: nn.Module) -> LayoutRule | None:
+def kernel_rule_of(model: nn.Module) -> KernelRule | None:
     """The rule `model`'s switched linears run by (None: none switched)."""
-    return next((m._layout_rule for m in model.modules() if isinstance(m, TwoLayoutLinear)), None)
+    return next((m._kernel_rule for m in model.modules() if isinstance(m, MeasuredLinear)), None)

@@ -22,7 +22,7 @@ import torch
 
 from . import blocks
 from .blocks import DEFAULT_MAX_BLOCK_SIZE, MAX_BLOCK_SIZE, BlockSizeSource
-from .cpu_linear import layout_rule_of, use_two_layouts
+from .cpu_linear import kernel_rule_of, use_measured_kernels
 from .drafter import DFlashDraftModel
 from .requests import GenerationRequest, GenerationResult, RequestStats
 from .sampling import choose_tokens
@@ -94,10 +94,10 @@ class SpeculativeEngine:
             drafter.to(target.dtype)
         if cpu_weight_layouts not in (1, 2):
             raise ValueError(f"cpu_weight_layouts must be 1 or 2, got {cpu_weight_layouts!r}")
-        if target.device.type == "cpu" and cpu_weight_layouts == 2:  # a cheap multi-token verify (`cpu_linear.py`)
+        if target.device.type == "cpu" and cpu_weight_layouts == 2:  # measured GEMM kernels (`cpu_linear.py`)
             for name, model in (("target", target.hf_model), ("drafter", drafter)):
-                if model is not None and use_two_layouts(model):
-                    log.info("CPU weight layouts, %s: %s", name, layout_rule_of(model).describe())
+                if model is not None and use_measured_kernels(model):
+                    log.info("CPU linear kernels, %s: %s", name, kernel_rule_of(model).describe())
         if not 1 <= max_block_size <= MAX_BLOCK_SIZE:
             raise ValueError(f"max_block_size must be in 1..{MAX_BLOCK_SIZE}, got {max_block_size}")
         self.target = target

@@ -15,7 +15,7 @@ import torch
 
 from . import blocks
 from .assets import machine_name
-from .cpu_linear import TwoLayoutLinear
+from .cpu_linear import MeasuredLinear
 from .drafter import DFlashDraftModel
 from .engine import propose_drafts
 from .target import TargetModel
@@ -27,8 +27,10 @@ TABLE_REPEATS = 21
 
 
 def weight_layouts(target: TargetModel) -> int:
-    """How the target's linears ran: 2 with `cpu_linear.TwoLayoutLinear` (the engine on a CPU), else 1."""
-    return 2 if any(isinstance(m, TwoLayoutLinear) for m in target.hf_model.modules()) else 1
+    """How the target's linears ran (the table's `cpu_weight_layouts`, a name kept from when the choice
+    was between two weight layouts): 2 with `cpu_linear.MeasuredLinear`, the kernel measured fastest per
+    row count (the engine on a CPU), else 1, torch's own `F.linear` (as a server without speculation)."""
+    return 2 if any(isinstance(m, MeasuredLinear) for m in target.hf_model.modules()) else 1
 
 
 def filled_caches(target: TargetModel, drafter: DFlashDraftModel | None, rows: int, context_tokens: int,

@@ -199,7 +199,7 @@ def hook_table() -> list[tuple[str, object, object, str]]:
     from sglang.srt.plugins.hook_registry import HookType
 
     from . import info, metrics, settings
-    from .cpu import patches as cpu_patches
+    from .cpu import linear_kernels, patches as cpu_patches
 
     from . import server_args
 
@@ -238,6 +238,9 @@ def hook_table() -> list[tuple[str, object, object, str]]:
             ("sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_extend",
              info.hook_torch_native_forward_extend, AROUND,
              "extend lengths for TARGET_VERIFY (draft block and verify); the per-request draft mask"),
+            ("sglang.srt.layers.logits_processor.LogitsProcessor._compute_lm_head",
+             linear_kernels.hook_compute_lm_head, AROUND,
+             "the target's lm_head by its measured GEMM kernel in drafting steps (VerifyKernels)"),
         ]
     else:
         table.append(

@@ -3,7 +3,8 @@
 * :class:`ServerSettings`: candidate range, policy, padding, draft mask, per-step verify; one typed
   place, read in every SGLang process from the same environment (YAML named by
   ``BLOCKPILOT_SGLANG_CONFIG``, overridden by ``BLOCKPILOT_BLOCK_SIZES``, ``BLOCKPILOT_POLICY``,
-  ``BLOCKPILOT_PAD_TO``, ``BLOCKPILOT_VERIFY``, ``BLOCKPILOT_STEP_COSTS``, ``BLOCKPILOT_DRAFT_PLAN``);
+  ``BLOCKPILOT_PAD_TO``, ``BLOCKPILOT_VERIFY``, ``BLOCKPILOT_STEP_COSTS``, ``BLOCKPILOT_DRAFT_PLAN``,
+  ``BLOCKPILOT_VERIFY_KERNELS``);
 * the per-step verify rule (:func:`build_verify_rule`: the runtime's, from the same files);
 * a request's parameters, ``sampling_params.custom_params["blockpilot_*"]``
   (:func:`parse_request_params`), refused with HTTP 400 when unknown or out of range
@@ -33,10 +34,12 @@ ENV_CONFIG, ENV_POLICY, ENV_SIZES, ENV_PAD_TO, ENV_VERIFY = (
     "BLOCKPILOT_SGLANG_CONFIG", "BLOCKPILOT_POLICY", "BLOCKPILOT_BLOCK_SIZES", "BLOCKPILOT_PAD_TO", "BLOCKPILOT_VERIFY")
 ENV_STEP_COSTS = "BLOCKPILOT_STEP_COSTS"  # the runtime's name (step_verify.STEP_COSTS_ENV)
 ENV_DRAFT_PLAN = "BLOCKPILOT_DRAFT_PLAN"  # on | off
+ENV_VERIFY_KERNELS = "BLOCKPILOT_VERIFY_KERNELS"  # on | off
 # A file: every timed decode step as a JSON line (rows, widths, measured and priced ms, the correction's
 # scales), to see what the plan saw. A diagnostic, not a setting: read by the worker, not `settings()`.
 ENV_STEP_LOG = "BLOCKPILOT_STEP_LOG"
-ENV_NAMES = (ENV_CONFIG, ENV_POLICY, ENV_SIZES, ENV_PAD_TO, ENV_VERIFY, ENV_STEP_COSTS, ENV_DRAFT_PLAN)
+ENV_NAMES = (ENV_CONFIG, ENV_POLICY, ENV_SIZES, ENV_PAD_TO, ENV_VERIFY, ENV_STEP_COSTS, ENV_DRAFT_PLAN,
+             ENV_VERIFY_KERNELS)
 ON_OFF = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}
 
 
@@ -58,6 +61,9 @@ class ServerSettings:
     step_costs: Optional[str] = None  # SpsCostTable JSON; None: the shipped table when serving the shipped drafter
     verify_calibration: Optional[str] = None  # DSpark STS JSON; None: verify_calibration.json beside the drafter
     draft_plan: bool = True  # plan each step's width before drafting (VerifyRule.plan)
+    # CPU engine: the target's linears and lm_head in drafting steps by the GEMM kernel measured fastest
+    # per row count (cpu/linear_kernels.py); off: SGLang's F.linear there too (plain steps always are)
+    verify_kernels: bool = True
 
     def __post_init__(self):
         if self.pad_to not in (None, "batch", "server"):
@@ -105,11 +111,12 @@ class ServerSettings:
             data["verify"] = environ[ENV_VERIFY]
         if environ.get(ENV_STEP_COSTS):
             data["step_costs"] = environ[ENV_STEP_COSTS]
-        if environ.get(ENV_DRAFT_PLAN):
-            value = environ[ENV_DRAFT_PLAN].strip().lower()
-            if value not in ON_OFF:
-                raise ValueError(f"{ENV_DRAFT_PLAN} must be on or off, got {environ[ENV_DRAFT_PLAN]!r}")
-            data["draft_plan"] = ON_OFF[value]
+        for env_name, field in ((ENV_DRAFT_PLAN, "draft_plan"), (ENV_VERIFY_KERNELS, "verify_kernels")):
+            if environ.get(env_name):
+                value = environ[env_name].strip().lower()
+                if value not in ON_OFF:
+                    raise ValueError(f"{env_name} must be on or off, got {environ[env_name]!r}")
+                data[field] = ON_OFF[value]
         return cls(**data)
 
     def size_range(self, server_max: int) -> tuple[int, int]:
@@ -281,17 +288,21 @@ def resolve_policy_path(cfg: ServerSettings, draft_model_path: Optional[str]) ->
 def build_verify_rule(cfg: ServerSettings, draft_model_path: Optional[str]):
     """The per-step verify rule (``step_verify.VerifyRule``), resolved by the runtime's own rule
     (``config.build_verify_rule``): the step-cost table from the settings / ``BLOCKPILOT_STEP_COSTS``,
-    else the shipped table when serving the shipped drafter (``step_costs_sglang.json``: measured with
-    every linear in one layout, as SGLang's CPU engine runs them); the calibration beside the drafter.
-    ValueError, one line naming the file, for a table or calibration that cannot be used."""
+    else the shipped table when serving the shipped drafter: with ``verify_kernels`` (the default) the
+    table measured with the GEMM kernel measured fastest per row count (``step_costs.json``, as the
+    target's drafting steps run here; its plain-step price is a little under SGLang's F.linear one,
+    which the worker's ``StepTimeCorrection`` learns), else ``step_costs_sglang.json`` (every linear
+    as SGLang's F.linear runs it); the calibration beside the drafter. ValueError, one line naming the
+    file, for a table or calibration that cannot be used."""
     from blockpilot.runtime import assets
     from blockpilot.runtime.config import build_verify_rule as runtime_verify_rule
 
     fields_ = SimpleNamespace(verify=cfg.verify, step_costs=cfg.step_costs, verify_calibration=cfg.verify_calibration,
                               draft_plan=cfg.draft_plan)
     try:
+        shipped = assets.DEFAULT_STEP_COSTS_PATH if cfg.verify_kernels else assets.DEFAULT_SGLANG_STEP_COSTS_PATH
         rule = runtime_verify_rule(fields_, Path(draft_model_path) if draft_model_path else None,
-                                   shipped_step_costs=assets.DEFAULT_SGLANG_STEP_COSTS_PATH)
+                                   shipped_step_costs=shipped)
     except (OSError, ValueError) as err:
         raise ValueError(f"BLOCKPILOT verify: {err} (from {ENV_VERIFY}, {ENV_STEP_COSTS} or the config)") from None
     check_dspark_formats(rule)

@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 from typing import Optional
 
@@ -140,27 +140,32 @@ class BlockPilotWorker(DFlashWorkerV2):
         # measured / priced step times, plain and drafting (CPU engine: a returned step has run)
         self._bp_correction = StepTimeCorrection() if str(self.device) == "cpu" else None
         self._bp_step_log = os.environ.get(bp_settings.ENV_STEP_LOG) or None
-        # CPU engine: the drafter's linears and the draft head take the weight layout measured faster on
-        # this machine per call (cpu/draft_layouts.py); the target keeps SGLang's own linears.
-        self._bp_draft_head, layouts = None, "off (not the CPU engine)"
+        # CPU engine: the drafter's linears and the draft head run the GEMM kernel measured fastest on this
+        # machine per call; so do the target's in drafting steps (cpu/linear_kernels.py), not in plain ones.
+        self._bp_draft_head, self._bp_verify_kernels, kernels = None, None, "off (not the CPU engine)"
         if str(self.device) == "cpu":
-            from .cpu.draft_layouts import DraftHead, use_two_layouts_in_draft_model
+            from .cpu.linear_kernels import MeasuredHead, VerifyKernels, use_measured_kernels_in_model
 
-            switched, layer_rule = use_two_layouts_in_draft_model(self.draft_model_runner.model)
-            self._bp_draft_head = DraftHead.for_target(self.target_worker.model_runner.model)
-            layouts = (f"{switched} drafter linears: {layer_rule.describe()}; draft head: "
+            switched, layer_rule = use_measured_kernels_in_model(self.draft_model_runner.model)
+            self._bp_draft_head = MeasuredHead.for_target(self.target_worker.model_runner.model)
+            kernels = (f"{switched} drafter linears: {layer_rule.describe()}; draft head: "
                        f"{self._bp_draft_head.rule.describe() if self._bp_draft_head.rule else 'measured at first use'}")
+            if cfg.verify_kernels:
+                self._bp_verify_kernels = VerifyKernels(self.target_worker.model_runner.model)
+                kernels += f"; {self._bp_verify_kernels.describe()}"
+            else:
+                kernels += "; target: SGLang's F.linear (BLOCKPILOT_VERIFY_KERNELS off)"
         capacity = max(int(server_args.max_running_requests or 0),
                        int(getattr(server_args, "cuda_graph_max_bs_decode", 0) or 0), 1) + 8
         self._bp_alloc_widths(capacity)
         logger.info(
             "BLOCKPILOT per-request block sizes: range %d-%d (server width %d), default %d (%s), policy %s, "
-            "pad_to %s, draft mask %s, verify %s%s, draft plan %s, CPU weight layouts %s",
+            "pad_to %s, draft mask %s, verify %s%s, draft plan %s, CPU linear kernels %s",
             self._bp_min, self._bp_max, self._bp_max,
             self._bp_default, self._bp_default_source, path if path is not None else "none", self._bp_pad_to,
             cfg.draft_mask, verify_rule.describe(), f" (step costs {verify_rule.costs.source})" if verify_rule.costs else "",
             "on" if verify_rule.can_choose and verify_rule.draft_plan and self._bp_pad_to == "batch" else "off",
-            layouts)
+            kernels)
 
     def _bp_alloc_widths(self, capacity: int) -> None:
         pin = str(self.device).startswith("cuda")
@@ -283,7 +288,8 @@ class BlockPilotWorker(DFlashWorkerV2):
             self._bp_auto_rows = self._bp_rows_the_rule_may_cut(batch, choices)
             window = int(self.block_size)  # the draft window this step runs at (1: a plain step)
             started = time.perf_counter()
-            result = super().forward_batch_generation(*args)
+            with self._bp_target_kernels(drafting=window > 1):
+                result = super().forward_batch_generation(*args)
             self._bp_time_step(len(widths), window, time.perf_counter() - started)
             for req, width in zip(batch.reqs, widths):
                 metrics.count_drafted(req, width - 1, tokens_ahead=width)
@@ -416,7 +422,7 @@ class BlockPilotWorker(DFlashWorkerV2):
         `drafts_per_row` (the rule runs), their calibrated confidences (the runtime's
         ``VerifyRule.confidences``) from the same logits, in chunks so the vocabulary-wide logits of
         a large batch are never held at once. On the CPU engine the logits go through the draft
-        head's faster layout (cpu/draft_layouts.py)."""
+        head's measured kernel (cpu/linear_kernels.py)."""
         num_org = int(shard.num_org_elements) if shard is not None else int(weight.shape[0])
         vocab_start = int(shard.org_vocab_start_index) if shard is not None else 0
         head = weight[:num_org]
@@ -502,6 +508,11 @@ class BlockPilotWorker(DFlashWorkerV2):
             self._bp_switch_width(self._bp_max)
             if plain:
                 vars(self.draft_model_runner).pop("forward", None)  # the draft model runs again
+
+    def _bp_target_kernels(self, drafting: bool):
+        """The target's forwards of this step: by the measured kernels in a drafting step (the CPU
+        engine, ``verify_kernels`` on), else SGLang's own (a plain step: as a server without speculation)."""
+        return self._bp_verify_kernels.during(drafting) if self._bp_verify_kernels is not None else nullcontext()
 
     def _bp_skip_the_draft_forward(self) -> None:
         """A plain step (every row 1 wide: the plan drafts nothing, or requests that opted out):

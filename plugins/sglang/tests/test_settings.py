@@ -31,6 +31,11 @@ def test_config_from_yaml_and_environment(tmp_path):
                                  "BLOCKPILOT_POLICY": "/p.onnx", "BLOCKPILOT_PAD_TO": "batch"})
     assert (cfg.min_size, cfg.max_size, cfg.policy, cfg.pad_to) == (6, 8, "/p.onnx", "batch")
     assert settings.parse_size_range("16") == (16, 16) and settings.parse_size_range([2, 5]) == (2, 5)
+    assert ServerSettings().verify_kernels and ServerSettings().draft_plan
+    cfg = ServerSettings.load({"BLOCKPILOT_VERIFY_KERNELS": "off", "BLOCKPILOT_DRAFT_PLAN": "0"})
+    assert (cfg.verify_kernels, cfg.draft_plan) == (False, False)
+    with pytest.raises(ValueError, match="BLOCKPILOT_VERIFY_KERNELS must be on or off, got 'fast'"):
+        ServerSettings.load({"BLOCKPILOT_VERIFY_KERNELS": "fast"})
     for bad in ("1-4", "9-3", "x", "2-3-4"):
         with pytest.raises(ValueError, match="LOW-HIGH"):
             settings.parse_size_range(bad)
@@ -258,10 +263,11 @@ def test_checkpoint_fingerprint_equals_the_runtime_targets():
     assert target_fingerprint_from_checkpoint(path) == TargetModel.load(path, "float32").fingerprint()
 
 
-def test_the_shipped_drafter_is_served_with_the_one_layout_step_costs(tmp_path, monkeypatch):
-    """SGLang's CPU engine runs nn.Linear as loaded, so the plugin prices its steps with the table
-    measured that way, not the reference runtime's two-layout table (`runtime/cpu_linear.py`); on a
-    CPU model a table ships for, with that CPU's, and with this machine's own once measured."""
+def test_the_shipped_drafter_is_served_with_the_step_costs_of_its_kernels(tmp_path, monkeypatch):
+    """The plugin prices its steps with the table measured with the kernels its drafting steps run:
+    the measured GEMM kernels by default (the runtime's table), SGLang's F.linear with
+    ``verify_kernels`` off (`runtime/cpu_linear.py`, `cpu/linear_kernels.py`); on a CPU model a table
+    ships for, with that CPU's, and with this machine's own once measured."""
     from blockpilot.runtime import assets
     from blockpilot.runtime.config import EngineConfig, build_verify_rule
     from blockpilot.runtime.step_verify import StepCostTable
@@ -269,15 +275,19 @@ def test_the_shipped_drafter_is_served_with_the_one_layout_step_costs(tmp_path, 
     monkeypatch.setenv("BLOCKPILOT_CACHE", str(tmp_path))  # no table of this machine's own yet
     monkeypatch.setattr(assets, "machine_name", lambda: "Test CPU 9000")  # none shipped for it
     served = settings.build_verify_rule(ServerSettings(), str(assets.DEFAULT_DRAFTER_DIR))
-    assert served.costs.source == str(assets.DEFAULT_SGLANG_STEP_COSTS_PATH)
-    assert served.costs.setup["cpu_weight_layouts"] == 1
+    assert served.costs.source == str(assets.DEFAULT_STEP_COSTS_PATH)
+    assert served.costs.setup["cpu_weight_layouts"] == 2
+    torch_kernels = settings.build_verify_rule(ServerSettings(verify_kernels=False), str(assets.DEFAULT_DRAFTER_DIR))
+    assert torch_kernels.costs.source == str(assets.DEFAULT_SGLANG_STEP_COSTS_PATH)
+    assert torch_kernels.costs.setup["cpu_weight_layouts"] == 1
     engine = build_verify_rule(EngineConfig(), assets.DEFAULT_DRAFTER_DIR)
     assert engine.costs.source == str(assets.DEFAULT_STEP_COSTS_PATH)
-    assert engine.costs.setup["cpu_weight_layouts"] == 2
     monkeypatch.setattr(assets, "machine_name", lambda: "AMD EPYC")
-    shipped_for_it = settings.build_verify_rule(ServerSettings(), str(assets.DEFAULT_DRAFTER_DIR)).costs
-    assert shipped_for_it.setup == {**shipped_for_it.setup, "machine": "AMD EPYC", "cpu_weight_layouts": 1}
-    own = assets.machine_step_costs_path(assets.DEFAULT_SGLANG_STEP_COSTS_PATH)
+    for cfg, layouts in ((ServerSettings(), 2), (ServerSettings(verify_kernels=False), 1)):
+        shipped_for_it = settings.build_verify_rule(cfg, str(assets.DEFAULT_DRAFTER_DIR)).costs
+        assert shipped_for_it.setup == {**shipped_for_it.setup, "machine": "AMD EPYC", "cpu_weight_layouts": layouts}
+        assert "/machines/amd-epyc/" in shipped_for_it.source
+    own = assets.machine_step_costs_path(assets.DEFAULT_STEP_COSTS_PATH)
     own.parent.mkdir(parents=True)
-    StepCostTable([1, 2], [10.0, 5.0], 2, [2], [0.01], {"machine": "AMD EPYC", "cpu_weight_layouts": 1}).save(own)
+    StepCostTable([1, 2], [10.0, 5.0], 2, [2], [0.01], {"machine": "AMD EPYC", "cpu_weight_layouts": 2}).save(own)
     assert settings.build_verify_rule(ServerSettings(), str(assets.DEFAULT_DRAFTER_DIR)).costs.source == str(own)

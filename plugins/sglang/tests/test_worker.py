@@ -734,13 +734,13 @@ def test_flashinfer_host_lengths_follow_the_row_widths():
     assert got.tolist() == [13, 28, 38]
 
 
-# ---- the CPU engine's drafter in two weight layouts (cpu/draft_layouts.py) --------------------
-def test_the_drafters_sglang_linears_take_the_transposed_layout_and_agree():
+# ---- the CPU engine's measured GEMM kernels (cpu/linear_kernels.py) ----------------------------
+def test_the_drafters_sglang_linears_take_the_measured_kernels_and_agree():
     from sglang.srt.layers.linear import ReplicatedLinear
     from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 
-    from blockpilot.plugins.sglang.cpu.draft_layouts import COPY_ATTR, use_two_layouts_in_draft_model
-    from blockpilot.runtime.cpu_linear import TRANSPOSED_BELOW_ROWS, LayoutRule
+    from blockpilot.plugins.sglang.cpu.linear_kernels import COPY_ATTR, use_measured_kernels_in_model
+    from blockpilot.runtime.cpu_linear import MEASURED_BELOW_ROWS, PROBE_ROWS, Kernel, KernelRule
 
     torch.manual_seed(0)
     model = torch.nn.Module()
@@ -752,13 +752,13 @@ def test_the_drafters_sglang_linears_take_the_transposed_layout_and_agree():
     x = torch.randn(9, 24)
     with torch.inference_mode():
         expected = model.fc(model.proj(x)[0])
-    rule = LayoutRule((4, 6, 8, 12, 16, 24, 32, 48))  # the copy from 4 to 63 rows
-    assert use_two_layouts_in_draft_model(model, rule) == (2, rule)
-    assert use_two_layouts_in_draft_model(model, rule)[0] == 0
+    rule = KernelRule(tuple((p, Kernel.W) for p in PROBE_ROWS if p >= 4))  # the copy from 4 to 63 rows
+    assert use_measured_kernels_in_model(model, rule) == (2, rule)
+    assert use_measured_kernels_in_model(model, rule)[0] == 0
     assert isinstance(model.proj.quant_method, UnquantizedLinearMethod)  # DFlash's fused-KV check still passes
     copy = model.proj.__dict__[COPY_ATTR]
     with torch.inference_mode():
-        for rows in (1, 3, TRANSPOSED_BELOW_ROWS):
+        for rows in (1, 3, MEASURED_BELOW_ROWS):
             model.proj(torch.randn(rows, 24))
         assert copy.tensor is None  # few rows or many: SGLang's own x @ W^T
         torch.testing.assert_close(model.fc(model.proj(x)[0]), expected, rtol=1e-5, atol=1e-5)
@@ -766,16 +766,16 @@ def test_the_drafters_sglang_linears_take_the_transposed_layout_and_agree():
 
 
 def test_the_cpu_draft_head_gives_dflashs_own_drafts():
-    from blockpilot.plugins.sglang.cpu.draft_layouts import DraftHead
-    from blockpilot.runtime.cpu_linear import LayoutRule
+    from blockpilot.plugins.sglang.cpu.linear_kernels import MeasuredHead
+    from blockpilot.runtime.cpu_linear import Kernel, KernelRule
 
     g = torch.Generator().manual_seed(0)
     head = FakeHead(torch.randn(300, 24, generator=g))
-    hidden = torch.randn(16, 24, generator=g)  # 8 rows x 2 drafts: in the transposed layout's range
+    hidden = torch.randn(16, 24, generator=g)  # 8 rows x 2 drafts
     w = bare_worker(8)
     expected = dflash_worker_v2.DFlashWorkerV2._greedy_sample_from_vocab_parallel_head(
         w, hidden_states=hidden, lm_head=head)
-    w._bp_draft_head = DraftHead(LayoutRule((16,)))  # the copy at 16 rows (a measured rule may pick none)
+    w._bp_draft_head = MeasuredHead(KernelRule(((16, Kernel.W),)))  # the copy at 16 rows (a measured rule may pick none)
     with torch.inference_mode():  # as SGLang's scheduler loop runs (DynamicGradMode)
         got = w._greedy_sample_from_vocab_parallel_head(hidden_states=hidden, lm_head=head)
     assert torch.equal(got, expected)
@@ -785,7 +785,8 @@ def test_the_cpu_draft_head_gives_dflashs_own_drafts():
 def test_a_draft_model_without_a_given_rule_is_measured_and_still_agrees():
     from sglang.srt.layers.linear import ReplicatedLinear
 
-    from blockpilot.plugins.sglang.cpu.draft_layouts import DraftHead, use_two_layouts_in_draft_model
+    from blockpilot.plugins.sglang.cpu.linear_kernels import MeasuredHead, use_measured_kernels_in_model
+    from blockpilot.runtime.cpu_linear import PROBE_ROWS
 
     torch.manual_seed(1)
     model = torch.nn.Module()
@@ -794,10 +795,52 @@ def test_a_draft_model_without_a_given_rule_is_measured_and_still_agrees():
         model.proj.weight.normal_()
     x = torch.randn(12, 24)
     expected = F.linear(x, model.proj.weight)
-    switched, rule = use_two_layouts_in_draft_model(model)
-    assert switched == 1 and set(rule.transposed_at) <= {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48}
-    head = DraftHead.for_target(SimpleNamespace(lm_head=SimpleNamespace(weight=model.proj.weight)))
+    switched, rule = use_measured_kernels_in_model(model)
+    assert switched == 1 and {p for p, _ in rule.picks} <= set(PROBE_ROWS)
+    head = MeasuredHead.for_target(SimpleNamespace(lm_head=SimpleNamespace(weight=model.proj.weight)))
     with torch.inference_mode():
         torch.testing.assert_close(model.proj(x)[0], expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(head.logits(x, model.proj.weight), expected, rtol=1e-5, atol=1e-5)
     assert head.rule is not None  # measured at start, not by the first request
+
+
+def test_the_targets_kernels_switch_only_inside_a_drafting_step():
+    """`VerifyKernels`: the target's SGLang linears and its lm_head run the measured kernel inside
+    `during(drafting=True)` and SGLang's own F.linear outside it and in a plain step."""
+    from unittest import mock
+
+    from sglang.srt.layers.linear import ReplicatedLinear
+
+    from blockpilot.plugins.sglang.cpu import linear_kernels
+    from blockpilot.runtime import cpu_linear
+    from blockpilot.runtime.cpu_linear import PROBE_ROWS, Kernel, KernelRule
+
+    torch.manual_seed(2)
+    target = torch.nn.Module()
+    target.proj = ReplicatedLinear(24, 40, bias=False)
+    target.lm_head = SimpleNamespace(weight=torch.randn(300, 24))
+    with torch.no_grad():
+        target.proj.weight.normal_()
+    every_probe = KernelRule(tuple((p, Kernel.W) for p in PROBE_ROWS))
+    with mock.patch.object(linear_kernels, "measured_rule", lambda weights: every_probe):
+        kernels = linear_kernels.VerifyKernels(target)
+    assert kernels.switched == 1 and kernels.head.rule == every_probe
+    x = torch.randn(5, 24)
+    calls = []
+    original_lm_head = lambda self, hidden, lm_head, bias=None, **kw: calls.append("sglang") or F.linear(hidden, lm_head.weight)
+    runs = mock.patch.object(cpu_linear, "run_kernel", wraps=cpu_linear.run_kernel)
+    with torch.inference_mode(), runs as run_kernel:
+        target.proj(x)
+        linear_kernels.hook_compute_lm_head(original_lm_head, None, x, target.lm_head)
+        with kernels.during(drafting=False):
+            target.proj(x)
+            linear_kernels.hook_compute_lm_head(original_lm_head, None, x, target.lm_head)
+        assert run_kernel.call_count == 0 and calls == ["sglang", "sglang"]
+        with kernels.during(drafting=True):
+            got = target.proj(x)[0]
+            logits = linear_kernels.hook_compute_lm_head(original_lm_head, None, x, target.lm_head)
+        assert run_kernel.call_count == 2 and calls == ["sglang", "sglang"]
+        target.proj(x)  # off again after the step
+        assert run_kernel.call_count == 2 and linear_kernels.VerifyKernels._active is None
+    torch.testing.assert_close(got, F.linear(x, target.proj.weight), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, F.linear(x, target.lm_head.weight), rtol=1e-5, atol=1e-5)
