@@ -106,7 +106,7 @@ step-costs: install
 	$(BIN)/blockpilot step-costs --dtypes float32 --output $(STEP_COSTS) --report runs/step_costs_raw.json
 
 # This machine's own tables, where the engine and the SGLang plugin (measured GEMM kernels; torch's
-# F.linear: the plugin with BLOCKPILOT_VERIFY_KERNELS=off) look for them
+# F.linear: the plugin with BLOCKPILOT_TARGET_KERNELS=sglang) look for them
 # first (the cache folder, by CPU model): a table measured on another CPU can price steps far off.
 # About 2 min on an idle machine.
 step-costs-here: install

@@ -4,7 +4,7 @@
   place, read in every SGLang process from the same environment (YAML named by
   ``BLOCKPILOT_SGLANG_CONFIG``, overridden by ``BLOCKPILOT_BLOCK_SIZES``, ``BLOCKPILOT_POLICY``,
   ``BLOCKPILOT_PAD_TO``, ``BLOCKPILOT_VERIFY``, ``BLOCKPILOT_STEP_COSTS``, ``BLOCKPILOT_DRAFT_PLAN``,
-  ``BLOCKPILOT_VERIFY_KERNELS``);
+  ``BLOCKPILOT_TARGET_KERNELS``);
 * the per-step verify rule (:func:`build_verify_rule`: the runtime's, from the same files);
 * a request's parameters, ``sampling_params.custom_params["blockpilot_*"]``
   (:func:`parse_request_params`), refused with HTTP 400 when unknown or out of range
@@ -34,12 +34,13 @@ ENV_CONFIG, ENV_POLICY, ENV_SIZES, ENV_PAD_TO, ENV_VERIFY = (
     "BLOCKPILOT_SGLANG_CONFIG", "BLOCKPILOT_POLICY", "BLOCKPILOT_BLOCK_SIZES", "BLOCKPILOT_PAD_TO", "BLOCKPILOT_VERIFY")
 ENV_STEP_COSTS = "BLOCKPILOT_STEP_COSTS"  # the runtime's name (step_verify.STEP_COSTS_ENV)
 ENV_DRAFT_PLAN = "BLOCKPILOT_DRAFT_PLAN"  # on | off
-ENV_VERIFY_KERNELS = "BLOCKPILOT_VERIFY_KERNELS"  # on | off
+ENV_TARGET_KERNELS = "BLOCKPILOT_TARGET_KERNELS"  # drafting | all | sglang
+TARGET_KERNELS = ("drafting", "all", "sglang")
 # A file: every timed decode step as a JSON line (rows, widths, measured and priced ms, the correction's
 # scales), to see what the plan saw. A diagnostic, not a setting: read by the worker, not `settings()`.
 ENV_STEP_LOG = "BLOCKPILOT_STEP_LOG"
 ENV_NAMES = (ENV_CONFIG, ENV_POLICY, ENV_SIZES, ENV_PAD_TO, ENV_VERIFY, ENV_STEP_COSTS, ENV_DRAFT_PLAN,
-             ENV_VERIFY_KERNELS)
+             ENV_TARGET_KERNELS)
 ON_OFF = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}
 
 
@@ -61,13 +62,18 @@ class ServerSettings:
     step_costs: Optional[str] = None  # SpsCostTable JSON; None: the shipped table when serving the shipped drafter
     verify_calibration: Optional[str] = None  # DSpark STS JSON; None: verify_calibration.json beside the drafter
     draft_plan: bool = True  # plan each step's width before drafting (VerifyRule.plan)
-    # CPU engine: the target's linears and lm_head in drafting steps by the GEMM kernel measured fastest
-    # per row count (cpu/linear_kernels.py); off: SGLang's F.linear there too (plain steps always are)
-    verify_kernels: bool = True
+    # CPU engine: which of the target's forwards run the GEMM kernel measured fastest per row count
+    # (cpu/linear_kernels.py): "drafting" those of a drafting step (the verify), prefills and plain steps
+    # SGLang's F.linear; "all" every forward (a reference: plain steps as fast as the kernels make them);
+    # "sglang" none
+    target_kernels: str = "drafting"
 
     def __post_init__(self):
         if self.pad_to not in (None, "batch", "server"):
             raise ValueError(f"BlockPilot pad_to must be 'batch' or 'server', got {self.pad_to!r}")
+        if self.target_kernels not in TARGET_KERNELS:
+            raise ValueError(f"BlockPilot target_kernels must be one of {', '.join(map(repr, TARGET_KERNELS))}, "
+                             f"got {self.target_kernels!r}")
         if self.verify not in (None,) + VERIFY_MODES:
             raise ValueError(f"BlockPilot verify must be one of {', '.join(map(repr, VERIFY_MODES))}, "
                              f"got {self.verify!r}")
@@ -111,12 +117,17 @@ class ServerSettings:
             data["verify"] = environ[ENV_VERIFY]
         if environ.get(ENV_STEP_COSTS):
             data["step_costs"] = environ[ENV_STEP_COSTS]
-        for env_name, field in ((ENV_DRAFT_PLAN, "draft_plan"), (ENV_VERIFY_KERNELS, "verify_kernels")):
-            if environ.get(env_name):
-                value = environ[env_name].strip().lower()
-                if value not in ON_OFF:
-                    raise ValueError(f"{env_name} must be on or off, got {environ[env_name]!r}")
-                data[field] = ON_OFF[value]
+        if environ.get(ENV_DRAFT_PLAN):
+            value = environ[ENV_DRAFT_PLAN].strip().lower()
+            if value not in ON_OFF:
+                raise ValueError(f"{ENV_DRAFT_PLAN} must be on or off, got {environ[ENV_DRAFT_PLAN]!r}")
+            data["draft_plan"] = ON_OFF[value]
+        if environ.get(ENV_TARGET_KERNELS):
+            value = environ[ENV_TARGET_KERNELS].strip().lower()
+            if value not in TARGET_KERNELS:
+                raise ValueError(f"{ENV_TARGET_KERNELS} must be one of {', '.join(TARGET_KERNELS)}, "
+                                 f"got {environ[ENV_TARGET_KERNELS]!r}")
+            data["target_kernels"] = value
         return cls(**data)
 
     def size_range(self, server_max: int) -> tuple[int, int]:
@@ -288,11 +299,11 @@ def resolve_policy_path(cfg: ServerSettings, draft_model_path: Optional[str]) ->
 def build_verify_rule(cfg: ServerSettings, draft_model_path: Optional[str]):
     """The per-step verify rule (``step_verify.VerifyRule``), resolved by the runtime's own rule
     (``config.build_verify_rule``): the step-cost table from the settings / ``BLOCKPILOT_STEP_COSTS``,
-    else the shipped table when serving the shipped drafter: with ``verify_kernels`` (the default) the
+    else the shipped table when serving the shipped drafter: with ``target_kernels`` drafting or all the
     table measured with the GEMM kernel measured fastest per row count (``step_costs.json``, as the
     target's drafting steps run here; its plain-step price is a little under SGLang's F.linear one,
     which the worker's ``StepTimeCorrection`` learns), else ``step_costs_sglang.json`` (every linear
-    as SGLang's F.linear runs it); the calibration beside the drafter. ValueError, one line naming the
+    as SGLang's F.linear runs it) with sglang; the calibration beside the drafter. ValueError, one line naming the
     file, for a table or calibration that cannot be used."""
     from blockpilot.runtime import assets
     from blockpilot.runtime.config import build_verify_rule as runtime_verify_rule
@@ -300,7 +311,8 @@ def build_verify_rule(cfg: ServerSettings, draft_model_path: Optional[str]):
     fields_ = SimpleNamespace(verify=cfg.verify, step_costs=cfg.step_costs, verify_calibration=cfg.verify_calibration,
                               draft_plan=cfg.draft_plan)
     try:
-        shipped = assets.DEFAULT_STEP_COSTS_PATH if cfg.verify_kernels else assets.DEFAULT_SGLANG_STEP_COSTS_PATH
+        shipped = (assets.DEFAULT_SGLANG_STEP_COSTS_PATH if cfg.target_kernels == "sglang"
+                   else assets.DEFAULT_STEP_COSTS_PATH)
         rule = runtime_verify_rule(fields_, Path(draft_model_path) if draft_model_path else None,
                                    shipped_step_costs=shipped)
     except (OSError, ValueError) as err:

@@ -150,11 +150,12 @@ class BlockPilotWorker(DFlashWorkerV2):
             self._bp_draft_head = MeasuredHead.for_target(self.target_worker.model_runner.model)
             kernels = (f"{switched} drafter linears: {layer_rule.describe()}; draft head: "
                        f"{self._bp_draft_head.rule.describe() if self._bp_draft_head.rule else 'measured at first use'}")
-            if cfg.verify_kernels:
-                self._bp_verify_kernels = VerifyKernels(self.target_worker.model_runner.model)
+            if cfg.target_kernels != "sglang":
+                self._bp_verify_kernels = VerifyKernels(self.target_worker.model_runner.model,
+                                                        every_forward=cfg.target_kernels == "all")
                 kernels += f"; {self._bp_verify_kernels.describe()}"
             else:
-                kernels += "; target: SGLang's F.linear (BLOCKPILOT_VERIFY_KERNELS off)"
+                kernels += "; target: SGLang's F.linear (BLOCKPILOT_TARGET_KERNELS=sglang)"
         capacity = max(int(server_args.max_running_requests or 0),
                        int(getattr(server_args, "cuda_graph_max_bs_decode", 0) or 0), 1) + 8
         self._bp_alloc_widths(capacity)
@@ -511,7 +512,8 @@ class BlockPilotWorker(DFlashWorkerV2):
 
     def _bp_target_kernels(self, drafting: bool):
         """The target's forwards of this step: by the measured kernels in a drafting step (the CPU
-        engine, ``verify_kernels`` on), else SGLang's own (a plain step: as a server without speculation)."""
+        engine, ``target_kernels`` drafting), else SGLang's own (a plain step: as a server without
+        speculation); ``target_kernels`` all: always the measured ones."""
         return self._bp_verify_kernels.during(drafting) if self._bp_verify_kernels is not None else nullcontext()
 
     def _bp_skip_the_draft_forward(self) -> None:

@@ -14,7 +14,8 @@ a transposed copy, or oneDNN's linear); here so do
   verify is the multi-token GEMM that only speculation creates. A prefill, and every step in which
   no row drafts (a plain step of this server), runs SGLang's own `F.linear`, exactly as a server
   without speculation does, so the serving benchmark compares the same one-token forward.
-  ``BLOCKPILOT_VERIFY_KERNELS=off`` keeps SGLang's kernels in the verify too (settings.py).
+  ``BLOCKPILOT_TARGET_KERNELS=sglang`` keeps SGLang's kernels in the verify too; ``=all`` runs
+  the measured ones in every forward, a reference for what they alone are worth (settings.py).
 
 The kernels agree to float rounding (~1e-5), as any two GEMM kernels (or one kernel at two row
 counts) do. Not applied where SGLang packs the weights for its own CPU kernels
@@ -111,25 +112,30 @@ class MeasuredHead:
 
 
 class VerifyKernels:
-    """The target's measured kernels, on for the forwards of a drafting step (`during`): its
-    switched linears (one scope) and its lm_head (read by :func:`hook_compute_lm_head`)."""
+    """The target's measured kernels, on for the forwards of a drafting step (`during`), or for
+    every forward (`every_forward`): its switched linears (one scope) and its lm_head (read by
+    :func:`hook_compute_lm_head`)."""
 
     _active: Optional["VerifyKernels"] = None  # the one whose scope is on, in this process
 
-    def __init__(self, target_model: nn.Module):
-        self.scope = KernelScope()
+    def __init__(self, target_model: nn.Module, every_forward: bool = False):
+        self.every_forward = every_forward
+        self.scope = KernelScope(on=every_forward)
         self.switched, self.rule = use_measured_kernels_in_model(target_model, scope=self.scope)
         self.head = MeasuredHead.for_target(target_model)
         self.head_weight = dense_lm_head_weight(target_model)
+        if every_forward:
+            VerifyKernels._active = self
 
     def describe(self) -> str:
         head = self.head.rule.describe() if self.head.rule is not None else "SGLang's"
-        return f"{self.switched} target linears in drafting steps: {self.rule.describe()}; target lm_head there: {head}"
+        where = "every forward" if self.every_forward else "drafting steps"
+        return f"{self.switched} target linears in {where}: {self.rule.describe()}; target lm_head there: {head}"
 
     @contextmanager
     def during(self, drafting: bool):
         """Within: the measured kernels if `drafting`, else (a plain step) SGLang's own."""
-        if not drafting:
+        if not drafting or self.every_forward:
             yield
             return
         self.scope.on, VerifyKernels._active = True, self

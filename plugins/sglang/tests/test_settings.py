@@ -31,11 +31,13 @@ def test_config_from_yaml_and_environment(tmp_path):
                                  "BLOCKPILOT_POLICY": "/p.onnx", "BLOCKPILOT_PAD_TO": "batch"})
     assert (cfg.min_size, cfg.max_size, cfg.policy, cfg.pad_to) == (6, 8, "/p.onnx", "batch")
     assert settings.parse_size_range("16") == (16, 16) and settings.parse_size_range([2, 5]) == (2, 5)
-    assert ServerSettings().verify_kernels and ServerSettings().draft_plan
-    cfg = ServerSettings.load({"BLOCKPILOT_VERIFY_KERNELS": "off", "BLOCKPILOT_DRAFT_PLAN": "0"})
-    assert (cfg.verify_kernels, cfg.draft_plan) == (False, False)
-    with pytest.raises(ValueError, match="BLOCKPILOT_VERIFY_KERNELS must be on or off, got 'fast'"):
-        ServerSettings.load({"BLOCKPILOT_VERIFY_KERNELS": "fast"})
+    assert ServerSettings().target_kernels == "drafting" and ServerSettings().draft_plan
+    cfg = ServerSettings.load({"BLOCKPILOT_TARGET_KERNELS": "All", "BLOCKPILOT_DRAFT_PLAN": "0"})
+    assert (cfg.target_kernels, cfg.draft_plan) == ("all", False)
+    with pytest.raises(ValueError, match="BLOCKPILOT_TARGET_KERNELS must be one of drafting, all, sglang, got 'fast'"):
+        ServerSettings.load({"BLOCKPILOT_TARGET_KERNELS": "fast"})
+    with pytest.raises(ValueError, match="target_kernels must be one of"):
+        ServerSettings(target_kernels="on")
     for bad in ("1-4", "9-3", "x", "2-3-4"):
         with pytest.raises(ValueError, match="LOW-HIGH"):
             settings.parse_size_range(bad)
@@ -266,7 +268,7 @@ def test_checkpoint_fingerprint_equals_the_runtime_targets():
 def test_the_shipped_drafter_is_served_with_the_step_costs_of_its_kernels(tmp_path, monkeypatch):
     """The plugin prices its steps with the table measured with the kernels its drafting steps run:
     the measured GEMM kernels by default (the runtime's table), SGLang's F.linear with
-    ``verify_kernels`` off (`runtime/cpu_linear.py`, `cpu/linear_kernels.py`); on a CPU model a table
+    ``target_kernels`` sglang (`runtime/cpu_linear.py`, `cpu/linear_kernels.py`); on a CPU model a table
     ships for, with that CPU's, and with this machine's own once measured."""
     from blockpilot.runtime import assets
     from blockpilot.runtime.config import EngineConfig, build_verify_rule
@@ -277,13 +279,13 @@ def test_the_shipped_drafter_is_served_with_the_step_costs_of_its_kernels(tmp_pa
     served = settings.build_verify_rule(ServerSettings(), str(assets.DEFAULT_DRAFTER_DIR))
     assert served.costs.source == str(assets.DEFAULT_STEP_COSTS_PATH)
     assert served.costs.setup["cpu_weight_layouts"] == 2
-    torch_kernels = settings.build_verify_rule(ServerSettings(verify_kernels=False), str(assets.DEFAULT_DRAFTER_DIR))
+    torch_kernels = settings.build_verify_rule(ServerSettings(target_kernels="sglang"), str(assets.DEFAULT_DRAFTER_DIR))
     assert torch_kernels.costs.source == str(assets.DEFAULT_SGLANG_STEP_COSTS_PATH)
     assert torch_kernels.costs.setup["cpu_weight_layouts"] == 1
     engine = build_verify_rule(EngineConfig(), assets.DEFAULT_DRAFTER_DIR)
     assert engine.costs.source == str(assets.DEFAULT_STEP_COSTS_PATH)
     monkeypatch.setattr(assets, "machine_name", lambda: "AMD EPYC")
-    for cfg, layouts in ((ServerSettings(), 2), (ServerSettings(verify_kernels=False), 1)):
+    for cfg, layouts in ((ServerSettings(), 2), (ServerSettings(target_kernels="sglang"), 1)):
         shipped_for_it = settings.build_verify_rule(cfg, str(assets.DEFAULT_DRAFTER_DIR)).costs
         assert shipped_for_it.setup == {**shipped_for_it.setup, "machine": "AMD EPYC", "cpu_weight_layouts": layouts}
         assert "/machines/amd-epyc/" in shipped_for_it.source

@@ -844,3 +844,34 @@ def test_the_targets_kernels_switch_only_inside_a_drafting_step():
         assert run_kernel.call_count == 2 and linear_kernels.VerifyKernels._active is None
     torch.testing.assert_close(got, F.linear(x, target.proj.weight), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits, F.linear(x, target.lm_head.weight), rtol=1e-5, atol=1e-5)
+
+
+def test_the_targets_kernels_on_every_forward_stay_on_through_plain_steps(monkeypatch):
+    """``target_kernels: all`` (the reference of what the kernels alone are worth): the target's
+    linears and lm_head by the measured kernels in plain steps and outside any step too."""
+    from unittest import mock
+
+    from sglang.srt.layers.linear import ReplicatedLinear
+
+    from blockpilot.plugins.sglang.cpu import linear_kernels
+    from blockpilot.runtime import cpu_linear
+    from blockpilot.runtime.cpu_linear import PROBE_ROWS, Kernel, KernelRule
+
+    monkeypatch.setattr(linear_kernels.VerifyKernels, "_active", None)  # restored after the test
+    target = torch.nn.Module()
+    target.proj = ReplicatedLinear(24, 40, bias=False)
+    target.lm_head = SimpleNamespace(weight=torch.randn(300, 24))
+    every_probe = KernelRule(tuple((p, Kernel.W) for p in PROBE_ROWS))
+    with mock.patch.object(linear_kernels, "measured_rule", lambda weights: every_probe):
+        kernels = linear_kernels.VerifyKernels(target, every_forward=True)
+    assert "in every forward" in kernels.describe()
+    x = torch.randn(5, 24)
+    with torch.inference_mode(), mock.patch.object(cpu_linear, "run_kernel", wraps=cpu_linear.run_kernel) as run_kernel:
+        target.proj(x)
+        with kernels.during(drafting=False):
+            target.proj(x)
+            linear_kernels.hook_compute_lm_head(lambda *a, **k: None, None, x, target.lm_head)
+        with kernels.during(drafting=True):
+            target.proj(x)
+        target.proj(x)
+    assert run_kernel.call_count == 5 and linear_kernels.VerifyKernels._active is kernels
