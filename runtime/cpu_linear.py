@@ -104,9 +104,11 @@ class KernelRule:
             kernels = tuple(k for k in Kernel if k is not Kernel.ONEDNN or onednn_available())
         if not weights or kernels == (Kernel.WT,):
             return cls()
-        kernels = (Kernel.WT,) + tuple(k for k in kernels if k is not Kernel.WT)
         step = max(1, -(-len(weights) // MAX_TIMED_WEIGHTS))
         weights = weights[::step]
+        # A kernel this build or CPU cannot run for these weights (oneDNN without bf16 support, say) is
+        # left out, not a failed start.
+        kernels = (Kernel.WT,) + tuple(k for k in kernels if k is not Kernel.WT and _runs(k, weights[0]))
         operands = {Kernel.WT: weights, Kernel.ONEDNN: weights}
         if Kernel.W in kernels:
             operands[Kernel.W] = [w.t().contiguous() for w in weights]
@@ -129,6 +131,17 @@ class KernelRule:
             if best is not Kernel.WT and median[best] < (1 - MIN_GAIN) * median[Kernel.WT]:
                 picks.append((rows, best))
         return cls(tuple(picks))
+
+
+def _runs(kernel: Kernel, weight: torch.Tensor) -> bool:
+    """Does `kernel` run for `weight` here and agree with F.linear (to the dtype's rounding)?"""
+    x = torch.randn(2, weight.shape[1], dtype=weight.dtype)
+    try:
+        with torch.inference_mode():
+            got = run_kernel(kernel, x, weight.t().contiguous() if kernel is Kernel.W else weight, None)
+            return bool(torch.allclose(got.float(), F.linear(x, weight).float(), rtol=2e-2, atol=2e-2))
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 def run_kernel(kernel: Kernel, x: torch.Tensor, operand: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -488,8 +488,9 @@ class VerifyRule:
         outlook expects the wider block to pay on this machine (a block the policy chose after
         prefill was priced with the costs it was trained on, which another CPU does not share). A
         first probe stays within the row's own block; a later one goes to the drafting width the
-        row's last drafts say pays best. With a server's `correction`, a width of the rows' own
-        blocks not yet timed at this batch size is drafted first (`_untimed_width`)."""
+        row's last drafts say pays best. With a server's `correction`, a plain step at a batch size
+        not yet timed runs first (unless a row must draft whole), then each width of the rows' own
+        blocks not yet timed there (`_untimed_width`)."""
         limits = draft_counts if widen_to is None or not padded else torch.maximum(draft_counts, widen_to)
         if self.costs is None or not self.draft_plan or len(limits) == 0 or int(limits.max()) == 0:
             return draft_counts.clone()
@@ -525,6 +526,12 @@ class VerifyRule:
             if untimed is not None:  # measure it once rather than trust another width's ratio for it
                 chosen = draft_counts.clamp(max=untimed - 1)
             chosen = torch.where(probes, probe_limits, limits).clamp(max=int(chosen.max()))
+            if (correction is not None and int(chosen.max()) > 0 and not bool(whole.any())
+                    and not correction.timed(False, n, 1)):
+                # A plain step at this batch size has never been timed: its price would be another batch
+                # size's ratio (a server that always drafts at 16 rows priced its plain steps from 1-2
+                # rows). Run one (it costs what a server without speculation pays) before trusting it.
+                chosen = torch.zeros_like(chosen)
         else:
             chosen = plan_for(torch.stack([o.expected(k) if o is not None else ones for o in outlooks]), draft_counts)
             # A ragged row that drafts at all drafts its whole block: a drafter forward costs about the same

@@ -176,3 +176,22 @@ def test_a_measured_rule_is_kept_in_the_cache_folder_and_read_back(tmp_path, mon
         cpu_linear.measured_rule(weights)
         assert list(json.loads(path.read_text())) == [key]
         assert KernelRule.from_json(json.loads(path.read_text())[key]) == cpu_linear._MEASURED[next(iter(cpu_linear._MEASURED))]
+
+
+def test_a_kernel_that_cannot_run_here_is_left_out_of_the_rule(monkeypatch):
+    """oneDNN (or any kernel) raising for these weights, or giving other numbers, is not a failed
+    start: the rule is measured over the kernels that run and agree."""
+    from blockpilot.runtime import cpu_linear
+
+    real = cpu_linear.run_kernel
+
+    def onednn_broken(kernel, x, operand, bias):
+        if kernel is Kernel.ONEDNN:
+            raise RuntimeError("could not create a primitive")
+        if kernel is Kernel.W:
+            return real(kernel, x, operand, bias) + 1.0  # wrong numbers
+        return real(kernel, x, operand, bias)
+
+    monkeypatch.setattr(cpu_linear, "run_kernel", onednn_broken)
+    rule = KernelRule.measure([torch.randn(40, 24)], repeats=1, kernels=(Kernel.WT, Kernel.W, Kernel.ONEDNN))
+    assert rule == KernelRule()

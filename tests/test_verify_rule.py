@@ -492,9 +492,37 @@ def test_a_server_plans_each_width_of_its_rows_blocks_once_before_trusting_its_p
     assert rule.plan([hopeless], counts, padded=True).tolist() == [0]
     correction = StepTimeCorrection()
     seen = []
-    for _ in range(6):
+    for _ in range(8):
         drafts = int(rule.plan([hopeless], counts, padded=True, correction=correction)[0])
         seen.append(drafts)
-        if drafts:
-            correction.observe(True, 0.1, 0.1, rows=1, width=drafts + 1)
-    assert seen == [1, 1, 2, 2, 0, 0]  # widths 2 and 3 timed twice each, then the prices decide
+        correction.observe(bool(drafts), 0.1, 0.1, rows=1, width=drafts + 1)
+    assert seen == [0, 0, 1, 1, 2, 2, 0, 0]  # a plain step, widths 2 and 3 timed twice each, then the prices
+
+
+def test_a_server_times_a_plain_step_at_each_batch_size_before_trusting_its_price():
+    """A server whose plan always drafts at a batch size would price its plain steps there from
+    another size's ratio: the padded plan runs a plain step at a batch size not yet timed (twice),
+    then drafts where the outlooks pay; a row that must draft whole (FULL) keeps the step drafting."""
+    rule = VerifyRule(VerifyMode.AUTO, amd_like_table())
+    promising = [DraftOutlook() for _ in range(4)]
+    for outlook in promising:
+        outlook.observe(torch.tensor([0.95, 0.9, 0.85, 0.8, 0.75]))
+    counts = torch.full((4,), 5)
+    correction = StepTimeCorrection()
+    for width in range(2, 7):  # every drafting width already timed at 4 rows
+        for _ in range(StepTimeCorrection.TIMED_AFTER):
+            correction.observe(True, 0.1, 0.1, rows=4, width=width)
+    seen = []
+    for _ in range(3):
+        drafts = rule.plan(promising, counts, padded=True, correction=correction)
+        seen.append(int(drafts.max()))
+        correction.observe(bool(seen[-1]), 0.1, 0.1, rows=4, width=seen[-1] + 1)
+    assert seen[:2] == [0, 0] and seen[2] > 0
+    assert correction.timed(False, 4, 1) and not correction.timed(False, 8, 1)
+    drafting_only = StepTimeCorrection()
+    for width in range(2, 7):
+        for _ in range(StepTimeCorrection.TIMED_AFTER):
+            drafting_only.observe(True, 0.1, 0.1, rows=4, width=width)
+    assert int(rule.plan(promising, counts, padded=True, correction=drafting_only).max()) == 0
+    with_full_row = rule.plan(promising + [None], torch.full((5,), 5), padded=True, correction=drafting_only)
+    assert int(with_full_row.max()) == 5  # 5 rows: the same batch-size class as 4; the FULL row drafts whole
