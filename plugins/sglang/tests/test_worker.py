@@ -337,6 +337,9 @@ def test_measured_step_times_correct_the_plan():
     choices = [BlockChoice(8, "request"), BlockChoice(8, "request")]
     for c in choices:
         c.outlook.observe(torch.full((7,), 0.6).cumprod(0))
+    plain_price = w._bp_rule.step_seconds(2, 0, 2)
+    for _ in range(StepTimeCorrection.TIMED_AFTER):  # plain steps at 2 rows, timed at their price
+        w._bp_correction.observe(False, plain_price, plain_price, rows=2, width=1)
     assert max(w._bp_plan_widths(choices)) > 1  # the table alone: these drafts pay
     for width in range(2, 9):  # every width the rows may draft, timed
         priced = w._bp_rule.step_seconds(2, 2 * width, 2 * width)
@@ -349,7 +352,10 @@ def test_measured_step_times_correct_the_plan():
     assert max(w._bp_plan_widths(choices)) > 1
     fresh = verify_worker(8)
     fresh._bp_correction = StepTimeCorrection()
-    assert fresh._bp_plan_widths(choices) == [2, 2]  # a server that never timed width 2 drafts it once
+    assert fresh._bp_plan_widths(choices) == [1, 1]  # a server that never timed a plain step at 2 rows runs one
+    for _ in range(StepTimeCorrection.TIMED_AFTER):
+        fresh._bp_correction.observe(False, plain_price, plain_price, rows=2, width=1)
+    assert fresh._bp_plan_widths(choices) == [2, 2]  # then one that never timed width 2 drafts it once
 
 
 def test_the_step_log_records_what_each_timed_step_cost_and_was_priced(tmp_path):
