@@ -63,10 +63,10 @@ class ServerSettings:
     verify_calibration: Optional[str] = None  # DSpark STS JSON; None: verify_calibration.json beside the drafter
     draft_plan: bool = True  # plan each step's width before drafting (VerifyRule.plan)
     # CPU engine: which of the target's forwards run the GEMM kernel measured fastest per row count
-    # (cpu/linear_kernels.py): "drafting" those of a drafting step (the verify), prefills and plain steps
-    # SGLang's F.linear; "all" every forward (a reference: plain steps as fast as the kernels make them);
-    # "sglang" none
-    target_kernels: str = "drafting"
+    # (cpu/linear_kernels.py): "all" every one (the fastest server); "drafting" those of a drafting step
+    # only (the verify), prefills and plain steps SGLang's F.linear as in a server without speculation
+    # (to measure speculation against the stock plain step); "sglang" none
+    target_kernels: str = "all"
 
     def __post_init__(self):
         if self.pad_to not in (None, "batch", "server"):

@@ -511,9 +511,9 @@ class BlockPilotWorker(DFlashWorkerV2):
                 vars(self.draft_model_runner).pop("forward", None)  # the draft model runs again
 
     def _bp_target_kernels(self, drafting: bool):
-        """The target's forwards of this step: by the measured kernels in a drafting step (the CPU
-        engine, ``target_kernels`` drafting), else SGLang's own (a plain step: as a server without
-        speculation); ``target_kernels`` all: always the measured ones."""
+        """The target's forwards of this step on the CPU engine: ``target_kernels`` all (the default),
+        the measured kernels always; drafting, those in a drafting step and SGLang's own in a plain
+        one (as a server without speculation)."""
         return self._bp_verify_kernels.during(drafting) if self._bp_verify_kernels is not None else nullcontext()
 
     def _bp_skip_the_draft_forward(self) -> None:

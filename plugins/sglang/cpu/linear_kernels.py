@@ -10,12 +10,12 @@ a transposed copy, or oneDNN's linear); here so do
 
 * the drafter's linears (BlockPilot's own model: always), and the draft head (the target's lm_head
   read for the drafts, with its own rule: a tall vocabulary matrix behaves unlike the layers);
-* the target's linears and lm_head in the forwards of a drafting step only (`VerifyKernels`): the
-  verify is the multi-token GEMM that only speculation creates. A prefill, and every step in which
-  no row drafts (a plain step of this server), runs SGLang's own `F.linear`, exactly as a server
-  without speculation does, so the serving benchmark compares the same one-token forward.
-  ``BLOCKPILOT_TARGET_KERNELS=sglang`` keeps SGLang's kernels in the verify too; ``=all`` runs
-  the measured ones in every forward, a reference for what they alone are worth (settings.py).
+* the target's linears and lm_head (`VerifyKernels`): in every forward by default
+  (``BLOCKPILOT_TARGET_KERNELS=all``: the fastest server; its plain steps gain as much as its
+  verifies), or in the forwards of a drafting step only (``=drafting``: the verify is the
+  multi-token GEMM only speculation creates; prefills and plain steps run SGLang's own `F.linear`,
+  exactly as a server without speculation, so a benchmark compares speculation against the stock
+  one-token forward), or never (``=sglang``) (settings.py).
 
 The kernels agree to float rounding (~1e-5), as any two GEMM kernels (or one kernel at two row
 counts) do. Not applied where SGLang packs the weights for its own CPU kernels

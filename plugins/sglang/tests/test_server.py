@@ -363,7 +363,7 @@ def test_server_log_names_the_plugin_and_policy(blockpilot_run, drafter_dir):
     assert "BLOCKPILOT per-request block sizes: range 2-16" in log
     assert str(drafter_dir[0] / "blockpilot_policy.onnx") in log
     assert "CPU linear kernels " in log and " drafter linears: " in log  # the drafter by its measured kernels
-    assert " target linears in drafting steps: " in log  # and the target's verify (cpu/linear_kernels.py)
+    assert " target linears in every forward: " in log  # and the target's (cpu/linear_kernels.py)
 
 
 def test_plain_server_gives_the_same_tokens(plain_run, blockpilot_run, reference):

@@ -31,9 +31,9 @@ def test_config_from_yaml_and_environment(tmp_path):
                                  "BLOCKPILOT_POLICY": "/p.onnx", "BLOCKPILOT_PAD_TO": "batch"})
     assert (cfg.min_size, cfg.max_size, cfg.policy, cfg.pad_to) == (6, 8, "/p.onnx", "batch")
     assert settings.parse_size_range("16") == (16, 16) and settings.parse_size_range([2, 5]) == (2, 5)
-    assert ServerSettings().target_kernels == "drafting" and ServerSettings().draft_plan
-    cfg = ServerSettings.load({"BLOCKPILOT_TARGET_KERNELS": "All", "BLOCKPILOT_DRAFT_PLAN": "0"})
-    assert (cfg.target_kernels, cfg.draft_plan) == ("all", False)
+    assert ServerSettings().target_kernels == "all" and ServerSettings().draft_plan
+    cfg = ServerSettings.load({"BLOCKPILOT_TARGET_KERNELS": "Drafting", "BLOCKPILOT_DRAFT_PLAN": "0"})
+    assert (cfg.target_kernels, cfg.draft_plan) == ("drafting", False)
     with pytest.raises(ValueError, match="BLOCKPILOT_TARGET_KERNELS must be one of drafting, all, sglang, got 'fast'"):
         ServerSettings.load({"BLOCKPILOT_TARGET_KERNELS": "fast"})
     with pytest.raises(ValueError, match="target_kernels must be one of"):
