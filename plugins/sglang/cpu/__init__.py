@@ -5,7 +5,7 @@
 * ``attention.py``: ``torch_native``'s extend attention for the extend queries only, which
   BlockPilot's draft and verify passes run (SGLang's own computes every position of the sequence);
 * ``linear_kernels.py``: the GEMM kernel measured fastest per row count (the runtime's
-  ``cpu_linear`` rule) for the drafter, the draft head and the target's drafting-step forwards;
+  ``cpu_linear`` rule) for the drafter, the draft head and the target;
 * ``patches.py``: the CPU gaps of the DFlash decode path (``record_stream`` on CPU tensors, the
   bf16 cast of ``input_embeds``, ``torch_native`` as a draft attention backend). They are applied
   only in a process that serves ``--speculative-algorithm blockpilot`` (see ``plugin.py``).
