@@ -27,7 +27,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -65,12 +65,17 @@ class KernelRule:
     """Which kernel each probe row count runs, as measured (probes not named run x @ W^T)."""
 
     picks: tuple[tuple[int, Kernel], ...] = ()  # (probe, kernel) where another kernel than WT won
+    # The kernel of every row count below MEASURED_BELOW_ROWS, resolved once: every linear call reads it.
+    _by_rows: tuple[Kernel, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        chosen = dict(self.picks)
+        by_rows = [Kernel.WT] + [chosen.get(max(p for p in PROBE_ROWS if p <= rows), Kernel.WT)
+                                 for rows in range(1, MEASURED_BELOW_ROWS)]
+        object.__setattr__(self, "_by_rows", tuple(by_rows))
 
     def kernel_for(self, rows: int) -> Kernel:
-        if not 1 <= rows < MEASURED_BELOW_ROWS:
-            return Kernel.WT
-        probe = max(p for p in PROBE_ROWS if p <= rows)
-        return dict(self.picks).get(probe, Kernel.WT)
+        return self._by_rows[rows] if 0 <= rows < MEASURED_BELOW_ROWS else Kernel.WT
 
     def describe(self) -> str:
         if not self.picks:

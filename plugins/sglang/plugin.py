@@ -240,7 +240,7 @@ def hook_table() -> list[tuple[str, object, object, str]]:
              "extend lengths for TARGET_VERIFY (draft block and verify); the per-request draft mask"),
             ("sglang.srt.layers.logits_processor.LogitsProcessor._compute_lm_head",
              linear_kernels.hook_compute_lm_head, AROUND,
-             "the target's lm_head by its measured GEMM kernel in drafting steps (VerifyKernels)"),
+             "the target's lm_head by its measured GEMM kernel (TargetKernels: every forward, or drafting steps)"),
         ]
     else:
         table.append(

@@ -141,19 +141,20 @@ class BlockPilotWorker(DFlashWorkerV2):
         self._bp_correction = StepTimeCorrection() if str(self.device) == "cpu" else None
         self._bp_step_log = os.environ.get(bp_settings.ENV_STEP_LOG) or None
         # CPU engine: the drafter's linears and the draft head run the GEMM kernel measured fastest on this
-        # machine per call; so do the target's in drafting steps (cpu/linear_kernels.py), not in plain ones.
-        self._bp_draft_head, self._bp_verify_kernels, kernels = None, None, "off (not the CPU engine)"
+        # machine per call; so do the target's, in every forward or in drafting steps (cpu/linear_kernels.py).
+        self._bp_draft_head, self._bp_target_kernel_scope, kernels = None, None, "off (not the CPU engine)"
         if str(self.device) == "cpu":
-            from .cpu.linear_kernels import MeasuredHead, VerifyKernels, use_measured_kernels_in_model
+            from .cpu.linear_kernels import MeasuredHead, TargetKernels, use_measured_kernels_in_model
 
             switched, layer_rule = use_measured_kernels_in_model(self.draft_model_runner.model)
             self._bp_draft_head = MeasuredHead.for_target(self.target_worker.model_runner.model)
             kernels = (f"{switched} drafter linears: {layer_rule.describe()}; draft head: "
                        f"{self._bp_draft_head.rule.describe() if self._bp_draft_head.rule else 'measured at first use'}")
             if cfg.target_kernels != "sglang":
-                self._bp_verify_kernels = VerifyKernels(self.target_worker.model_runner.model,
-                                                        every_forward=cfg.target_kernels == "all")
-                kernels += f"; {self._bp_verify_kernels.describe()}"
+                self._bp_target_kernel_scope = TargetKernels(self.target_worker.model_runner.model,
+                                                             every_forward=cfg.target_kernels == "all",
+                                                             head=self._bp_draft_head)
+                kernels += f"; {self._bp_target_kernel_scope.describe()}"
             else:
                 kernels += "; target: SGLang's F.linear (BLOCKPILOT_TARGET_KERNELS=sglang)"
         capacity = max(int(server_args.max_running_requests or 0),
@@ -514,7 +515,8 @@ class BlockPilotWorker(DFlashWorkerV2):
         """The target's forwards of this step on the CPU engine: ``target_kernels`` all (the default),
         the measured kernels always; drafting, those in a drafting step and SGLang's own in a plain
         one (as a server without speculation)."""
-        return self._bp_verify_kernels.during(drafting) if self._bp_verify_kernels is not None else nullcontext()
+        kernels = self._bp_target_kernel_scope
+        return kernels.during(drafting) if kernels is not None else nullcontext()
 
     def _bp_skip_the_draft_forward(self) -> None:
         """A plain step (every row 1 wide: the plan drafts nothing, or requests that opted out):

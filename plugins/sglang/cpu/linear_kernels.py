@@ -10,7 +10,7 @@ a transposed copy, or oneDNN's linear); here so do
 
 * the drafter's linears (BlockPilot's own model: always), and the draft head (the target's lm_head
   read for the drafts, with its own rule: a tall vocabulary matrix behaves unlike the layers);
-* the target's linears and lm_head (`VerifyKernels`): in every forward by default
+* the target's linears and lm_head (`TargetKernels`): in every forward by default
   (``BLOCKPILOT_TARGET_KERNELS=all``: the fastest server; its plain steps gain as much as its
   verifies), or in the forwards of a drafting step only (``=drafting``: the verify is the
   multi-token GEMM only speculation creates; prefills and plain steps run SGLang's own `F.linear`,
@@ -111,21 +111,22 @@ class MeasuredHead:
         return measured_linear(hidden.to(head_weight.dtype), head_weight, None, self._transposed, self.rule)
 
 
-class VerifyKernels:
-    """The target's measured kernels, on for the forwards of a drafting step (`during`), or for
-    every forward (`every_forward`): its switched linears (one scope) and its lm_head (read by
-    :func:`hook_compute_lm_head`)."""
+class TargetKernels:
+    """The target's measured kernels, on for every forward (`every_forward`) or for the forwards of
+    a drafting step (`during`): its switched linears (one scope) and its lm_head (read by
+    :func:`hook_compute_lm_head`) through `head`, the draft head's own `MeasuredHead` when given (one
+    rule, one transposed copy of the vocabulary matrix at most)."""
 
-    _active: Optional["VerifyKernels"] = None  # the one whose scope is on, in this process
+    _active: Optional["TargetKernels"] = None  # the one whose scope is on, in this process
 
-    def __init__(self, target_model: nn.Module, every_forward: bool = False):
+    def __init__(self, target_model: nn.Module, every_forward: bool = False, head: Optional[MeasuredHead] = None):
         self.every_forward = every_forward
         self.scope = KernelScope(on=every_forward)
         self.switched, self.rule = use_measured_kernels_in_model(target_model, scope=self.scope)
-        self.head = MeasuredHead.for_target(target_model)
+        self.head = head if head is not None else MeasuredHead.for_target(target_model)
         self.head_weight = dense_lm_head_weight(target_model)
         if every_forward:
-            VerifyKernels._active = self
+            TargetKernels._active = self
 
     def describe(self) -> str:
         head = self.head.rule.describe() if self.head.rule is not None else "SGLang's"
@@ -138,17 +139,18 @@ class VerifyKernels:
         if not drafting or self.every_forward:
             yield
             return
-        self.scope.on, VerifyKernels._active = True, self
+        self.scope.on, TargetKernels._active = True, self
         try:
             yield
         finally:
-            self.scope.on, VerifyKernels._active = False, None
+            self.scope.on, TargetKernels._active = False, None
 
 
 def hook_compute_lm_head(original_fn, self, hidden_states, lm_head, embedding_bias=None, **kwargs):
-    """AROUND ``LogitsProcessor._compute_lm_head`` (CPU engine): within a drafting step's
-    :meth:`VerifyKernels.during`, the target's dense lm_head by its measured kernel; else SGLang's."""
-    active = VerifyKernels._active
+    """AROUND ``LogitsProcessor._compute_lm_head`` (CPU engine): while a `TargetKernels` is on (every
+    forward, or a drafting step's :meth:`TargetKernels.during`), the target's dense lm_head by its
+    measured kernel; else SGLang's."""
+    active = TargetKernels._active
     if (active is None or embedding_bias is not None or active.head_weight is None
             or getattr(lm_head, "weight", None) is not active.head_weight or hidden_states.device.type != "cpu"):
         return original_fn(self, hidden_states, lm_head, embedding_bias, **kwargs)

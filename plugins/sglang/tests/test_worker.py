@@ -811,7 +811,7 @@ def test_a_draft_model_without_a_given_rule_is_measured_and_still_agrees():
 
 
 def test_the_targets_kernels_switch_only_inside_a_drafting_step():
-    """`VerifyKernels`: the target's SGLang linears and its lm_head run the measured kernel inside
+    """`TargetKernels`: the target's SGLang linears and its lm_head run the measured kernel inside
     `during(drafting=True)` and SGLang's own F.linear outside it and in a plain step."""
     from unittest import mock
 
@@ -829,7 +829,9 @@ def test_the_targets_kernels_switch_only_inside_a_drafting_step():
         target.proj.weight.normal_()
     every_probe = KernelRule(tuple((p, Kernel.W) for p in PROBE_ROWS))
     with mock.patch.object(linear_kernels, "measured_rule", lambda weights: every_probe):
-        kernels = linear_kernels.VerifyKernels(target)
+        kernels = linear_kernels.TargetKernels(target)
+        draft_head = linear_kernels.MeasuredHead(every_probe)
+        assert linear_kernels.TargetKernels(torch.nn.Module(), head=draft_head).head is draft_head  # one copy
     assert kernels.switched == 1 and kernels.head.rule == every_probe
     x = torch.randn(5, 24)
     calls = []
@@ -847,7 +849,7 @@ def test_the_targets_kernels_switch_only_inside_a_drafting_step():
             logits = linear_kernels.hook_compute_lm_head(original_lm_head, None, x, target.lm_head)
         assert run_kernel.call_count == 2 and calls == ["sglang", "sglang"]
         target.proj(x)  # off again after the step
-        assert run_kernel.call_count == 2 and linear_kernels.VerifyKernels._active is None
+        assert run_kernel.call_count == 2 and linear_kernels.TargetKernels._active is None
     torch.testing.assert_close(got, F.linear(x, target.proj.weight), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits, F.linear(x, target.lm_head.weight), rtol=1e-5, atol=1e-5)
 
@@ -863,13 +865,13 @@ def test_the_targets_kernels_on_every_forward_stay_on_through_plain_steps(monkey
     from blockpilot.runtime import cpu_linear
     from blockpilot.runtime.cpu_linear import PROBE_ROWS, Kernel, KernelRule
 
-    monkeypatch.setattr(linear_kernels.VerifyKernels, "_active", None)  # restored after the test
+    monkeypatch.setattr(linear_kernels.TargetKernels, "_active", None)  # restored after the test
     target = torch.nn.Module()
     target.proj = ReplicatedLinear(24, 40, bias=False)
     target.lm_head = SimpleNamespace(weight=torch.randn(300, 24))
     every_probe = KernelRule(tuple((p, Kernel.W) for p in PROBE_ROWS))
     with mock.patch.object(linear_kernels, "measured_rule", lambda weights: every_probe):
-        kernels = linear_kernels.VerifyKernels(target, every_forward=True)
+        kernels = linear_kernels.TargetKernels(target, every_forward=True)
     assert "in every forward" in kernels.describe()
     x = torch.randn(5, 24)
     with torch.inference_mode(), mock.patch.object(cpu_linear, "run_kernel", wraps=cpu_linear.run_kernel) as run_kernel:
@@ -880,4 +882,4 @@ def test_the_targets_kernels_on_every_forward_stay_on_through_plain_steps(monkey
         with kernels.during(drafting=True):
             target.proj(x)
         target.proj(x)
-    assert run_kernel.call_count == 5 and linear_kernels.VerifyKernels._active is kernels
+    assert run_kernel.call_count == 5 and linear_kernels.TargetKernels._active is kernels
