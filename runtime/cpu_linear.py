@@ -5,12 +5,12 @@ Speculative decoding pays for a verify over several tokens with the bet that it 
 as one token; on a CPU that holds only while the weights stream from memory once, and which kernel
 does that for which row count depends on the CPU and the BLAS build. Three kernels are candidates:
 torch's own x @ W^T (`F.linear`: MKL on x86), x @ W over a transposed copy of the weight, and
-oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, over W as stored: no copy). On the Intel of
-the early sessions x @ W^T streamed the SmolLM2-135M target's layer weights once up to 3 rows and
-again from 4 rows on (24-26 ms, then 55 ms at 4, 112 at 16), and x @ W held 37-49 ms from 2 to 16
-rows. On the AMD EPYC (AVX-512) of sessions 13-14 MKL's x @ W^T is slow at every small row count
-(37 / 63 / 76 / 44 ms for the target's layers at 1 / 2 / 3 / 5 rows) while oneDNN streams them
-once at 26-30 ms from 1 to 8 rows (`make linear-layouts`). So the choice is not a constant: the
+oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, over W as stored: no copy). On a 2-core
+Intel with AVX-512 and no AMX, x @ W^T streamed the SmolLM2-135M target's layer weights once up to 3
+rows and again from 4 rows on (24-26 ms, then 55 ms at 4, 112 at 16), and x @ W held 37-49 ms from 2
+to 16 rows. On a 2-core AMD EPYC (AVX-512) MKL's x @ W^T is slow at every small row count (37 / 63 /
+76 / 44 ms for the target's layers at 1 / 2 / 3 / 5 rows) while oneDNN streams them once at 26-30 ms
+from 1 to 8 rows (`make linear-layouts`; docs/measurements.md, "GEMM kernels"). So the choice is not a constant: the
 first switch of a set of weights on a machine times every kernel over those weights, cold, at a few
 row counts (`KernelRule.measure`, a few seconds for the target; kept in the cache folder after),
 and every call takes the measured winner for its row count.

@@ -373,8 +373,8 @@ class StepTimeCorrection:
     average of measured / priced seconds (newest step weighted `DECAY`). The table is measured with
     the reference runtime; a server that runs the same model through another stack (SGLang's fused
     model runners, its draft pass, its scheduler) pays overheads the table does not see, and on some
-    CPUs a differently shaped curve (session 13's AMD EPYC: the runtime's 3-token verify costs twice
-    its 1-token one, SGLang's 1.4x). A width not timed yet borrows the nearest timed one's ratio (same
+    CPUs a differently shaped curve (a CPU whose runtime 3-token verify costs twice its 1-token one
+    can run SGLang's at 1.4x). A width not timed yet borrows the nearest timed one's ratio (same
     kind of step, nearest batch size first; 1 before any); `timed` says whether it was. The rule's
     plan and choice (`VerifyRule.plan`, `VerifyRule.choose`) scale their prices by them."""
 

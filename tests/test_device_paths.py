@@ -1,5 +1,5 @@
 """The training stages' GPU paths (data, features, training steps), run wherever they can: the parts that
-need a CUDA device are skipped without one, and run by one prepared command on a lent GPU
+need a CUDA device are skipped without one, and run by one prepared command on a GPU machine
 (examples/gpu/run_drafter.sh starts with them)."""
 
 from __future__ import annotations

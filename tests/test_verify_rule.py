@@ -411,8 +411,9 @@ def test_an_outlook_prices_positions_it_has_not_drafted_by_its_last_fall():
 
 
 def amd_like_table() -> StepCostTable:
-    """A verify priced as this project's AMD EPYC prices SGLang's (session 13, one layout): three
-    tokens cost twice one, five cost less than three; the drafter about flat."""
+    """A verify priced as a CPU whose MKL x @ W^T is slow at small row counts prices SGLang's (a 2-core
+    AMD EPYC, one layout): three tokens cost twice one, five cost less than three; the drafter about
+    flat."""
     tokens = [1, 2, 3, 4, 5, 6, 8, 16, 32, 64]
     ms = [54.6, 89.0, 110.3, 77.3, 69.6, 75.5, 73.4, 87.7, 116.4, 172.9]
     return StepCostTable(tokens, [1e3 / m for m in ms], 64, [2, 64], [0.02, 0.04])
@@ -436,8 +437,9 @@ def test_the_padded_plan_widens_a_block_where_this_machines_costs_say_it_pays():
 
 
 def test_the_correction_is_kept_per_width_and_a_new_width_borrows_its_nearest():
-    """SGLang's step on a CPU can be shaped unlike the table's (session 13's AMD EPYC): each drafting
-    width keeps its own measured / priced ratio."""
+    """SGLang's step on a CPU can be shaped unlike the table's (a CPU whose 3-token verify costs twice a
+    1-token one in the runtime and 1.4x in SGLang): each drafting width keeps its own measured / priced
+    ratio."""
     correction = StepTimeCorrection()
     for _ in range(60):
         correction.observe(True, 2.0, 1.0, rows=2, width=3)

@@ -3,8 +3,8 @@
 A BLOCKPILOT drafting step runs the drafter over rows x width tokens (8 rows at width 3: 24), the
 target's lm_head over the rows' drafts (8 x 2: 16), and the target's verify over rows x verified
 width tokens. SGLang's CPU linears are `F.linear` (x @ W^T, MKL), whose kernel on some CPUs streams
-the weights again for every few rows (on the AMD EPYC of session 14 a 3-token verify's linears cost
-twice a 1-token decode's). The reference runtime takes, per call, the kernel measured fastest on
+the weights again for every few rows (where MKL's x @ W^T is slow at small row counts, as on an
+AMD EPYC with AVX-512, a 3-token verify's linears cost twice a 1-token decode's). The reference runtime takes, per call, the kernel measured fastest on
 this machine for the call's row count (`runtime/cpu_linear.py`'s `KernelRule`: x @ W^T, x @ W over
 a transposed copy, or oneDNN's linear); here so do
 

@@ -310,8 +310,9 @@ def test_the_plan_narrows_a_batch_whose_drafts_are_not_expected_to_pay():
 
 
 def test_a_policy_chosen_block_widens_where_this_machines_table_says_it_pays_a_named_one_does_not():
-    """On a CPU where a 5-token verify costs less than a 3-token one (the AMD EPYC of session 13), a
-    row whose block of 3 the policy chose drafts wider; a row whose 3 the request named keeps it."""
+    """On a CPU where a 5-token verify costs less than a 3-token one (MKL's x @ W^T slow at small row
+    counts, as on a 2-core AMD EPYC), a row whose block of 3 the policy chose drafts wider; a row whose
+    3 the request named keeps it."""
     tokens = [1, 2, 3, 4, 5, 6, 8, 16, 32, 64, 128]
     ms = [54.6, 89.0, 110.3, 77.3, 69.6, 75.5, 73.4, 87.7, 116.4, 172.9, 340.0]
     w = verify_worker(8, VerifyRule(VerifyMode.AUTO, StepCostTable(tokens, [1e3 / m for m in ms], 128, [2, 128],
