@@ -84,7 +84,7 @@ serve-bench: install install-sglang
 		--variants $(SERVE_VARIANTS) --repeats $(SERVE_REPEATS) $(if $(SERVE_ENV),--env $(SERVE_ENV)) --output-dir runs/serve-bench
 
 # 64 concurrent requests at mixed block sizes (1, 2, 3, 6, auto, policy) against the plain server:
-# all complete, and how many outputs equal the plain server's token for token (issue 14; outside CI).
+# all complete, and how many outputs equal the plain server's token for token (outside CI).
 serve-64: install install-sglang
 	$(BIN)/blockpilot prepare
 	$(SGL_BIN)/python -m blockpilot.plugins.sglang.serve_bench --concurrency 64 --rounds 1 --max-new-tokens 48 \
@@ -123,7 +123,7 @@ eval-verify: install
 	$(BIN)/blockpilot prepare
 	$(BIN)/blockpilot eval-verify --config configs/policy-smollm2.yaml
 
-# Drafter v2 (issue 13): v1 continued with soft targets on chat-like data. Each stage resumes.
+# Drafter v2: v1 continued with soft targets on chat-like data. Each stage resumes.
 # `drafter-compare` trains recipe variants for the same minutes from v1 on the same data, side by side.
 DRAFTER_V2 := configs/drafter-smollm2-v2.yaml
 DRAFTER_V1_COMMIT := 205eb63

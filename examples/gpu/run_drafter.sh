@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Drafter v2's data, features and training on a lent GPU, as one prepared command (issue 13;
-# docs/drafter-training.md says how the pieces get there and what comes back).
+# A drafter's data, features and training on a GPU machine, as one prepared command (v2's recipe by
+# default; docs/drafter-training.md says how the pieces get there and what comes back).
 #
 #   bash examples/gpu/run_drafter.sh smoke   # the GPU paths' tests (tests/test_device_paths.py)
 #   bash examples/gpu/run_drafter.sh         # rebuild the target, data, features, train, pack into $OUT
 #
-# It reads from $BUNDLE what earlier device calls left there: the default target's GGUF in parts
+# It reads from $BUNDLE what was copied there before: the default target's GGUF in parts
 # (part-*), its tokenizer and config (model-files.tgz) and weights digest (model-digest.txt), the earlier
 # runs' data (data.tgz), the drafter the recipe starts from (init/, copied to its train.init_from) and
 # the gguf wheel (*.whl). No network is needed. CONFIG names the recipe (v2's GPU run by default).
