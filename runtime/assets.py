@@ -51,8 +51,8 @@ def cache_dir() -> Path:
 @functools.cache
 def machine_name() -> str:
     """The CPU model: what machine-specific measurements (step costs, GEMM kernel rules) are keyed by.
-    Two CPUs price the same step very differently: a 3-token verify costs 1.06x a 1-token one on one
-    2-core x86 and 1.96x on another (docs/measurements.md, "Step costs")."""
+    Two CPUs price the same step very differently: with torch's F.linear a 3-token verify costs 1.06x a
+    1-token one on one 2-core x86 and 2.0x on another (docs/measurements.md, "Step costs")."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
