@@ -112,7 +112,7 @@ def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_size
 
 def _with(base: SamplingParams, max_new_tokens: int, repeat: int) -> SamplingParams:
     seed = None if base.greedy else (base.seed or 0) + repeat
-    return SamplingParams(temperature=base.temperature, top_p=base.top_p, top_k=base.top_k, seed=seed,
+    return SamplingParams(temperature=base.temperature, top_p=base.top_p, top_k=base.top_k, min_p=base.min_p, seed=seed,
                           max_new_tokens=max_new_tokens, stop=list(base.stop), ignore_eos=base.ignore_eos)
 
 

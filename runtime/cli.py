@@ -42,6 +42,7 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     group.add_argument("--top-p", type=float, default=1.0)
     group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--min-p", type=float, default=0.0)
     group.add_argument("--seed", type=int)
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
@@ -68,8 +69,8 @@ def _engine_config(args):
 def _sampling(args):
     from .sampling import SamplingParams
 
-    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                          max_new_tokens=args.max_new_tokens, stop=args.stop)
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          seed=args.seed, max_new_tokens=args.max_new_tokens, stop=args.stop)
 
 
 def _block_size(text: str) -> int | str:

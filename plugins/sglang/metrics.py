@@ -103,6 +103,7 @@ FALLBACK_CAUSES = (
     "policy",  # the policy's inference failed (the runtime returned BlockSizeSource.FALLBACK)
     "decision",  # choosing the sizes of a prefill batch raised
     "not_prefilled_here",  # a decode row whose prompt this server never prefilled (e.g. disaggregated)
+    "inexact_option",  # an option the drafted verify cannot reproduce exactly: served at block size 1
 )
 
 

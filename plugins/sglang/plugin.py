@@ -25,40 +25,21 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Optional
 
 from . import boot
+from .activation import ALGORITHM, PATCHES, activate_in_this_process, get_algorithm, serving_blockpilot  # noqa: F401
 
 logger = logging.getLogger("blockpilot.plugins.sglang")
 
-ALGORITHM = "BLOCKPILOT"
-
-# name -> reason, filled as hooks are registered and patches applied in this process.
-PATCHES: dict[str, str] = {}
 _registered = False
-_activated = False
 # Hooks that run while the server arguments are resolved, before the runtime context exists: their
 # first argument is the algorithm's name, which the one check reads instead.
 ARGUMENT_TIME_HOOKS = ("._forces_eagle_topk_one", "._resolve_speculative_algorithm_alias")
 
 
 # --------------------------------------------------------------------------
-# The one check
+# The one check (activation.serving_blockpilot) around every hook
 # --------------------------------------------------------------------------
-def serving_blockpilot(algorithm: Optional[str] = None) -> bool:
-    """Does this server run ``--speculative-algorithm blockpilot``? Every hook and patch of the
-    plugin asks this and nothing else. ``algorithm``: for a hook that runs while the arguments are
-    still being resolved (the runtime context is published only after that)."""
-    if algorithm is None:
-        from sglang.srt.runtime_context import get_spec
-
-        try:
-            algorithm = get_spec().speculative_algorithm
-        except ValueError:  # "config namespace 'spec' not published": no server in this process yet
-            return False
-    return algorithm is not None and str(algorithm).upper() == ALGORITHM
-
-
 def only_when_serving_blockpilot(hook, hook_type, algorithm_argument: bool = False):
     """``hook`` on a BLOCKPILOT server; on any other server exactly SGLang's own function (AROUND:
     the original runs with the same arguments; AFTER: its result is kept as it is).
@@ -172,13 +153,6 @@ def _worker_factory(server_args):
     return BlockPilotWorker
 
 
-def get_algorithm():
-    """The registered algorithm object (after :func:`register`)."""
-    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
-
-    return SpeculativeAlgorithm.from_string(ALGORITHM)
-
-
 # --------------------------------------------------------------------------
 # Hooks
 # --------------------------------------------------------------------------
@@ -198,7 +172,7 @@ def hook_table() -> list[tuple[str, object, object, str]]:
     """(target, hook, HookType, reason) of every hook, before the one check is put around them."""
     from sglang.srt.plugins.hook_registry import HookType
 
-    from . import info, metrics, settings
+    from . import info, metrics, settings, verify_logits
     from .cpu import linear_kernels, patches as cpu_patches
 
     from . import server_args
@@ -229,6 +203,9 @@ def hook_table() -> list[tuple[str, object, object, str]]:
          metrics.hook_report_decode_stats, AROUND, "server accept rate = accepted / drafts verified"),
         ("sglang.srt.speculative.dflash_info.DFlashVerifyInput.prepare_for_verify", info.hook_dflash_prepare_for_verify,
          AROUND, "the per-step verify: each row's first w columns of the draft window"),
+        ("sglang.srt.speculative.dflash_utils.apply_dflash_verify_logits_adjustments",
+         verify_logits.hook_verify_logits_adjustments, AROUND,
+         "penalties per verified position, the drafts before it included, as plain decoding applies them"),
     ]
     if boot.cpu_engine_requested():
         table += [
@@ -256,26 +233,6 @@ def _register_hooks() -> None:
         takes_algorithm = target.endswith(ARGUMENT_TIME_HOOKS)
         HookRegistry.register(target, only_when_serving_blockpilot(hook, hook_type, takes_algorithm), hook_type)
         PATCHES[".".join(target.rsplit(".", 2)[-2:])] = reason
-
-
-def activate_in_this_process() -> None:
-    """The process-wide patches, applied where a BLOCKPILOT worker is built (the scheduler
-    process, before its draft worker resolves an attention backend), never at plugin load."""
-    global _activated
-    if _activated or not serving_blockpilot():
-        return
-    _activated = True
-    from . import metrics
-
-    if boot.cpu_engine_requested():
-        from .cpu import patches as cpu_patches
-
-        PATCHES.update(cpu_patches.apply_process_patches())
-    try:
-        PATCHES.update(metrics.include_in_spec_decode_snapshots(get_algorithm()))
-    except Exception as exc:  # metrics only; the server runs without the snapshots
-        logger.warning("BLOCKPILOT: metrics snapshot patch not applied: %r", exc)
-    logger.info("BLOCKPILOT process patches applied (pid %d): %s", os.getpid(), ", ".join(sorted(PATCHES)))
 
 
 # --------------------------------------------------------------------------

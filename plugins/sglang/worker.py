@@ -15,14 +15,14 @@ DFlashWorkerV2 hands over the prefill's captured target hidden states): the requ
 token's states, else the drafter's training size. The choices then travel with the batch on its
 spec info (``info.BlockPilotDraftInput``, built by the two ``_make_next_draft_input_*`` factories).
 
-Per-step verify (issue 12): after the draft forward, DFlashWorkerV2's argmax over the draft logits
+Per-step verify: after the draft forward, DFlashWorkerV2's argmax over the draft logits
 (:meth:`~BlockPilotWorker._greedy_sample_from_vocab_parallel_head`) also gives each draft's
 calibrated confidence; the runtime's rule (``step_verify.VerifyRule.choose``, padded) picks one
 verify width w <= W for the step, and the target verifies, accepts and commits at w: the worker
 switches to w's width attributes before the verify is built, and ``info.hook_dflash_prepare_for_verify``
 narrows the verify to each row's first w columns of the draft window.
 
-Seven methods of DFlashWorkerV2 are overridden; nothing of its decode loop is copied. See
+Eight methods of DFlashWorkerV2 are overridden; nothing of its decode loop is copied. See
 docs/sglang-per-request-design.md.
 """
 
@@ -40,7 +40,11 @@ import torch
 from sglang.srt.model_executor.cuda_graph_config import Backend
 from sglang.srt.environ import envs
 from sglang.srt.runtime_context import get_exec, get_parallel
-from sglang.srt.speculative.dflash_utils import is_dense_head_weight, parse_dflash_draft_config
+from sglang.srt.speculative.dflash_utils import (
+    is_dense_head_weight,
+    is_dflash_sampling_verify_available,
+    parse_dflash_draft_config,
+)
 from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
 from sglang.srt.speculative.draft_worker_common import build_block_pos_offsets
 
@@ -48,7 +52,7 @@ from blockpilot.runtime import blocks
 from blockpilot.runtime.blocks import BlockSizeSource
 from blockpilot.runtime.step_verify import StepTimeCorrection, VerifyMode
 
-from . import metrics, plugin
+from . import activation, metrics, verify_logits
 from . import settings as bp_settings
 from .info import BlockChoice, BlockPilotDraftBlockInfo, BlockPilotDraftInput, choices_of
 
@@ -88,11 +92,12 @@ class BlockPilotWorker(DFlashWorkerV2):
     ``__init__``, ``forward_batch_generation`` (a wrapper), ``_append_target_hidden_to_draft_kv_by_loc``
     (the prefill hook: the choices; after a narrower verify, the verified columns),
     ``_greedy_sample_from_vocab_parallel_head`` (the draft argmax: confidences and the verify width),
-    ``_accept_block`` (the cap) and ``_make_next_draft_input_prefill`` / ``_make_next_draft_input_decode``
+    ``_accept_block`` (the target's sampled tokens where SGLang's kernel is missing; the cap; the
+    penalised rows' output counts), ``_validate_phase1_sampling_support`` (no greedy fallback) and ``_make_next_draft_input_prefill`` / ``_make_next_draft_input_decode``
     (the batch's spec info, carrying the choices)."""
 
     def __init__(self, server_args, gpu_id, nccl_port, target_worker):
-        plugin.activate_in_this_process()  # before super(): its draft worker resolves an attention backend
+        activation.activate_in_this_process()  # before super(): its draft worker resolves an attention backend
         cfg = bp_settings.settings()
         verify_rule = bp_settings.build_verify_rule(cfg, server_args.speculative_draft_model_path)
         if verify_rule.mode is VerifyMode.AUTO:
@@ -124,6 +129,9 @@ class BlockPilotWorker(DFlashWorkerV2):
                                                    server_args.speculative_draft_model_path)
                            if path is not None else None)
         self._bp_fallbacks = metrics.Fallbacks.for_server(bool(getattr(server_args, "enable_metrics", False)))
+        # each penalised request's output so far: the verify penalises every position as plain decoding
+        self._bp_output_counts = verify_logits.OutputCounts(
+            self.target_worker.model_runner.model_config.vocab_size, self.device)
         # The same question DFlashWorkerV2.init_cuda_graphs asks: are decode steps captured in graphs?
         graphs = (str(self.device).startswith("cuda")
                   and get_exec().graph.cuda_graph_config.decode.backend != Backend.DISABLED)
@@ -234,6 +242,12 @@ class BlockPilotWorker(DFlashWorkerV2):
         new = [i for i, req in enumerate(batch.reqs)
                if choices[i] is None
                and batch.prefix_lens[i] + batch.extend_lens[i] >= len(req.origin_input_ids)]  # last chunk
+        inexact = {i: verify_logits.inexact_options(batch.reqs[i]) for i in new}
+        for i in [i for i in new if inexact[i]]:  # served without drafts: exact, slower, and said so
+            choices[i] = self._bp_fall_back([batch.reqs[i]], "inexact_option",
+                                            f"{', '.join(inexact[i])} cannot be verified exactly with drafts",
+                                            size=1)[0]
+        new = [i for i in new if not inexact[i]]
         requested = {i: self._bp_params(batch.reqs[i]).block_size for i in new}
         ask = [i for i in new if requested[i] is None]
         chosen, chosen_source, cause = {}, BlockSizeSource.POLICY, None
@@ -277,7 +291,9 @@ class BlockPilotWorker(DFlashWorkerV2):
         args = (batch, on_publish, grammar_barrier, pp_proxy_tensors)
         if batch.forward_mode.is_extend() or batch.is_extend_in_batch:  # the same test as DFlashWorkerV2
             with self._bp_forward(batch, None):
-                return super().forward_batch_generation(*args)
+                result = super().forward_batch_generation(*args)
+                self._bp_count_prefill_tokens(batch, result)
+                return result
         if batch.forward_mode.is_idle() or not batch.reqs:
             return super().forward_batch_generation(*args)
         if len(batch.reqs) != len(batch.seq_lens):
@@ -341,13 +357,38 @@ class BlockPilotWorker(DFlashWorkerV2):
             self._bp_narrow_verify(width, bs)
         return drafts.view(bs, step - 1)[:, :width - 1].reshape(-1)
 
+    def _validate_phase1_sampling_support(self, batch) -> None:
+        # DFlashWorkerV2 warns here that sampled rows fall back to argmax where its kernel is missing;
+        # they do not here: _accept_block verifies them by the target's sampled tokens.
+        return None
+
     def _accept_block(self, **kwargs):
+        sampling_info, bs = kwargs.get("sampling_info"), int(kwargs["bs"])
+        if kwargs.get("target_predict") is None and verify_logits.needs_own_sampling(
+                sampling_info, is_dflash_sampling_verify_available()):
+            # the target's own token at each position (sampled rows: from its filtered distribution);
+            # DFLASH's accept keeps drafts while they equal it
+            kwargs["target_predict"] = verify_logits.sampled_target_tokens(
+                kwargs["next_token_logits"], sampling_info, bs, int(self.block_size))
         accept_len, commit_lens, bonus, out_tokens, new_seq_lens = super()._accept_block(**kwargs)
-        if self._bp_cap is None:  # every row uses the step width: exactly DFLASH
-            return accept_len, commit_lens, bonus, out_tokens, new_seq_lens
-        accept_len, commit_lens, bonus = blocks.cap_commits(out_tokens, commit_lens, self._bp_cap)
-        # None: the caller recomputes prefix + commit_lens before publishing (and the mamba commit).
-        return accept_len, commit_lens, bonus, out_tokens, None
+        if self._bp_cap is not None:
+            accept_len, commit_lens, bonus = blocks.cap_commits(out_tokens, commit_lens, self._bp_cap)
+            new_seq_lens = None  # the caller recomputes prefix + commit_lens before publishing (and the mamba commit)
+        if self._bp_batch is not None and len(self._bp_output_counts):
+            self._bp_output_counts.commit(self._bp_batch.reqs, out_tokens, commit_lens)
+        return accept_len, commit_lens, bonus, out_tokens, new_seq_lens
+
+    def _bp_count_prefill_tokens(self, batch, result) -> None:
+        """The penalised requests' output counts after a prefill: a request whose prompt ended here
+        starts with the token its prefill sampled; a running row of a mixed batch commits its one."""
+        tokens = getattr(result, "next_token_ids", None)
+        if tokens is None or tokens.shape[0] != len(batch.reqs):
+            return
+        for i, req in enumerate(batch.reqs):
+            if req in self._bp_output_counts:
+                self._bp_output_counts.commit([req], tokens[i:i + 1, None], torch.ones(1, dtype=torch.int32))
+            elif batch.prefix_lens[i] + batch.extend_lens[i] >= len(req.origin_input_ids):  # the prompt's last chunk
+                self._bp_output_counts.start(req, tokens[i])
 
     def _make_next_draft_input_prefill(self, *, bonus_tokens, seq_lens):
         return BlockPilotDraftInput.build(bonus_tokens=bonus_tokens, new_seq_lens=seq_lens,
@@ -481,10 +522,14 @@ class BlockPilotWorker(DFlashWorkerV2):
     def _bp_forward(self, batch, choices: Optional[list[BlockChoice]]):
         """The batch (and, in a decode step, its rows' choices) while its forward runs."""
         self._bp_batch, self._bp_choices = batch, choices
+        if choices is not None:  # a decode step: its verify's logits are adjusted per position
+            verify_logits.set_current(verify_logits.VerifyStep(batch.reqs, lambda: self._draft_block_tokens_buf,
+                                                               self._bp_output_counts))
         try:
             yield
         finally:
             self._bp_batch = self._bp_choices = None
+            verify_logits.set_current(None)
 
     @contextmanager
     def _bp_step(self, widths: list[int]):

@@ -169,7 +169,7 @@ def test_every_hook_is_sglangs_own_function_on_other_servers(monkeypatch, algori
     monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
     monkeypatch.setattr(runtime_context, "get_spec", lambda: SimpleNamespace(speculative_algorithm=algorithm))
     table = plugin.hook_table()
-    assert len(table) == 13  # CPU engine: every hook but the FlashInfer one
+    assert len(table) == 14  # CPU engine: every hook but the FlashInfer one
     for target, hook, hook_type, _ in table:
         gated = plugin.only_when_serving_blockpilot(hook, hook_type, target.endswith(plugin.ARGUMENT_TIME_HOOKS))
         args, kwargs, result = (algorithm, object()), {"junk": object()}, object()

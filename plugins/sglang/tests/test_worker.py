@@ -26,7 +26,7 @@ from sglang.srt.speculative import dflash_worker_v2  # noqa: E402
 from sglang.srt.speculative.dflash_info import DFlashVerifyInput  # noqa: E402
 from sglang.srt.speculative.draft_worker_common import build_block_pos_offsets  # noqa: E402
 
-from blockpilot.plugins.sglang import info, metrics, settings  # noqa: E402
+from blockpilot.plugins.sglang import info, metrics, settings, verify_logits  # noqa: E402
 from blockpilot.plugins.sglang.info import (  # noqa: E402
     BlockChoice,
     BlockPilotDraftBlockInfo,
@@ -48,6 +48,9 @@ def no_unexpected_fallbacks(request):
     counts = {cause: n for w in WORKERS for cause, n in w._bp_fallbacks.counts.items()}
     if counts and request.node.get_closest_marker("expect_fallback") is None:
         pytest.fail(f"unexpected BlockPilot fallbacks: {counts}")
+
+
+VOCAB = 11  # the hand-made drafts' vocabulary
 
 
 def bare_worker(width: int = 16, pad_to: str = "batch") -> BlockPilotWorker:
@@ -72,6 +75,7 @@ def bare_worker(width: int = 16, pad_to: str = "batch") -> BlockPilotWorker:
     w._bp_default, w._bp_default_source = width, "default"
     w._bp_policy = None
     w._bp_fallbacks = metrics.Fallbacks()
+    w._bp_output_counts = verify_logits.OutputCounts(VOCAB, "cpu")
     w._bp_alloc_widths(4)
     WORKERS.append(w)
     # what DFlashWorkerV2._accept_block reads on its greedy path
@@ -92,17 +96,17 @@ def test_width_attributes_exist_in_the_installed_dflash_worker():
         assert needle in source, needle
 
 
-def test_overrides_are_exactly_the_seven_of_the_design():
+def test_overrides_are_exactly_the_eight_of_the_design():
     own = {name for name, value in vars(BlockPilotWorker).items()
            if callable(value) and not name.startswith("_bp_")}
     assert own == {"__init__", "forward_batch_generation", "_append_target_hidden_to_draft_kv_by_loc", "_accept_block",
                    "_make_next_draft_input_prefill", "_make_next_draft_input_decode",
-                   "_greedy_sample_from_vocab_parallel_head"}
+                   "_greedy_sample_from_vocab_parallel_head", "_validate_phase1_sampling_support"}
     assert all(name in vars(dflash_worker_v2.DFlashWorkerV2) for name in own)  # overrides, not additions
 
 
 # ---- the accept cap --------------------------------------------------------------------------
-def partly_correct(seed, n, width, vocab=11):
+def partly_correct(seed, n, width, vocab=VOCAB):
     g = torch.Generator().manual_seed(seed)
     target = torch.randint(0, vocab, (n, width), generator=g)
     candidates = torch.randint(0, vocab, (n, width), generator=g)
@@ -123,7 +127,7 @@ def accept(worker, candidates, target, logits=False):
     kwargs = dict(candidates=candidates, sampling_info=None, draft_input=None,
                   prefix_lens=torch.full((bs,), 7, dtype=torch.int64), bs=bs)
     if logits:  # through DFlashWorkerV2's own argmax of the verify logits
-        kwargs.update(next_token_logits=F.one_hot(target.reshape(-1), 11).float() * 3.0, target_predict=None)
+        kwargs.update(next_token_logits=F.one_hot(target.reshape(-1), VOCAB).float() * 3.0, target_predict=None)
     else:
         kwargs.update(next_token_logits=None, target_predict=target.reshape(-1))
     return worker._accept_block(**kwargs)

@@ -1,0 +1,242 @@
+"""The target's own choice at every verified position, as a server without speculation makes it.
+
+SGLang 0.5.23's DFLASH verify falls short of plain decoding in two ways, both closed here:
+
+* **Penalties.** ``apply_dflash_verify_logits_adjustments`` applies one penalty state to every
+  position of the block, and DFLASH never feeds its output tokens to SGLang's penalizers (only the
+  non-speculative decode step does, in ``prepare_for_decode``). Plain decoding penalises the logits
+  for output token k+1 by the k tokens before it. Here each verified position sees every output token
+  before it, the drafts earlier in the same block included: :class:`OutputCounts` keeps each
+  penalised request's committed output, and :func:`hook_verify_logits_adjustments` replaces the
+  block-wide adjustment with the per-position one (frequency, presence, repetition, min_new_tokens;
+  additive terms first, then the repetition scaling, as SGLang's sampler applies them).
+* **Sampling.** Without sgl-kernel's ``tree_speculative_sampling_target_only`` (the CPU engine) DFLASH
+  verifies sampled rows by argmax after one log warning, and the kernel's path has no min-p. Where
+  either holds, :func:`sampled_target_tokens` draws the target's token at every position from its
+  filtered distribution (``runtime.sampling.sample_tokens``, the runtime's own rule) and DFLASH's
+  accept keeps drafts while they equal it: for a greedy draft that is speculative sampling itself.
+
+A request option that this module cannot make exact (:func:`inexact_options`) is served without
+drafts, block size 1, where the one verified position is the target's own step.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from blockpilot.runtime.sampling import sample_tokens
+
+# SGLang's "no top-k limit" and its greedy encoding (temperature 0 -> top_k 1, temperature 1).
+GREEDY_TOP_K = 1
+
+
+@dataclass(frozen=True)
+class RequestPenalties:
+    """The penalties a request asked for (SGLang's names and meanings)."""
+
+    frequency: float
+    presence: float
+    repetition: float
+    min_new_tokens: int
+    stop_ids: tuple[int, ...]  # masked while fewer than min_new_tokens tokens are out
+
+    @classmethod
+    def of(cls, req) -> Optional["RequestPenalties"]:
+        """The request's penalties, or None when it has none."""
+        params = req.sampling_params
+        penalties = cls(float(params.frequency_penalty or 0.0), float(params.presence_penalty or 0.0),
+                        float(params.repetition_penalty if params.repetition_penalty is not None else 1.0),
+                        int(params.min_new_tokens or 0), tuple(sorted(_stop_ids(req))))
+        if (penalties.frequency == 0.0 and penalties.presence == 0.0 and penalties.repetition == 1.0
+                and penalties.min_new_tokens <= 0):
+            return None
+        return penalties
+
+
+def _stop_ids(req) -> set[int]:
+    """The ids SGLang's min_new_tokens penalizer masks (its own union)."""
+    tokenizer = getattr(req, "tokenizer", None)
+    ids = set(req.sampling_params.stop_token_ids or set()) | set(getattr(req, "eos_token_ids", None) or set())
+    if tokenizer is not None:
+        ids |= set(getattr(tokenizer, "additional_stop_token_ids", None) or set())
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            ids.add(tokenizer.eos_token_id)
+    return {int(i) for i in ids if i is not None}
+
+
+def inexact_options(req) -> list[str]:
+    """The options of a request that the drafted verify cannot reproduce exactly; such a request is
+    served at block size 1. A custom logit processor sees one call for the whole block (it may keep
+    state per call or read the output so far, which then lacks the drafts)."""
+    problems = []
+    if getattr(req, "custom_logit_processor", None):
+        problems.append("custom_logit_processor")
+    return problems
+
+
+class OutputCounts:
+    """Per penalised request: how often each token id occurs in its output so far and the output's
+    length, on the device, fed with every token the worker commits (a request's first token at its
+    prefill, then each step's committed run). Entries die with their requests."""
+
+    def __init__(self, vocab_size: int, device):
+        self.vocab_size = int(vocab_size)
+        self.device = device
+        self._entries: dict[str, tuple[weakref.ref, RequestPenalties, torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, req) -> bool:
+        return req.rid in self._entries
+
+    def start(self, req, first_token: torch.Tensor) -> None:
+        """A request whose prompt was just prefilled, with the token its prefill sampled. What it
+        output before (a request prefilled again after a retraction) counts too."""
+        penalties = RequestPenalties.of(req)
+        self._prune()
+        if penalties is None:
+            self._entries.pop(req.rid, None)
+            return
+        counts = torch.zeros(self.vocab_size, dtype=torch.float32, device=self.device)
+        earlier = torch.tensor(list(req.output_ids), dtype=torch.long, device=self.device)
+        counts.scatter_add_(0, earlier, torch.ones_like(earlier, dtype=torch.float32))
+        counts.scatter_add_(0, first_token.view(1).long().to(self.device), torch.ones(1, device=self.device))
+        length = torch.tensor(len(earlier) + 1, dtype=torch.long, device=self.device)
+        self._entries[req.rid] = (weakref.ref(req), penalties, counts, length)
+
+    def rows(self, reqs) -> list[int]:
+        """The rows of `reqs` that have penalties."""
+        return [i for i, req in enumerate(reqs) if req.rid in self._entries]
+
+    def state(self, reqs, rows: list[int]):
+        """For `rows` of `reqs`: their penalties, token counts [n, V] and output lengths [n]."""
+        entries = [self._entries[reqs[i].rid] for i in rows]
+        return ([e[1] for e in entries], torch.stack([e[2] for e in entries]), torch.stack([e[3] for e in entries]))
+
+    def commit(self, reqs, out_tokens: torch.Tensor, commit_lens: torch.Tensor) -> None:
+        """Each penalised row's committed run this step: the first `commit_lens[r]` of `out_tokens[r]`."""
+        rows = self.rows(reqs)
+        if not rows:
+            return
+        width = out_tokens.shape[1]
+        index = torch.tensor(rows, device=out_tokens.device)
+        runs, lens = out_tokens.index_select(0, index).long(), commit_lens.index_select(0, index).long()
+        kept = (torch.arange(width, device=out_tokens.device)[None, :] < lens[:, None]).float()
+        for k, i in enumerate(rows):
+            _, _, counts, length = self._entries[reqs[i].rid]
+            counts.scatter_add_(0, runs[k].to(counts.device), kept[k].to(counts.device))
+            length += lens[k].to(length.device)
+
+    def _prune(self) -> None:
+        for rid in [rid for rid, entry in self._entries.items()
+                    if entry[0]() is None or entry[0]().finished()]:
+            del self._entries[rid]
+
+
+def penalise_block(logits: torch.Tensor, candidates: torch.Tensor, penalties: list[RequestPenalties],
+                   counts: torch.Tensor, lengths: torch.Tensor) -> None:
+    """Penalise `logits` [n, W, V] in place, each block position as plain decoding would: position j
+    (predicting output token ``lengths + j + 1``) sees the output so far (`counts` [n, V], `lengths`
+    [n]) plus drafts ``candidates[:, 1..j]`` ([n, W]; column 0 is the last committed token, already
+    counted). Additive terms (frequency, presence, min_new_tokens) first, then the repetition scaling."""
+    n, width, vocab = logits.shape
+    device = logits.device
+    drafts = torch.zeros((n, width, vocab), dtype=torch.float32, device=device)
+    if width > 1:
+        drafts[:, 1:, :].scatter_(2, candidates[:, 1:].long().unsqueeze(-1), 1.0)
+    seen = counts.to(device)[:, None, :] + drafts.cumsum(dim=1)  # [n, W, V]
+    present = seen > 0
+
+    def per_row(values):
+        return torch.tensor(values, dtype=torch.float32, device=device).view(n, 1, 1)
+
+    additive = -(per_row([p.frequency for p in penalties]) * seen) - per_row([p.presence for p in penalties]) * present
+    min_new = torch.tensor([p.min_new_tokens for p in penalties], device=device)
+    before_min = (lengths.to(device)[:, None] + torch.arange(width, device=device)[None, :]) < min_new[:, None]
+    for k, p in enumerate(penalties):
+        if p.min_new_tokens > 0 and p.stop_ids:
+            stops = torch.tensor(p.stop_ids, dtype=torch.long, device=device)
+            stops = stops[stops < vocab]
+            additive[k, :, stops] = torch.where(before_min[k][:, None], float("-inf"), additive[k, :, stops])
+    logits.add_(additive.to(logits.dtype))
+    scale = torch.where(present, per_row([p.repetition for p in penalties]), 1.0).to(logits.dtype)
+    logits.copy_(torch.where(logits < 0, logits * scale, logits / scale))
+
+
+@dataclass
+class VerifyStep:
+    """The decode step whose verify is running: its requests, the drafts it verifies (read when the
+    verify's logits are adjusted: the worker fills them right before) and the output counts."""
+
+    reqs: list
+    candidates: Callable[[], torch.Tensor]
+    counts: OutputCounts
+
+
+# The step being verified in this process (one BlockPilot worker per scheduler process, tp 1).
+_current: Optional[VerifyStep] = None
+
+
+def set_current(step: Optional[VerifyStep]) -> None:
+    global _current
+    _current = step
+
+
+def hook_verify_logits_adjustments(original_fn, *, next_token_logits: torch.Tensor, sampling_info, draft_token_num: int):
+    """AROUND ``dflash_utils.apply_dflash_verify_logits_adjustments``: the same adjustments (a custom
+    logit processor, then penalties, then the logit bias; the grammar mask follows per position in
+    DFLASH's own step), with each penalised row's penalties per position (:func:`penalise_block`). A
+    batch without penalised rows runs SGLang's own function, minus the penalizer state it would apply
+    (never fed by DFLASH: only min_new_tokens' mask, stuck at "too early")."""
+    step = _current
+    if step is None or sampling_info is None:
+        return original_fn(next_token_logits=next_token_logits, sampling_info=sampling_info,
+                           draft_token_num=draft_token_num)
+    from sglang.srt.layers.sampler import apply_custom_logit_processor
+
+    if sampling_info.has_custom_logit_processor:
+        apply_custom_logit_processor(next_token_logits, sampling_info, num_tokens_in_batch=draft_token_num)
+    bs = len(step.reqs)
+    logits = next_token_logits.view(bs, draft_token_num, -1)
+    rows = step.counts.rows(step.reqs)
+    if rows:
+        penalties, counts, lengths = step.counts.state(step.reqs, rows)
+        index = torch.tensor(rows, device=logits.device)
+        block = logits.index_select(0, index)
+        candidates = step.candidates()[:bs, :draft_token_num].index_select(0, index.to(step.candidates().device))
+        penalise_block(block, candidates, penalties, counts, lengths)
+        logits.index_copy_(0, index, block)
+    logit_bias = getattr(sampling_info, "logit_bias", None)
+    if logit_bias is not None:
+        logits.add_(logit_bias.to(device=logits.device, dtype=logits.dtype)[:, None, :])
+
+
+def needs_own_sampling(sampling_info, kernel_available: bool) -> bool:
+    """Do this step's sampled rows need :func:`sampled_target_tokens`: some row samples, and SGLang's
+    kernel is missing or some sampled row uses min-p (which the kernel's path leaves out)."""
+    if sampling_info is None or sampling_info.is_all_greedy:
+        return False
+    if not kernel_available:
+        return True
+    sampled = sampling_info.top_ks.view(-1) != GREEDY_TOP_K
+    return bool(((sampling_info.min_ps.view(-1) > 0) & sampled).any()) if sampling_info.min_ps is not None else False
+
+
+def sampled_target_tokens(next_token_logits: torch.Tensor, sampling_info, bs: int, width: int) -> torch.Tensor:
+    """The target's token at each of the `bs` x `width` verified positions [bs, width]: argmax for
+    greedy rows, else a sample from the row's filtered distribution (runtime.sampling.sample_tokens)."""
+    def per_position(values: Optional[torch.Tensor], fill, dtype):
+        if values is None:
+            return torch.full((bs * width,), fill, dtype=dtype, device=next_token_logits.device)
+        return values.view(-1)[:bs].to(device=next_token_logits.device, dtype=dtype).repeat_interleave(width)
+
+    top_ks = per_position(sampling_info.top_ks, 0, torch.long)
+    tokens = sample_tokens(next_token_logits, per_position(sampling_info.temperatures, 1.0, torch.float32), top_ks,
+                           per_position(sampling_info.top_ps, 1.0, torch.float32),
+                           per_position(sampling_info.min_ps, 0.0, torch.float32), top_ks == GREEDY_TOP_K)
+    return tokens.view(bs, width)
