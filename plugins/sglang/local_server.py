@@ -25,8 +25,56 @@ REQUEST_TIMEOUT = 1800
 # The CPU engine's flags (docs/sglang-cpu-notes.md): float32 (the bf16 draft attention calls a Triton
 # kernel); --sleep-on-idle, else an idle scheduler busy-polls a whole core (two servers side by side).
 CPU_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32",
-            "--max-total-tokens", "8192", "--mem-fraction-static", "0.05", "--sleep-on-idle"]
+            "--max-total-tokens", "8192", "--sleep-on-idle"]
+CPU_MAX_TOTAL_TOKENS = 8192
+MIN_MEM_FRACTION, MAX_MEM_FRACTION = 0.05, 0.9
+HEADROOM_BYTES = 512 << 20  # activations and SGLang's own slack, beside the weights and the KV cache
 GPU_ARGS = ["--attention-backend", "flashinfer"]
+
+
+def weight_bytes(directory) -> int:
+    """The bytes a model directory's weights take in float32 (what the CPU engine loads them as)."""
+    files = list(Path(directory).glob("*.safetensors"))
+    if not files:
+        return 0
+    from safetensors import safe_open
+
+    total = 0
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                numel = 1
+                for dim in f.get_slice(name).get_shape():
+                    numel *= int(dim)
+                total += 4 * numel
+    return total
+
+
+def kv_cache_bytes(model_dir, tokens: int) -> int:
+    """Float32 K and V of every layer for `tokens` tokens of the model in `model_dir`."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    heads = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    return 2 * 4 * tokens * int(config["num_hidden_layers"]) * heads * head_dim
+
+
+def cpu_mem_fraction(model_dir, extra_args: list[str], available_bytes: Optional[int] = None) -> float:
+    """``--mem-fraction-static`` for a CPU server: SGLang sizes its static budget as that fraction
+    of the memory free at start-up and refuses to start when the loaded weights leave nothing for
+    the KV cache, so a fixed fraction fails on a busier machine. This one covers the target's and
+    the drafter's weights, the KV cache for ``CPU_MAX_TOTAL_TOKENS`` and some headroom."""
+    need = weight_bytes(model_dir) + kv_cache_bytes(model_dir, CPU_MAX_TOTAL_TOKENS) + HEADROOM_BYTES
+    if "--speculative-draft-model-path" in extra_args:
+        need += weight_bytes(extra_args[extra_args.index("--speculative-draft-model-path") + 1])
+    if available_bytes is None:
+        import psutil
+
+        available_bytes = psutil.virtual_memory().available
+    fraction = need / max(available_bytes, 1)
+    if fraction > MAX_MEM_FRACTION:
+        raise RuntimeError(f"a CPU server for {model_dir} needs about {need / 2**30:.1f} GiB and "
+                           f"{available_bytes / 2**30:.1f} GiB are free: free memory, or pass --mem-fraction-static")
+    return round(max(MIN_MEM_FRACTION, fraction), 3)
 
 
 def free_port() -> int:
@@ -46,9 +94,11 @@ class LocalServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
+        device_args = list(CPU_ARGS if device == "cpu" else GPU_ARGS)
+        if device == "cpu" and "--mem-fraction-static" not in extra_args:
+            device_args += ["--mem-fraction-static", str(cpu_mem_fraction(model, extra_args))]
         args = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model),
-                "--host", "127.0.0.1", "--port", str(self.port),
-                *(CPU_ARGS if device == "cpu" else GPU_ARGS), *extra_args]
+                "--host", "127.0.0.1", "--port", str(self.port), *device_args, *extra_args]
         from .settings import ENV_NAMES
 
         # A launch passes only the plugin settings it names: a stray one in the caller's environment

@@ -163,7 +163,7 @@ def blockpilot_run(drafter_dir, policy, prompts, tmp_path_factory):
         bad_keys = {json.dumps(custom): server.post("/generate", greedy(prompts[0], custom=custom))
                     for custom in BAD_KEYS}
         params = run_concurrently(server, [greedy(prompts[i], size, custom) for i, size, custom in GOOD_KEYS])
-        # A client that goes away mid-stream (issue 14): then the next request on the same server.
+        # A client that goes away mid-stream: then the next request on the same server.
         disconnect = disconnect_mid_stream(server, greedy(prompts[2], 4, max_new_tokens=DISCONNECT_TOKENS))
         after_disconnect = server.post("/generate", greedy(prompts[2], 4))
         run = dict(mixed=list(zip(mixed, results[:len(mixed)])), sampling=results[len(mixed)],

@@ -1,4 +1,4 @@
-"""Start-up refusals of a real ``--speculative-algorithm blockpilot`` server (127.0.0.1, CPU), issue 14:
+"""Start-up refusals of a real ``--speculative-algorithm blockpilot`` server (127.0.0.1, CPU):
 each bad file stops the launch before any model loads, within STARTUP_REFUSAL_S seconds, with one
 line that names the file and the reason, and no Python traceback for the user to read through.
 

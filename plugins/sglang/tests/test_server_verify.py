@@ -1,4 +1,4 @@
-"""End to end: the per-step verify rule on a real SGLang server (127.0.0.1, CPU), issue 12.
+"""End to end: the per-step verify rule on a real SGLang server (127.0.0.1, CPU).
 
 A BLOCKPILOT server with ``BLOCKPILOT_VERIFY=auto`` and a steep step-cost table (a verify whose cost
 grows fast with its width, so the rule cuts blocks), the shipped drafter (its drafts are often

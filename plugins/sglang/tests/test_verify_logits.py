@@ -1,0 +1,259 @@
+"""The verify's per-position logits and its sampled accept, in process, against SGLang's own code:
+
+* penalties: each block position penalised exactly as SGLang's penalizers penalise plain decoding
+  after the same output tokens one by one (frequency, presence, repetition, min_new_tokens; alone
+  and together);
+* the filtered distribution: the runtime's ``sampling.filtered_probs`` equals SGLang's torch
+  sampler's (temperature, top-k, top-p, min-p);
+* the sampled accept through the worker's ``_accept_block``: the committed tokens follow the
+  target's distribution position by position (chi-square), for rows of mixed widths in one padded
+  batch, and a padded column never commits;
+* the hook: penalised rows get per-position penalties, others SGLang's logit bias only; a server
+  without BlockPilot runs SGLang's own function.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("sglang")
+torch = pytest.importorskip("torch")
+stats = pytest.importorskip("scipy.stats")
+
+from sglang.srt.sampling import penaltylib  # noqa: E402
+from sglang.srt.sampling.penaltylib.repetition_penalty import apply_scaling_penalties  # noqa: E402
+from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
+
+from blockpilot.plugins.sglang import verify_logits  # noqa: E402
+from blockpilot.runtime import sampling  # noqa: E402
+
+VOCAB = 13
+EOS = 2
+
+
+class Req:
+    """What the verify reads of SGLang's Req (weak-referenceable, as the real one)."""
+
+    def __init__(self, rid, output_ids=(), **params):
+        self.rid, self.output_ids, self.done = rid, list(output_ids), False
+        self.sampling_params = SamplingParams(**params)
+        self.eos_token_ids = {EOS}
+        self.tokenizer = SimpleNamespace(additional_stop_token_ids=None, eos_token_id=EOS)
+        self.custom_logit_processor = None
+
+    def finished(self) -> bool:
+        return self.done
+
+
+make_req = Req
+
+
+class Batch:
+    """The batch SGLang's penalizer orchestrator reads (weak-referenced)."""
+
+    def __init__(self, reqs):
+        self.reqs, self.device = reqs, "cpu"
+
+
+def sglang_penalised(req, outputs: list[int], logits: torch.Tensor) -> torch.Tensor:
+    """What plain decoding does to `logits` [V] after `outputs`: SGLang's penalizers, fed one token
+    per step, applied as its sampler applies them (additive terms, then the scaling)."""
+    batch = Batch([req])
+    orchestrator = penaltylib.BatchedPenalizerOrchestrator(
+        vocab_size=VOCAB, batch=batch, penalizers={penaltylib.BatchedFrequencyPenalizer,
+                                                    penaltylib.BatchedMinNewTokensPenalizer,
+                                                    penaltylib.BatchedPresencePenalizer,
+                                                    penaltylib.BatchedRepetitionPenalizer})
+    for token in outputs:
+        orchestrator.cumulate_output_tokens(torch.tensor([token]))
+    out = logits.clone().view(1, -1)
+    additive = torch.zeros_like(out)
+    orchestrator.accumulate_additive_penalties(additive)
+    out += additive
+    scaling = orchestrator.accumulate_scaling_penalties()
+    if scaling is not None:
+        apply_scaling_penalties(out, scaling)
+    return out.view(-1)
+
+
+PENALTIES = [dict(frequency_penalty=0.7), dict(presence_penalty=0.9), dict(repetition_penalty=1.4),
+             dict(min_new_tokens=6), dict(frequency_penalty=0.5, presence_penalty=0.3, repetition_penalty=1.2,
+                                          min_new_tokens=4)]
+
+
+@pytest.mark.parametrize("params", PENALTIES, ids=lambda p: "+".join(p))
+def test_each_block_position_is_penalised_as_plain_decoding(params):
+    g = torch.Generator().manual_seed(0)
+    width = 5
+    history = [[3, 4, 3], [EOS, 5], [7]]  # committed output of each row (its last one is the block's column 0)
+    reqs = [make_req(f"r{i}", h, **params) for i, h in enumerate(history)]
+    candidates = torch.randint(0, VOCAB, (3, width), generator=g)
+    for r, h in enumerate(history):
+        candidates[r, 0] = h[-1]
+    candidates[0, 2] = 3  # a draft repeating an earlier output, and one repeating an earlier draft
+    candidates[1, 3] = candidates[1, 1]
+    logits = torch.randn(3, width, VOCAB, generator=g) * 3
+    counts = verify_logits.OutputCounts(VOCAB, "cpu")
+    for req, h in zip(reqs, history):
+        req.output_ids = h[:-1]
+        counts.start(req, torch.tensor(h[-1]))
+    got = logits.clone()
+    penalties, seen, lengths = counts.state(reqs, [0, 1, 2])
+    verify_logits.penalise_block(got, candidates, penalties, seen, lengths)
+    for r, h in enumerate(history):
+        for j in range(width):
+            expected = sglang_penalised(reqs[r], h + candidates[r, 1:j + 1].tolist(), logits[r, j])
+            assert torch.allclose(got[r, j], expected, atol=1e-6, equal_nan=True), (r, j)
+
+
+def test_counts_follow_each_commit_and_forget_finished_requests():
+    counts = verify_logits.OutputCounts(VOCAB, "cpu")
+    a, b, plain = make_req("a", frequency_penalty=1.0), make_req("b", min_new_tokens=3), make_req("c")
+    for req, first in ((a, 4), (b, 5), (plain, 6)):
+        counts.start(req, torch.tensor(first))
+    assert plain not in counts and a in counts and counts.rows([plain, a, b]) == [1, 2]
+    out_tokens = torch.tensor([[9, 9, 9], [4, 4, 1], [8, 8, 8]])
+    counts.commit([plain, a, b], out_tokens, torch.tensor([3, 2, 1]))
+    _, seen, lengths = counts.state([a, b], [0, 1])
+    assert seen[0, 4] == 3 and seen[0, 1] == 0 and lengths.tolist() == [3, 2] and seen[1, 8] == 1
+    a.done = True
+    counts.start(make_req("d", presence_penalty=1.0), torch.tensor(0))
+    assert a not in counts and len(counts) == 2
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(1.0, 0, 1.0, 0.0), (0.7, 5, 1.0, 0.0),
+                                                           (1.3, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.2),
+                                                           (0.9, 6, 0.9, 0.05)])
+def test_the_filtered_distribution_is_sglangs(temperature, top_k, top_p, min_p):
+    from sglang.srt.layers.sampler import top_k_top_p_min_p_sampling_from_probs_torch
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, VOCAB, generator=g) * 2
+    n = logits.shape[0]
+    kept, ids = sampling.filtered_probs(logits, torch.full((n,), temperature), torch.full((n,), top_k),
+                                        torch.full((n,), top_p), torch.full((n,), min_p))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sglang_k = top_k if top_k > 0 else 1 << 30
+    _, theirs, their_ids, _ = top_k_top_p_min_p_sampling_from_probs_torch(
+        probs.clone(), torch.full((n,), sglang_k), torch.full((n,), top_p), torch.full((n,), min_p), min_p > 0,
+        None, None, return_filtered_probs=True)
+    mine = torch.zeros_like(probs).scatter(1, ids, kept)
+    reference = torch.zeros_like(probs).scatter(1, their_ids.long(), theirs)
+    assert torch.allclose(mine, reference, atol=1e-6)
+
+
+def sampling_info(bs, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, greedy_rows=()):
+    top_ks = torch.full((bs,), top_k if top_k > 0 else 1 << 30, dtype=torch.int32)
+    for r in greedy_rows:
+        top_ks[r] = verify_logits.GREEDY_TOP_K
+    return SimpleNamespace(is_all_greedy=False, temperatures=torch.full((bs, 1), temperature), top_ks=top_ks,
+                           top_ps=torch.full((bs,), top_p), min_ps=torch.full((bs,), min_p))
+
+
+def test_the_sampled_accept_commits_the_targets_distribution_in_a_mixed_batch():
+    """Many rows of one block, verified by the worker's _accept_block with SGLang's kernel missing:
+    the first committed token follows the target's distribution at position 0, the second (given
+    the first draft held) the target's at position 1; rows capped at width 1 commit one token
+    only, from position 0's distribution; the greedy row commits the argmax run."""
+    from test_worker import bare_worker
+
+    torch.manual_seed(3)
+    width, n = 3, 6000
+    target = torch.softmax(torch.randn(width, VOCAB) * 1.5, dim=-1)  # the target's distribution per position
+    drafts = [int(target[0].argmax()), int(target[1].argmax())]
+    candidates = torch.tensor([[5] + drafts] * n)
+    logits = target.log().repeat(n, 1)  # [n * width, V]
+    worker = bare_worker(width)
+    caps = [1 if r % 3 == 0 else width for r in range(n)]
+    worker._bp_cap = torch.tensor(caps, dtype=torch.int32)
+    accept_len, commit_lens, bonus, out_tokens, _ = worker._accept_block(
+        candidates=candidates, next_token_logits=logits, sampling_info=sampling_info(n, greedy_rows=(1,)),
+        draft_input=None, prefix_lens=torch.full((n,), 9), bs=n, target_predict=None)
+    capped = torch.tensor(caps) == 1
+    assert (commit_lens[capped] == 1).all() and (commit_lens <= torch.tensor(caps)).all()
+    assert out_tokens[1, :int(commit_lens[1])].tolist() == [int(target[j].argmax()) for j in range(int(commit_lens[1]))]
+    first = out_tokens[:, 0]
+
+    def fits(observed, probs):
+        counts = torch.bincount(observed, minlength=VOCAB).double()
+        expected = probs.double() * len(observed)
+        keep = expected > 5
+        rest = [counts[~keep].sum(), expected[~keep].sum()]
+        f_obs = torch.cat([counts[keep], rest[0].view(1)]) if rest[1] > 0 else counts[keep]
+        f_exp = torch.cat([expected[keep], rest[1].view(1)]) if rest[1] > 0 else expected[keep]
+        return stats.chisquare(f_obs.numpy(), f_exp.numpy() * f_obs.sum().item() / f_exp.sum().item()).pvalue
+
+    assert fits(first[capped], target[0]) > 1e-4
+    assert fits(first[~capped], target[0]) > 1e-4
+    held = ~capped & (first == drafts[0])
+    assert held.sum() > 300 and fits(out_tokens[held, 1], target[1]) > 1e-4
+    # the speculative-sampling rule: the first draft survives with the target's probability of it
+    assert abs(float((accept_len[~capped] >= 1).double().mean()) - float(target[0, drafts[0]])) < 0.03
+
+
+def test_all_greedy_batches_keep_dflashs_argmax_path():
+    info = SimpleNamespace(is_all_greedy=True)
+    assert not verify_logits.needs_own_sampling(info, kernel_available=False)
+    assert verify_logits.needs_own_sampling(sampling_info(2), kernel_available=False)
+    assert not verify_logits.needs_own_sampling(sampling_info(2), kernel_available=True)  # the GPU kernel stays
+    assert verify_logits.needs_own_sampling(sampling_info(2, min_p=0.1), kernel_available=True)  # it has no min-p
+
+
+def test_the_hook_penalises_rows_per_position_and_biases_every_row():
+    width = 3
+    reqs = [make_req("p", [4], repetition_penalty=2.0), make_req("q")]
+    counts = verify_logits.OutputCounts(VOCAB, "cpu")
+    for req in reqs:
+        counts.start(req, torch.tensor(4))
+    candidates = torch.tensor([[4, 6, 6], [4, 6, 6]])
+    logits = torch.ones(2 * width, VOCAB)
+    bias = torch.zeros(2, VOCAB)
+    bias[:, 0] = 1.0
+    info = SimpleNamespace(has_custom_logit_processor=False, logit_bias=bias)
+    verify_logits.set_current(verify_logits.VerifyStep(reqs, lambda: candidates, counts))
+    try:
+        verify_logits.hook_verify_logits_adjustments(None, next_token_logits=logits, sampling_info=info,
+                                                     draft_token_num=width)
+    finally:
+        verify_logits.set_current(None)
+    grid = logits.view(2, width, VOCAB)
+    assert grid[0, :, 4].tolist() == [0.5] * 3  # an earlier output: scaled at every position
+    assert grid[0, :, 6].tolist() == [1.0, 0.5, 0.5]  # the draft at column 1: from position 1 on
+    assert grid[1, :, 4].tolist() == [1.0] * 3 and grid[:, :, 0].eq(2.0).all()
+    seen = []
+    verify_logits.hook_verify_logits_adjustments(lambda **kw: seen.append(kw), next_token_logits=logits,
+                                                 sampling_info=info, draft_token_num=width)
+    assert len(seen) == 1  # no step of this worker running: SGLang's own function
+
+
+def test_on_a_gpu_build_sglangs_sampling_kernel_gets_the_padded_step_and_rows_keep_their_caps(monkeypatch):
+    """Where sgl-kernel's sampling verify exists, DFLASH's own path runs (no min-p in the step): it
+    sees the padded step's [bs, W] drafts and [bs * W, V] logits, and each row then commits at most
+    its own width, the last committed token being the kernel's choice at that column."""
+    from sglang.srt.speculative import dflash_worker_v2
+
+    from blockpilot.plugins.sglang import worker as worker_module
+    from test_worker import bare_worker
+
+    width, bs = 4, 3
+    seen = {}
+
+    def kernel(*, candidates, next_token_logits, sampling_info, max_top_k=None, uniform_top_k_value=None):
+        seen.update(candidates=tuple(candidates.shape), logits=tuple(next_token_logits.shape))
+        return torch.full((bs,), width - 1, dtype=torch.int32), torch.full((bs,), 12, dtype=torch.int64)
+
+    monkeypatch.setattr(worker_module, "is_dflash_sampling_verify_available", lambda: True)
+    monkeypatch.setattr(dflash_worker_v2, "is_dflash_sampling_verify_available", lambda: True)
+    monkeypatch.setattr(dflash_worker_v2, "compute_dflash_sampling_correct_drafts_and_bonus", kernel)
+    w = bare_worker(width)
+    w._bp_cap = torch.tensor([2, 4, 1], dtype=torch.int32)
+    candidates = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10], [1, 3, 3, 3]])
+    accept_len, commit_lens, bonus, out_tokens, _ = w._accept_block(
+        candidates=candidates, next_token_logits=torch.zeros(bs * width, VOCAB), sampling_info=sampling_info(bs),
+        draft_input=SimpleNamespace(max_top_k=1 << 30, uniform_top_k_value=None),
+        prefix_lens=torch.full((bs,), 9), bs=bs, target_predict=None)
+    assert seen == {"candidates": (bs, width), "logits": (bs * width, VOCAB)}
+    assert commit_lens.tolist() == [2, 4, 1] and bonus.tolist() == [6, 12, 3]
+    assert out_tokens[0, :2].tolist() == [5, 6] and out_tokens[1].tolist() == [8, 9, 10, 12]
