@@ -238,6 +238,9 @@ def cmd_train_drafter(args) -> None:
         return
     if args.minutes and args.stage != "train":
         raise SystemExit("--minutes applies to --stage train (a time budget) and --stage compare")
+    if args.stage == "bench-train":
+        recipes.run_bench_train_stage(recipe, args.steps)
+        return
     stages = ["data", "train", "eval"] if args.stage == "all" else [args.stage]
     for stage in stages:
         if stage == "train":
@@ -324,8 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train-drafter", help="train a DFlash drafter for a target (resumable stages)")
     p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/drafter-smollm2.yaml")
-    p.add_argument("--stage", choices=["data", "train", "eval", "all", "compare"], default="all",
-                   help="compare: train each --variant for --minutes on the same data, side by side")
+    p.add_argument("--stage", choices=["data", "train", "eval", "all", "compare", "bench-train"], default="all",
+                   help="compare: train each --variant for --minutes on the same data, side by side; "
+                        "bench-train: print training's supervised positions/s (synthetic data)")
+    p.add_argument("--steps", type=int, default=20, help="bench-train: steps timed, after 3 warm-up steps")
     p.add_argument("--variant", action="append", default=[],
                    help='compare stage: "NAME:train.soft_target_weight=0.7,drafter.block_size=4" (repeatable)')
     p.add_argument("--minutes", type=float, default=None,

@@ -43,6 +43,8 @@ class TrainConfig:
     sequences_per_step: int = 8
     anchors_per_sequence: int = 16
     loss_decay: float = 0.9  # weight of block position k is loss_decay ** (k - 1)
+    loss_gamma: float = 0.0  # > 0: weight exp(-(k - 1) / loss_gamma) instead (z-lab's and SpecForge's form, gamma 7)
+    loss_chunk_positions: int = 4096  # the vocabulary head's loss runs over this many positions at a time
     vocab_shortlist: int = 16384  # softmax over the most frequent response tokens (0 = full vocabulary)
     # 0: cross-entropy on the target's tokens only; s > 0: (1 - s) * that + s * KL to the target's own
     # distribution at each position (the features stage then stores the target's final hidden state)
@@ -139,24 +141,53 @@ def run_train_stage(recipe: DrafterRecipe, minutes: float | None = None) -> None
     either way, and a later run continues from the checkpoint."""
     import json
 
+    from .parallel import join, leave
     from .train_drafter import split_by_part, train, training_hardware
 
-    target, sequences = _training_data(recipe, with_final_hidden=recipe.train.soft_target_weight > 0)
+    workers = join()  # under torchrun: one of N data-parallel processes
+    with workers.main_first():  # the first computes what features are missing, the others then read them
+        target, sequences = _training_data(recipe, with_final_hidden=recipe.train.soft_target_weight > 0)
     log_path = Path(recipe.work_dir) / "train_log.jsonl"
-    drafter = train(recipe, target, sequences, log_path, more_minutes=minutes)
+    drafter = train(recipe, target, sequences, log_path, more_minutes=minutes, workers=workers)
+    leave(workers)
+    if not workers.main:
+        return
     drafter.to(target.dtype).save(recipe.output_dir)
     last = json.loads(log_path.read_text().splitlines()[-1])
     train_set, validation = split_by_part(sequences)
     summary = {"sequences": len(train_set), "validation_sequences": len(validation),
                "tokens": int(sum(len(s.tokens) for s in train_set)),
                "response_tokens": int(sum(len(s.tokens) - s.prompt_len for s in train_set)),
-               "steps": last["step"], "wall_time_s": last["elapsed_s"], "hardware": training_hardware(),
+               "steps": last["step"], "wall_time_s": last["elapsed_s"],
+               "hardware": training_hardware(workers.world_size),
                "final_loss": last["loss"], "val_acceptance_length": last.get("val_acceptance_length"),
                "val_replayed_acceptance_length": last.get("val_replayed_acceptance_length"),
                "recipe": {"data": asdict(recipe.data), "drafter": asdict(recipe.drafter), "train": asdict(recipe.train)}}
     (Path(recipe.output_dir) / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"train: drafter saved to {recipe.output_dir} (held-out acceptance length, replayed decoding: "
           f"{summary['val_replayed_acceptance_length']})")
+
+
+def run_bench_train_stage(recipe: DrafterRecipe, steps: int = 20) -> dict | None:
+    """Supervised positions per second that training reaches at the recipe's shapes on this machine
+    (`train_drafter.training_throughput`: synthetic data, no stage before it needed), printed."""
+    import json
+
+    from ..assets import ensure_default_model
+    from ..target import TargetModel
+    from .parallel import join, leave
+    from .train_drafter import training_throughput
+
+    workers = join()
+    target = TargetModel.load(recipe.model or ensure_default_model(), recipe.dtype)
+    result = training_throughput(recipe, target, steps, warmup=min(3, steps), workers=workers)
+    leave(workers)
+    if result:
+        print(json.dumps(result))
+        print(f"train throughput: {result['supervised_positions_per_s']:,.0f} supervised positions/s "
+              f"({result['positions_per_step']:,} a step, {result['num_layers']}-layer drafter, block "
+              f"{result['block_size']}, on {result['hardware']})")
+    return result
 
 
 def _training_data(recipe: DrafterRecipe, with_final_hidden: bool):

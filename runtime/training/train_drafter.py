@@ -4,31 +4,39 @@ Each step takes a few training sequences (prompt + the target's own response) an
 random anchor positions p inside the response. A block `[token_p, MASK x (B - 1)]` at positions
 p..p+B-1 sees the target's context features of tokens 0..p-1 and must predict tokens p+1..p+B-1,
 exactly the query the runtime asks at a decode step whose bonus token sits at p. Cross-entropy
-through the target's lm_head, with weight `decay ** (j - 1)` for block position j: early positions
-decide the accepted length, so they matter most.
+through the target's lm_head, weighted by block position (`losses.position_weights`: early positions
+decide the accepted length, so they matter most), over chunks of positions (`losses.head_loss`).
 
 Soft targets (`soft_target_weight` > 0): the loss also pulls the drafter's distribution at each
 position toward the target's own (KL over the vocabulary shortlist, from the target's final hidden
 state stored with the features). One label says which token the target chose; its distribution also
 says how sure it was and what else it weighed: more signal per position, and confidences that mean
 what they say, which the per-step verify rule reads.
+
+At GPU speed: bf16 autocast on CUDA, each step's batch built on a background thread while the
+previous one trains, and data-parallel under torchrun (`parallel`): every process draws the same
+global batch plan from the step number and trains on its slice of it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import math
+import os
 import random
+import tempfile
 import time
-from dataclasses import asdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
@@ -36,6 +44,8 @@ from ..blocks import accepted_prefix, anchored_draft_mask
 from ..drafter import DFlashDraftModel
 from ..target import TargetModel
 from .features import Sequence
+from .losses import LOSS_CHUNK_POSITIONS, head_loss, position_weights
+from .parallel import Workers, join
 from .prompt_sets import prompt_part
 
 
@@ -59,32 +69,44 @@ class TrainingBatch(NamedTuple):
 def make_batch(sequences: list[Sequence], rng: random.Random, anchors: int, block_size: int,
                mask_token_id: int, float_dtype: torch.dtype = torch.float32) -> TrainingBatch:
     """Tensors for one training step, at `anchors` random positions inside each response."""
+    return batch_for_anchors(sequences, choose_anchors(sequences, rng, anchors), anchors, block_size,
+                             mask_token_id, float_dtype)
+
+
+def choose_anchors(sequences: list[Sequence], rng: random.Random, anchors: int) -> list[list[int]]:
+    """Up to `anchors` random anchor positions inside each response, sorted."""
     chosen = []
     for s in sequences:
         candidates = range(s.prompt_len, len(s.tokens) - 1)  # the anchor needs at least one label after it
         chosen.append(sorted(rng.sample(candidates, min(anchors, len(candidates)))) if len(candidates) else [])
-    return batch_for_anchors(sequences, chosen, anchors, block_size, mask_token_id, float_dtype)
+    return chosen
 
 
 def batch_for_anchors(sequences: list[Sequence], chosen: list[list[int]], anchors: int, block_size: int,
-                      mask_token_id: int, float_dtype: torch.dtype = torch.float32) -> TrainingBatch:
+                      mask_token_id: int, float_dtype: torch.dtype = torch.float32,
+                      pin_memory: bool = False) -> TrainingBatch:
     """Context features, blocks, positions, labels, attention mask (and the soft targets' hidden states
     when the sequences carry them) for blocks at the given anchor positions (at most `anchors` per
     sequence; unused slots are inert). `float_dtype` float16 keeps the stored features' own type (no
-    conversion on the CPU: `batch_to` makes them float32 on the training device)."""
+    conversion on the CPU: `batch_to` makes them float32 on the training device). `pin_memory` puts the
+    two big tensors in page-locked memory (reused from batch to batch) for a copy to a GPU."""
     batch_size = len(sequences)
     context_len = max(max(a) if a else 1 for a in chosen)
     width = anchors * block_size
-    features = torch.zeros(batch_size, context_len, sequences[0].features.shape[1], dtype=float_dtype)
+    # Not zero-filled: every row is written below (the features, or zeros past a sequence's end).
+    features = torch.empty(batch_size, context_len, sequences[0].features.shape[1], dtype=float_dtype,
+                           pin_memory=pin_memory)
     tokens = torch.full((batch_size, width), mask_token_id, dtype=torch.long)
     positions = torch.zeros(batch_size, width, dtype=torch.long)
     labels = torch.full((batch_size, width), -100, dtype=torch.long)
     with_teacher = all(s.final_hidden is not None for s in sequences)
-    teacher = (torch.zeros(batch_size, width, sequences[0].final_hidden.shape[1], dtype=float_dtype)
-               if with_teacher else None)
+    teacher = (torch.zeros(batch_size, width, sequences[0].final_hidden.shape[1], dtype=float_dtype,
+                           pin_memory=pin_memory) if with_teacher else None)
     offsets = torch.arange(block_size)
     for i, (s, anchor_list) in enumerate(zip(sequences, chosen)):
-        features[i, : min(context_len, len(s.tokens))].numpy()[:] = s.features[:context_len]  # numpy casts
+        known = min(context_len, len(s.tokens))
+        features[i, :known].numpy()[:] = s.features[:context_len]  # numpy casts
+        features[i, known:] = 0
         if not anchor_list:
             continue
         # All of a sequence's blocks at once (a Python loop over anchors is most of a GPU step's time):
@@ -106,16 +128,26 @@ def batch_for_anchors(sequences: list[Sequence], chosen: list[list[int]], anchor
     return TrainingBatch(features, tokens, positions, labels, visible, teacher)
 
 
-def drafter_hidden(drafter: DFlashDraftModel, target: TargetModel, features, tokens, positions, visible):
-    """Drafter outputs `[b, W, hidden]` for a training batch (context K/V built with gradients)."""
-    context_positions = torch.arange(features.shape[1], device=features.device).expand(features.shape[0], -1)
-    kv = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in drafter.context_kv(features, context_positions)]
-    return drafter.forward_block(target.embed_tokens(tokens), positions, kv, visible)
+class TrainingForward(torch.nn.Module):
+    """The drafter over a training batch as one module call: what DistributedDataParallel wraps (it
+    synchronises gradients around a module's forward, and the drafter's own entry points are others)."""
+
+    def __init__(self, drafter: DFlashDraftModel):
+        super().__init__()
+        self.drafter = drafter
+
+    def forward(self, features, block_embeddings, positions, visible):
+        """Drafter outputs `[b, W, hidden]` (context K/V built with gradients)."""
+        context_positions = torch.arange(features.shape[1], device=features.device).expand(features.shape[0], -1)
+        kv = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in self.drafter.context_kv(features, context_positions)]
+        return self.drafter.forward_block(block_embeddings, positions, kv, visible)
 
 
-def position_weights(block_size: int, anchors: int, decay: float) -> torch.Tensor:
-    per_block = torch.tensor([0.0] + [decay ** (j - 1) for j in range(1, block_size)])
-    return per_block.repeat(anchors)
+def drafter_hidden(drafter, target: TargetModel, features, tokens, positions, visible):
+    """Drafter outputs `[b, W, hidden]` for a training batch; `drafter` is the drafter itself or the
+    DistributedDataParallel around its TrainingForward."""
+    forward = TrainingForward(drafter) if isinstance(drafter, DFlashDraftModel) else drafter
+    return forward(features, target.embed_tokens(tokens), positions, visible)
 
 
 def vocabulary_shortlist(sequences: list[Sequence], size: int) -> torch.Tensor | None:
@@ -135,9 +167,14 @@ def vocabulary_shortlist(sequences: list[Sequence], size: int) -> torch.Tensor |
 
 
 def step_loss(drafter, target, batch: TrainingBatch, weights, shortlist: torch.Tensor | None = None,
-              soft_target_weight: float = 0.0):
+              soft_target_weight: float = 0.0, normaliser: torch.Tensor | None = None,
+              chunk_positions: int = LOSS_CHUNK_POSITIONS):
     """(weighted loss, accuracy): `(1 - s) * cross-entropy + s * KL(target || drafter)` per position,
-    s = `soft_target_weight` (the KL needs the batch's teacher states)."""
+    s = `soft_target_weight` (the KL needs the batch's teacher states), through the vocabulary head
+    in chunks of `chunk_positions` (`losses.head_loss`, which says what `normaliser` is for)."""
+    if soft_target_weight and batch.teacher is None:
+        raise ValueError("soft targets need the target's final hidden states: compute the features "
+                         "with with_final_hidden (train.soft_target_weight > 0 does)")
     hidden = drafter_hidden(drafter, target, batch.features, batch.tokens, batch.positions, batch.visible)
     where = batch.labels >= 0
     targets = batch.labels[where]
@@ -146,20 +183,10 @@ def step_loss(drafter, target, batch: TrainingBatch, weights, shortlist: torch.T
         vocab = torch.unique(torch.cat([shortlist, targets]))  # sorted, so labels map by searchsorted
         head = head[vocab]
         targets = torch.searchsorted(vocab, targets)
-    logits = F.linear(hidden[where], head).float()
-    losses = F.cross_entropy(logits, targets, reduction="none")
-    if soft_target_weight:
-        if batch.teacher is None:
-            raise ValueError("soft targets need the target's final hidden states: compute the features "
-                             "with with_final_hidden (train.soft_target_weight > 0 does)")
-        with torch.no_grad():
-            teacher_log_probs = F.log_softmax(F.linear(batch.teacher[where], head).float(), dim=-1)
-        kl = (teacher_log_probs.exp() * (teacher_log_probs - F.log_softmax(logits, dim=-1))).sum(-1)
-        losses = (1 - soft_target_weight) * losses + soft_target_weight * kl
-    w = weights.expand_as(batch.labels)[where]
-    loss = (losses * w).sum() / w.sum()
-    accuracy = (logits.argmax(-1) == targets).float().mean()
-    return loss, float(accuracy)
+    teacher = batch.teacher[where] if soft_target_weight else None
+    loss, correct = head_loss(hidden[where], head, targets, weights.expand_as(batch.labels)[where], teacher,
+                              soft_target_weight, normaliser, chunk_positions)
+    return loss, float(correct) / max(len(targets), 1)
 
 
 @torch.no_grad()
@@ -263,15 +290,15 @@ def training_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def training_hardware() -> str:
-    """Where the training steps run, in words (the model card says it)."""
-    import os
+def training_hardware(processes: int = 1) -> str:
+    """Where the training steps run, in words (the model card says it); `processes` data-parallel ones."""
     import platform
 
     cpu = f"a {os.cpu_count()}-core {platform.machine()} CPU"
     if training_device().type == "cuda":
-        return f"one {torch.cuda.get_device_name()} (validation on {cpu})"
-    return f"{cpu} (no GPU)"
+        gpus = "one" if processes == 1 else f"{processes} x"
+        return f"{gpus} {torch.cuda.get_device_name()} (validation on {cpu})"
+    return f"{cpu} (no GPU)" if processes == 1 else f"{processes} processes on {cpu} (no GPU)"
 
 
 def batch_to(batch: TrainingBatch, device: torch.device) -> TrainingBatch:
@@ -283,13 +310,18 @@ def batch_to(batch: TrainingBatch, device: torch.device) -> TrainingBatch:
 
 
 def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path,
-          total_minutes: float | None = None, more_minutes: float | None = None) -> DFlashDraftModel:
+          total_minutes: float | None = None, more_minutes: float | None = None,
+          workers: Workers | None = None) -> DFlashDraftModel:
     """Train (or resume) the recipe's drafter to `train.steps`; on a CUDA device when there is one (bf16
     autocast there, float32 on the CPU), validating on the CPU. It stops early, validated at the stop,
     once its training time (validation not counted) reaches `total_minutes` (equal budgets compare
-    recipes, and a resumed run keeps its budget) or `more_minutes` beyond what its checkpoint holds."""
+    recipes, and a resumed run keeps its budget) or `more_minutes` beyond what its checkpoint holds.
+
+    Under torchrun (`workers`, default `parallel.join()`) each process trains on its slice of every
+    global batch of `train.sequences_per_step` sequences; only the first one validates and writes."""
     if total_minutes is not None and more_minutes is not None:
         raise ValueError("train(): give total_minutes or more_minutes, not both")
+    workers = workers or join()
     cfg, shape = recipe.train, recipe.drafter
     train_set, validation = split_by_part(sequences)
     checkpoint = recipe.checkpoint_dir / "last.pt"
@@ -306,22 +338,24 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.95))
-    step, rng, elapsed, train_s = 0, random.Random(cfg.seed), 0.0, 0.0
+                                  betas=(0.9, 0.95), fused=device.type == "cuda")
+    step, elapsed, train_s = 0, 0.0, 0.0
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False, map_location=device)
         drafter.load_state_dict(state["drafter"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed, train_s = state["step"], state.get("elapsed_s", 0.0), state.get("train_s", 0.0)
-        rng.setstate(state["rng"])
+    model = drafter
+    if workers.world_size > 1:
+        model = DistributedDataParallel(TrainingForward(drafter), broadcast_buffers=False,
+                                        device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
     time_budget_s = (total_minutes * 60 if total_minutes is not None
                      else train_s + more_minutes * 60 if more_minutes is not None else None)
     mask_id = drafter.config.mask_token_id
-    weights = position_weights(shape.block_size, cfg.anchors_per_sequence, cfg.loss_decay)
+    weights = position_weights(shape.block_size, cfg.anchors_per_sequence, cfg.loss_decay, cfg.loss_gamma).to(device)
     supervised, trained_before = 0, train_s  # labelled block positions, and training time, since this run (re)started
     shortlist = vocabulary_shortlist(train_set, cfg.vocab_shortlist)
     shortlist = shortlist.to(device) if shortlist is not None else None
-    weights = weights.to(device)
 
     def learning_rate(s):
         if s < cfg.warmup_steps:
@@ -329,44 +363,72 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
         progress = (s - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=cfg.steps, initial=step, desc="train drafter", unit="step")
+    def batch_of(s: int) -> TrainingBatch:
+        """This process's slice of step `s`'s global batch, drawn from the step number alone: every process
+        agrees on it whatever their count, and a resumed run continues with the batches it would have had."""
+        rng = random.Random(f"{cfg.seed}:{s}")
+        chosen = rng.sample(train_set, cfg.sequences_per_step)
+        anchors = choose_anchors(chosen, rng, cfg.anchors_per_sequence)
+        return batch_for_anchors(workers.shard(chosen), workers.shard(anchors), cfg.anchors_per_sequence,
+                                 shape.block_size, mask_id, torch.float16, pin_memory=device.type == "cuda")
+
+    if workers.main:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train drafter", unit="step", disable=not workers.main)
     began = time.perf_counter() - elapsed
+    # The next batches are built on CPU threads while this one trains (copies from the memory-mapped
+    # features, which release the GIL): a big batch takes one thread longer than a GPU step.
+    ahead = max(1, min(4, (os.cpu_count() or 1) // (2 * workers.world_size)))
+    builder = ThreadPoolExecutor(max_workers=ahead)
+    upcoming = {s: builder.submit(batch_of, s) for s in range(step, min(step + ahead, cfg.steps))}
     while step < cfg.steps:
         step_began = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step)
-        batch = batch_to(make_batch(rng.sample(train_set, cfg.sequences_per_step), rng, cfg.anchors_per_sequence,
-                                    shape.block_size, mask_id, torch.float16), device)
+        batch = batch_to(upcoming.pop(step).result(), device)
+        if step + ahead < cfg.steps:
+            upcoming[step + ahead] = builder.submit(batch_of, step + ahead)
+        where = batch.labels >= 0
+        # The loss over the global batch: each process's weighted sum over the whole batch's weights.
+        normaliser = workers.sum(weights.expand_as(batch.labels)[where].sum()) / workers.world_size
         with autocast:
-            loss, accuracy = step_loss(drafter, heads, batch, weights, shortlist, cfg.soft_target_weight)
-        supervised += int((batch.labels >= 0).sum())
+            loss, accuracy = step_loss(model, heads, batch, weights, shortlist, cfg.soft_target_weight,
+                                       normaliser, cfg.loss_chunk_positions)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
         optimizer.step()
         step += 1
+        labelled = int(where.sum())
+        totals = workers.sum(torch.tensor([loss.item(), accuracy * labelled, labelled, time.perf_counter() - step_began],
+                                          dtype=torch.float64, device=device)).tolist()
+        train_s += totals[3] / workers.world_size  # the mean: every process stops at the same step
+        supervised += int(totals[2])
         now = time.perf_counter()
-        train_s += now - step_began
         out_of_time = time_budget_s is not None and train_s >= time_budget_s
-        record = {"step": step, "loss": round(loss.item(), 4), "accuracy": round(accuracy, 4),
-                  "lr": learning_rate(step - 1), "elapsed_s": round(now - began, 1), "train_s": round(train_s, 1),
+        record = {"step": step, "loss": round(totals[0] / workers.world_size, 4),
+                  "accuracy": round(totals[1] / max(totals[2], 1), 4), "lr": learning_rate(step - 1),
+                  "elapsed_s": round(now - began, 1), "train_s": round(train_s, 3), "positions": supervised,
                   "supervised_per_s": round(supervised / max(train_s - trained_before, 1e-9), 1)}
-        if step % cfg.validate_every == 0 or step == cfg.steps or out_of_time:
-            record.update(validate(drafter, target, validation, shape.block_size, cfg.validate_block_sizes))
-        with open(log_path, "a") as log:
-            log.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=record["loss"], acc=record["accuracy"], tau=record.get("val_replayed_acceptance_length", ""))
-        bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "rng": rng.getstate(), "elapsed_s": time.perf_counter() - began, "train_s": train_s,
-                        "config": asdict(cfg)}, checkpoint.with_suffix(".tmp"))
-            checkpoint.with_suffix(".tmp").rename(checkpoint)
+        if workers.main:
+            if validation and (step % cfg.validate_every == 0 or step == cfg.steps or out_of_time):
+                record.update(validate(drafter, target, validation, shape.block_size, cfg.validate_block_sizes))
+            with open(log_path, "a") as log:
+                log.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=record["loss"], acc=record["accuracy"],
+                            tau=record.get("val_replayed_acceptance_length", ""))
+            bar.update(1)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                            "elapsed_s": time.perf_counter() - began, "train_s": train_s,
+                            "config": asdict(cfg)}, checkpoint.with_suffix(".tmp"))
+                checkpoint.with_suffix(".tmp").rename(checkpoint)
         if out_of_time:
             break
+    builder.shutdown(cancel_futures=True)
     bar.close()
+    workers.barrier()  # the last checkpoint written before any process goes on
     parametrize.remove_parametrizations(drafter.fc, "weight", leave_parametrized=True)
     return drafter.cpu().eval().requires_grad_(False)
 
@@ -387,3 +449,49 @@ def validate(drafter: DFlashDraftModel, target: TargetModel, validation: list[Se
             else round(replayed_acceptance(on_cpu, target, validation, size), 4))
     on_cpu.train(was_training)
     return record
+
+
+def synthetic_sequences(recipe, target: TargetModel, count: int, prompt_len: int = 128, seed: int = 0) -> list[Sequence]:
+    """`count` training sequences of the recipe's shapes with random content: prompts of `prompt_len`
+    tokens, responses of `data.max_new_tokens`, tokens drawn from as many ids as the vocabulary
+    shortlist holds (so the loss's head has the size real data gives it), random float16 features
+    (views of one array: no memory per sequence); all in the training part of the split."""
+    from ..drafter import build_target_layer_ids
+
+    rng = np.random.default_rng(seed)
+    length = prompt_len + recipe.data.max_new_tokens
+    width = len(build_target_layer_ids(target.num_layers, recipe.drafter.num_target_features)) * target.hidden_size
+    features = rng.standard_normal((length + count, width), dtype=np.float32).astype(np.float16)
+    final = (rng.standard_normal((length + count, target.hidden_size), dtype=np.float32).astype(np.float16)
+             if recipe.train.soft_target_weight else None)
+    vocab = min(target.vocab_size, recipe.train.vocab_shortlist or target.vocab_size)
+    ids = (f"synthetic-{i}" for i in itertools.count())
+    return [Sequence(name, rng.integers(1, vocab, length), prompt_len, features[i: i + length],
+                     final[i: i + length] if final is not None else None)
+            for i, name in enumerate(itertools.islice((n for n in ids if prompt_part(n) == "drafter-train"), count))]
+
+
+def training_throughput(recipe, target: TargetModel, steps: int = 20, warmup: int = 3,
+                        workers: Workers | None = None) -> dict | None:
+    """Supervised positions per second that `train` reaches at the recipe's batch shape, drafter and
+    loss (synthetic sequences of its lengths: the rate depends on shapes, not on the text), over
+    `steps` steps after `warmup` (allocations, kernel choices). Under torchrun the rate is every
+    process's together; the first process gets the figures, the others None."""
+    workers = workers or join()
+    cfg = replace(recipe.train, steps=warmup + steps, init_from=None, checkpoint_every=10 ** 9,
+                  validate_every=10 ** 9)
+    sequences = synthetic_sequences(recipe, target, max(2 * cfg.sequences_per_step, 8))
+    with tempfile.TemporaryDirectory() as work:
+        log = Path(work) / "train_log.jsonl"
+        train(replace(recipe, work_dir=work, train=cfg), target, sequences, log, workers=workers)
+        if not workers.main:
+            return None
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+    first = records[warmup - 1] if warmup else {"positions": 0, "train_s": 0.0}
+    last = records[-1]
+    return {"supervised_positions_per_s": round((last["positions"] - first["positions"])
+                                                / max(last["train_s"] - first["train_s"], 1e-9), 1),
+            "steps": steps, "warmup_steps": warmup, "positions_per_step": round(last["positions"] / len(records)),
+            "sequences_per_step": cfg.sequences_per_step, "anchors_per_sequence": cfg.anchors_per_sequence,
+            "block_size": recipe.drafter.block_size, "num_layers": recipe.drafter.num_layers,
+            "hardware": training_hardware(workers.world_size)}
