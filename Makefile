@@ -15,7 +15,7 @@ SGL_BIN := $(SGL_VENV)/bin
 SGL_STAMP := $(SGL_VENV)/.installed
 
 .PHONY: install install-sglang demo test test-core test-sglang test-fast bench serve-bench serve-64 padding-cost step-costs step-costs-here linear-layouts \
-	calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare clean
+	calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare train-throughput clean
 
 install: $(STAMP)
 
@@ -149,6 +149,18 @@ drafter-compare: install drafter-v1-weights
 		--variant "soft:train.soft_target_weight=0.5,$(COMPARE_EVERY_VARIANT)" \
 		--variant "soft-early:train.soft_target_weight=0.5,drafter.block_size=4,train.anchors_per_sequence=64,$(COMPARE_EVERY_VARIANT)" \
 		$(COMPARE_MORE)
+
+# Training's supervised positions per second at a recipe's shapes (synthetic data: no stage before it),
+# the same command on a CPU and on a GPU; under `torchrun --nproc_per_node N` every process's together.
+# On a CPU, a small batch gives the figure in seconds:
+#   make train-throughput TRAIN_BENCH_STEPS=3 TRAIN_BENCH_SET="--set train.sequences_per_step=4 --set train.anchors_per_sequence=16"
+TRAIN_BENCH_CONFIG ?= configs/drafter-smollm2-v3-gpu.yaml
+TRAIN_BENCH_STEPS ?= 20
+TRAIN_BENCH_SET ?=
+train-throughput: install
+	$(BIN)/blockpilot prepare
+	$(BIN)/blockpilot train-drafter --config $(TRAIN_BENCH_CONFIG) --stage bench-train --steps $(TRAIN_BENCH_STEPS) \
+		$(TRAIN_BENCH_SET)
 
 clean:
 	rm -rf $(VENV) $(SGL_VENV) runs *.egg-info
