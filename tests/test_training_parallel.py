@@ -172,7 +172,8 @@ def test_chunked_head_loss_under_bf16_autocast_on_cuda(soft):
     (expected_grad,) = torch.autograd.grad(expected, hidden)
     on_gpu = hidden.detach().cuda().requires_grad_(True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss, _ = head_loss(on_gpu, head.cuda(), targets.cuda(), weights.cuda(), teacher.cuda(), soft, chunk_positions=64)
+        loss, _ = head_loss(on_gpu, head.cuda(), targets.cuda(), weights.cuda(), teacher.cuda(), soft,
+                            chunk_positions=64)
     loss.backward()
     assert abs(float(loss) - float(expected)) < 0.02 * float(expected)
     assert torch.allclose(on_gpu.grad.float().cpu(), expected_grad, atol=2e-3, rtol=0.05)

@@ -400,7 +400,8 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
         optimizer.step()
         step += 1
         labelled = int(where.sum())
-        totals = workers.sum(torch.tensor([loss.item(), accuracy * labelled, labelled, time.perf_counter() - step_began],
+        seconds = time.perf_counter() - step_began
+        totals = workers.sum(torch.tensor([loss.item(), accuracy * labelled, labelled, seconds],
                                           dtype=torch.float64, device=device)).tolist()
         train_s += totals[3] / workers.world_size  # the mean: every process stops at the same step
         supervised += int(totals[2])
@@ -451,7 +452,8 @@ def validate(drafter: DFlashDraftModel, target: TargetModel, validation: list[Se
     return record
 
 
-def synthetic_sequences(recipe, target: TargetModel, count: int, prompt_len: int = 128, seed: int = 0) -> list[Sequence]:
+def synthetic_sequences(recipe, target: TargetModel, count: int, prompt_len: int = 128,
+                        seed: int = 0) -> list[Sequence]:
     """`count` training sequences of the recipe's shapes with random content: prompts of `prompt_len`
     tokens, responses of `data.max_new_tokens`, tokens drawn from as many ids as the vocabulary
     shortlist holds (so the loss's head has the size real data gives it), random float16 features
