@@ -15,7 +15,7 @@ SGL_BIN := $(SGL_VENV)/bin
 SGL_STAMP := $(SGL_VENV)/.installed
 
 .PHONY: install install-sglang demo test test-core test-sglang test-fast bench serve-bench serve-64 padding-cost step-costs step-costs-here linear-layouts \
-	calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare train-throughput clean
+	calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare train-throughput data-throughput clean
 
 install: $(STAMP)
 
@@ -113,6 +113,13 @@ step-costs-here: install
 	$(BIN)/blockpilot prepare
 	$(BIN)/blockpilot step-costs --dtypes float32 --this-machine
 	$(BIN)/blockpilot step-costs --dtypes float32 --this-machine --cpu-weight-layouts 1
+
+# The drafter data stage's generated tokens/s (its batched generator), at a small scale; on a GPU machine
+# run the same command without the --set options (the recipe's batch of 512 rows).
+data-throughput: install
+	$(BIN)/blockpilot prepare
+	$(BIN)/blockpilot train-drafter --config configs/drafter-smollm2-v4-gpu.yaml --stage bench-data \
+		--set data.batch_size=4 --set data.max_new_tokens=16 --set data.instruction_max_tokens=16
 
 # The verify rule's calibration (held-apart prompts) and its held-out evaluation (MT-Bench, projected).
 calibrate-verify: install

@@ -231,20 +231,25 @@ def cmd_train_drafter(args) -> None:
     from .training import recipe as recipes
 
     recipe = recipes.DrafterRecipe.from_yaml(args.config)
+    if args.set:
+        recipe = recipes.with_overrides(recipe, recipes.parse_variant("set:" + ",".join(args.set))[1])
     if args.stage == "compare":
         if not args.variant:
             raise SystemExit("--stage compare needs at least one --variant NAME:section.field=value,...")
         recipes.run_compare_stage(recipe, args.variant, args.minutes or 20.0)
         return
-    if args.minutes and args.stage != "train":
-        raise SystemExit("--minutes applies to --stage train (a time budget) and --stage compare")
+    if args.minutes and args.stage not in ("train", "data"):
+        raise SystemExit("--minutes applies to --stage train and data (a time budget) and --stage compare")
+    if args.stage == "bench-data":
+        recipes.run_bench_data_stage(recipe)
+        return
     if args.stage == "bench-train":
         recipes.run_bench_train_stage(recipe, args.steps)
         return
     stages = ["data", "train", "eval"] if args.stage == "all" else [args.stage]
     for stage in stages:
-        if stage == "train":
-            recipes.run_train_stage(recipe, minutes=args.minutes)
+        if stage in ("train", "data"):
+            getattr(recipes, f"run_{stage}_stage")(recipe, minutes=args.minutes)
         else:
             getattr(recipes, f"run_{stage}_stage")(recipe)
 
@@ -327,14 +332,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train-drafter", help="train a DFlash drafter for a target (resumable stages)")
     p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/drafter-smollm2.yaml")
-    p.add_argument("--stage", choices=["data", "train", "eval", "all", "compare", "bench-train"], default="all",
+    p.add_argument("--stage", choices=["data", "train", "eval", "all", "compare", "bench-data", "bench-train"],
+                   default="all",
                    help="compare: train each --variant for --minutes on the same data, side by side; "
+                        "bench-data: print the data stage's generated tokens/s; "
                         "bench-train: print training's supervised positions/s (synthetic data)")
     p.add_argument("--steps", type=int, default=20, help="bench-train: steps timed, after 3 warm-up steps")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a recipe setting, e.g. --set data.batch_size=8 (repeatable)")
     p.add_argument("--variant", action="append", default=[],
                    help='compare stage: "NAME:train.soft_target_weight=0.7,drafter.block_size=4" (repeatable)')
     p.add_argument("--minutes", type=float, default=None,
                    help="train stage: stop (checkpointed, drafter saved) after this much more training time; "
+                        "data stage: stop adding responses after this long; "
                         "compare stage: training minutes per variant (default 20)")
     p.set_defaults(func=cmd_train_drafter)
 

@@ -33,18 +33,20 @@ def feature_dir(data_dir: Path, layer_ids: list[int], with_final_hidden: bool = 
     return data_dir / ("features-layers-" + "-".join(map(str, layer_ids)) + ("-final" if with_final_hidden else ""))
 
 
-def compute_features(target: TargetModel, data_dir: Path, layer_ids: list[int], batch_tokens: int = 4096,
-                     with_final_hidden: bool = False) -> Path:
-    """Features of every response shard not done yet; the shard's index file marks it complete.
+def compute_features(target: TargetModel, shards: list[Path], out_dir: Path, layer_ids: list[int],
+                     batch_tokens: int = 4096, with_final_hidden: bool = False) -> Path:
+    """Features of every response shard (`response_store` shards) not done yet into `out_dir`; the
+    shard's index file marks it complete.
 
     `with_final_hidden` stores the target's final hidden state after the layers' columns (soft targets,
-    ~25 % more disk), in its own directory."""
-    out_dir = feature_dir(data_dir, layer_ids, with_final_hidden)
+    ~25 % more disk); `feature_dir` gives such features a directory of their own."""
+    from .response_store import read_shard
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards = sorted(data_dir.glob("responses-*.jsonl"))
-    todo = [s for s in shards if not (out_dir / (s.stem.replace("responses", "features") + ".json")).exists()]
+    stem = lambda shard: shard.name.split(".")[0].replace("responses", "features")
+    todo = [s for s in shards if not (out_dir / f"{stem(s)}.json").exists()]
     for shard in tqdm(todo, desc="target features", unit="shard"):
-        rows = [json.loads(line) for line in shard.read_text().splitlines()]
+        rows = read_shard(shard)
         sequences = [r["prompt_ids"] + r["response_ids"] for r in rows]
         arrays = target.sequence_features(sequences, layer_ids, batch_tokens, with_final_hidden)
         index, offset = [], 0
@@ -52,10 +54,9 @@ def compute_features(target: TargetModel, data_dir: Path, layer_ids: list[int], 
             index.append({"id": row["id"], "offset": offset, "length": len(tokens),
                           "prompt_len": len(row["prompt_ids"]), "tokens": tokens})
             offset += len(tokens)
-        stem = shard.stem.replace("responses", "features")
-        np.save(out_dir / f"{stem}.npy", np.concatenate(arrays))
-        (out_dir / f"{stem}.json.part").write_text(json.dumps(index))
-        (out_dir / f"{stem}.json.part").rename(out_dir / f"{stem}.json")
+        np.save(out_dir / f"{stem(shard)}.npy", np.concatenate(arrays))
+        (out_dir / f"{stem(shard)}.json.part").write_text(json.dumps(index))
+        (out_dir / f"{stem(shard)}.json.part").rename(out_dir / f"{stem(shard)}.json")
     return out_dir
 
 

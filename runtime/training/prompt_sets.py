@@ -412,6 +412,86 @@ def self_question_prompts(question_rows: list[dict], tokenizer) -> list[PromptRe
     return records
 
 
+# Instructions the target writes itself, the Magpie way (arXiv 2406.08464): given only its chat
+# template's prefix up to where a user's message begins, a chat model writes a user's message; its
+# own answer to that is then a training response. Sampled, one seed per request id, so a later run
+# asks new ones by numbering on from the requests already made.
+def instruction_prefix(tokenizer) -> list[int]:
+    """Token ids of the chat template up to the user message's first character (system turn included)."""
+    marker = "\x00user message\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                         add_generation_prompt=False)
+    return tokenizer(text[: text.index(marker)], add_special_tokens=False)["input_ids"]
+
+
+def instruction_requests(first: int, count: int) -> list[PromptRecord]:
+    """Request ids `magpie-<n>` for n in first..first+count-1 (the prompt is the prefix itself)."""
+    return [PromptRecord(id=f"magpie-{n:07d}", prompt="") for n in range(first, first + count)]
+
+
+def next_instruction_request(ids) -> int:
+    """The first request number not used yet among the stored request ids."""
+    numbers = [int(i.split("-", 1)[1]) for i in ids if i.startswith("magpie-")]
+    return max(numbers, default=-1) + 1
+
+
+def normalised(text: str) -> str:
+    """Lower case, punctuation dropped, whitespace collapsed: two wordings of one text compare equal."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def written_instructions(rows: list[dict], tokenizer) -> list[PromptRecord]:
+    """The instructions the target wrote (rows of finished `magpie-` requests), cleaned: too short or
+    too long ones and repeats (by normalised text) dropped; ids from the normalised text."""
+    records, seen = [], set()
+    for row in rows:
+        if not row["id"].startswith("magpie-") or row["finish_reason"] != "eos":
+            continue
+        text = tokenizer.decode(row["response_ids"], skip_special_tokens=True).strip()
+        key = normalised(text)
+        if not 20 <= len(text) <= 1500 or len(key) < 12 or key in seen:
+            continue
+        seen.add(key)
+        records.append(PromptRecord(id=f"selfi-{zlib.crc32(key.encode()):08x}", prompt=text))
+    return records
+
+
+class HeldOut:
+    """MT-Bench (the evaluation set) kept out of training data: by prompt id, and by its wording,
+    exact or normalised (both turns of every question), also quoted inside a longer prompt."""
+
+    def __init__(self, turns: list[str] | None = None):
+        if turns is None:
+            from ..assets import mtbench_questions_path
+
+            turns = [t for line in mtbench_questions_path().read_text().splitlines() for t in json.loads(line)["turns"]]
+        self.wordings = {normalised(t) for t in turns}
+        # a wording of 8+ words found inside a prompt means a quotation; looked up by its first 8 words
+        self.openings = {tuple(w.split()[:8]): w for w in self.wordings if len(w.split()) >= 8}
+
+    def __contains__(self, record: PromptRecord) -> bool:
+        if record.id.startswith("mtbench"):
+            return True
+        texts = [record.prompt] if record.prompt else [m["content"] for m in record.messages or []]
+        for text in map(normalised, texts):
+            words = text.split()
+            if text in self.wordings or any(self.openings.get(tuple(words[i:i + 8]), "\x00") in text
+                                            for i in range(len(words) - 7)):
+                return True
+        return False
+
+
+def unique_records(records: list[PromptRecord], held_out: HeldOut) -> list[PromptRecord]:
+    """`records` without repeats (by normalised text, the first kept) and without held-out prompts."""
+    kept, seen = [], set()
+    for r in records:
+        key = normalised(r.prompt) if r.prompt else json.dumps(r.messages)
+        if key not in seen and r not in held_out:
+            seen.add(key)
+            kept.append(r)
+    return kept
+
+
 # Second turns of the kinds MT-Bench asks (shorten, rewrite, extend, explain): a multi-turn
 # conversation's second answer reads its first, which a drafter sees only in such data.
 FOLLOW_UPS = [

@@ -22,6 +22,16 @@ class DataConfig:
     question_temperature: float = 0.8
     question_samples: int = 1  # each distinct question request asked this many times (another seed each)
     follow_ups: bool = False  # + a second turn on each finished self-question answer (multi-turn data)
+    # instruction requests a run adds (Magpie): the target, given its chat template up to the user turn,
+    # writes a user's message (sampled), then answers it (greedy); numbered on from earlier runs' requests
+    instructions: int = 0
+    instruction_temperature: float = 1.0
+    instruction_max_tokens: int = 128
+    # where the responses are kept (a ResponseStore), relative to the repository root: a folder that a
+    # fresh clone has and each run adds to; null: work_dir/data
+    store: str | None = None
+    check_every: int = 8  # generation steps between looks for finished rows (each look waits for the device)
+    device_dtype: str = "bfloat16"  # the target's dtype for generating on a GPU (the CPU runs `dtype`)
     # SHA-256 (16 hex) of `training_prompts()` as built when the recipe was made: the set depends on
     # the interpreter's standard library, so a rebuild checks it (prompt_sets.check_prompt_set).
     prompt_set_sha256: str | None = None
@@ -90,50 +100,101 @@ class DrafterRecipe:
         return Path(self.work_dir) / "data"
 
     @property
+    def store_dir(self) -> Path:
+        return Path(self.data.store) if self.data.store else self.data_dir
+
+    @property
     def checkpoint_dir(self) -> Path:
         return Path(self.work_dir) / "checkpoints"
 
 
-def run_data_stage(recipe: DrafterRecipe) -> None:
-    from ..assets import ensure_default_model
-    from ..config import EngineConfig, build_engine
-    from ..target import TargetModel
-    from .datagen import DeviceGenerator, generate_responses, read_responses
-    from .train_drafter import training_device
-    from .prompt_sets import (check_prompt_set, follow_up_prompts, prompt_part, question_requests,
-                              self_question_prompts, training_prompts)
+def run_data_stage(recipe: DrafterRecipe, minutes: float | None = None) -> None:
+    """The target's responses added to the recipe's store, most wanted first (a run cut short by
+    `minutes` keeps what it made, and the next run continues): answers to instructions the target
+    writes itself, then second turns on them, then the stdlib-built training prompts. MT-Bench's
+    prompts and wordings are kept out, repeats (by normalised text) dropped."""
+    import time
 
+    from ..prompts import encode_prompt
+    from .datagen import append_responses
+    from .prompt_sets import (HeldOut, check_prompt_set, follow_up_prompts, instruction_prefix, instruction_requests,
+                              next_instruction_request, prompt_part, question_requests, self_question_prompts,
+                              training_prompts, unique_records, written_instructions)
+    from .response_store import ResponseStore
+
+    deadline = time.monotonic() + minutes * 60 if minutes else None
     prompts = training_prompts()
     check_prompt_set(prompts, recipe.data.prompt_set_sha256, "drafter recipe data.prompt_set_sha256")
-    device = training_device()
-    if device.type == "cuda":  # a GPU: the HF model's batched generate, a shard at a time
-        engine = DeviceGenerator(TargetModel.load(recipe.model or ensure_default_model(), recipe.dtype).to(device))
-    else:
-        engine = build_engine(EngineConfig(model=recipe.model, drafter=None, dtype=recipe.dtype,
-                                           max_batch_size=recipe.data.batch_size))
+    generator = _data_generator(recipe)
+    target, data = generator.target, recipe.data
+    tokenizer = target.tokenizer
+    fingerprint = target.weights_fingerprint()
+    store = ResponseStore(recipe.store_dir, target=fingerprint)
+    asked = ResponseStore(recipe.store_dir / "instructions", unique_prompts=False, target=fingerprint)
+    before = len(store)
+    chunk = data.batch_size * 4
+    generate = partial(append_responses, generator, chunk=chunk, deadline=deadline)
+    chat = partial(encode_prompt, tokenizer)
+    held_out = HeldOut()
     # The policy's prompts are never the drafter's: their responses would go unused here.
-    records = [r for r in prompts if prompt_part(r.id) != "policy"]
-    if recipe.data.num_prompts:
-        records = records[: recipe.data.num_prompts]
-    generate = partial(generate_responses, engine, max_new_tokens=recipe.data.max_new_tokens,
-                       shard_size=recipe.data.batch_size * 2)
-    added = 0
-    if recipe.data.self_questions:
-        questions_dir = recipe.data_dir / "self-questions"
-        generate(question_requests(recipe.data.self_questions, samples=recipe.data.question_samples), questions_dir,
-                 max_new_tokens=64, temperature=recipe.data.question_temperature)
-        tokenizer = engine.target.tokenizer
-        asked = [r for r in self_question_prompts(read_responses(questions_dir), tokenizer)
-                 if prompt_part(r.id) != "policy"]
-        # The chat-like data first, so a data stage cut short (it resumes) has the kinds that matter most.
-        added += generate(asked, recipe.data_dir)
-        if recipe.data.follow_ups:
-            texts = {r.id: r.prompt for r in asked}
-            answers = [row for row in read_responses(recipe.data_dir) if row["id"] in texts]
-            second_turns = [r for r in follow_up_prompts(answers, texts, tokenizer) if prompt_part(r.id) != "policy"]
-            added += generate(second_turns, recipe.data_dir)
-    added += generate(records, recipe.data_dir)
-    print(f"data: {added} new responses in {recipe.data_dir}")
+    drafter_only = lambda records: [r for r in unique_records(records, held_out) if prompt_part(r.id) != "policy"]
+
+    if data.instructions:
+        prefix = instruction_prefix(tokenizer)
+        requests = instruction_requests(next_instruction_request(asked.ids()), data.instructions)
+        generate(requests, asked, lambda r: prefix, max_new_tokens=data.instruction_max_tokens,
+                 temperature=data.instruction_temperature)
+    if data.self_questions:
+        generate(question_requests(data.self_questions, samples=data.question_samples), asked, chat,
+                 max_new_tokens=64, temperature=data.question_temperature)
+    written = asked.rows()
+    instructions = drafter_only(written_instructions(written, tokenizer) + self_question_prompts(written, tokenizer))
+    generate(instructions, store, chat, max_new_tokens=data.max_new_tokens)
+    if data.follow_ups:
+        texts = {r.id: r.prompt for r in instructions}
+        answers = [row for row in store.rows() if row["id"] in texts]
+        generate(drafter_only(follow_up_prompts(answers, texts, tokenizer)), store, chat,
+                 max_new_tokens=data.max_new_tokens)
+    records = drafter_only(prompts)
+    generate(records[: data.num_prompts] if data.num_prompts else records, store, chat,
+             max_new_tokens=data.max_new_tokens)
+    print(f"data: {len(store) - before} new responses, {len(store)} in all in {recipe.store_dir} "
+          f"({len(asked)} instruction requests made)")
+
+
+def _data_generator(recipe: DrafterRecipe):
+    """The batched generator over the recipe's target: on a GPU in `data.device_dtype`, else on the CPU."""
+    from ..assets import ensure_default_model
+    from ..target import TargetModel
+    from .datagen import DeviceGenerator
+    from .train_drafter import training_device
+
+    device = training_device()
+    dtype = recipe.data.device_dtype if device.type == "cuda" else recipe.dtype
+    target = TargetModel.load(recipe.model or ensure_default_model(), dtype).to(device)
+    return DeviceGenerator(target, batch_size=recipe.data.batch_size, check_every=recipe.data.check_every)
+
+
+def run_bench_data_stage(recipe: DrafterRecipe) -> dict:
+    """Generated tokens/s of the data stage's generator, printed: answers (greedy) to 2 x `data.batch_size`
+    training prompts at `data.max_new_tokens`, and instructions the target writes itself (sampled)."""
+    from ..prompts import encode_prompt
+    from .datagen import measure_throughput
+    from .prompt_sets import instruction_prefix, training_prompts
+
+    generator = _data_generator(recipe)
+    target, data = generator.target, recipe.data
+    count = 2 * data.batch_size  # the refill path too: half the prompts start in freed slots
+    prompts = [ids for ids in (encode_prompt(target.tokenizer, r) for r in training_prompts()[: 2 * count])
+               if len(ids) <= 768][:count]
+    figures = {"answers": measure_throughput(generator, prompts, data.max_new_tokens),
+               "instructions": measure_throughput(generator, [instruction_prefix(target.tokenizer)] * count,
+                                                  data.instruction_max_tokens, data.instruction_temperature)}
+    where = f"{target.device.type}, {str(target.dtype).removeprefix('torch.')}, batch {data.batch_size}"
+    for kind, f in figures.items():
+        print(f"{kind}: {f['tokens_per_s']:.0f} generated tokens/s ({f['generated_tokens']} tokens, "
+              f"{f['prompts']} prompts, {f['seconds']:.1f} s; {where})")
+    return figures
 
 
 def run_train_stage(recipe: DrafterRecipe, minutes: float | None = None) -> None:
@@ -196,18 +257,20 @@ def _training_data(recipe: DrafterRecipe, with_final_hidden: bool):
     from ..assets import ensure_default_model
     from ..drafter import build_target_layer_ids
     from ..target import TargetModel
-    from .features import compute_features, load_sequences
+    from .features import compute_features, feature_dir, load_sequences
+    from .response_store import ResponseStore
     from .train_drafter import training_device
 
     target = TargetModel.load(recipe.model or ensure_default_model(), recipe.dtype)
     layer_ids = build_target_layer_ids(target.num_layers, recipe.drafter.num_target_features)
     device = training_device()  # features on a GPU in bigger batches; the target then returns to the CPU,
-    feature_dir = compute_features(target.to(device), recipe.data_dir, layer_ids,  # where training validates
-                                   batch_tokens=32768 if device.type == "cuda" else 4096,
-                                   with_final_hidden=with_final_hidden)
-    sequences = load_sequences(feature_dir, target.to("cpu").hidden_size)
+    out_dir = feature_dir(recipe.data_dir, layer_ids, with_final_hidden)  # where training validates
+    shards = ResponseStore(recipe.store_dir).shards()
+    compute_features(target.to(device), shards, out_dir, layer_ids, batch_tokens=32768 if device.type == "cuda" else 4096,
+                     with_final_hidden=with_final_hidden)
+    sequences = load_sequences(out_dir, target.to("cpu").hidden_size)
     if not sequences:
-        raise ValueError(f"no training data in {recipe.data_dir}: run the data stage first")
+        raise ValueError(f"no training data in {recipe.store_dir}: run the data stage first")
     return target, sequences
 
 
