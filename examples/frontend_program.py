@@ -9,11 +9,15 @@ sampling params from ``SglSamplingParams.to_srt_kwargs()`` alone (sglang/lang/ir
 sglang/lang/backend/runtime_endpoint.py in 0.5.23). So every ``gen`` here gets the server's choice,
 made by the policy right after that request's prefill, and its ``meta_info`` says which. To name a
 size, use /generate, the OpenAI endpoints (openai_chat.py) or ``sgl.Engine`` (offline_batch.py).
+
+A server that cannot be reached, or that refuses the program's requests, ends it with one line saying
+why, and exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import sglang as sgl
 
@@ -66,4 +70,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, RuntimeError) as err:  # requests' connection errors are OSErrors; a refusal a RuntimeError
+        print(f"frontend_program.py: {err.__class__.__name__}: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(1)

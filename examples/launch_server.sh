@@ -15,7 +15,7 @@
 #   BLOCKPILOT_POLICY       policy .onnx, or "none" (default: blockpilot_policy.onnx beside the drafter, if there)
 #   BLOCKPILOT_BLOCK_SIZES  candidate range, e.g. 12-20 (default: 2 up to the drafter's / policy's largest size)
 #   BLOCKPILOT_PAD_TO       batch | server (default: batch on CPU, server on GPU, see below)
-# The plugin reads the BLOCKPILOT_* variables itself, in every SGLang process (plugins/sglang/per_request.py).
+# The plugin reads the BLOCKPILOT_* variables itself, in every SGLang process (plugins/sglang/settings.py).
 #
 # CPU needs the venv prepared by .ci/install_sglang_cpu.sh (torchvision and sgl_kernel start-up fixes);
 # the flags below are the ones docs/sglang-cpu-notes.md measured. GPU: pip install "blockpilot[sglang,gpu]",

@@ -1,7 +1,12 @@
 """A chat completion through the ``openai`` client against a BlockPilot server, naming its block size.
 
     examples/launch_server.sh &
-    python examples/openai_chat.py [--base-url http://127.0.0.1:30000/v1] [--block-size 8 | off | auto]
+    python examples/openai_chat.py [--base-url http://127.0.0.1:30000/v1] [--block-size 3 | off | auto]
+
+``--block-size`` defaults to the shipped drafter's training size (its config.json), which a server
+running that drafter always accepts; another server's range may differ. A request the server refuses
+(HTTP 400: a size outside its range, ...) or a server that cannot be reached ends with one line
+saying why, and exit status 1.
 
 SGLang's chat endpoint takes ``custom_params`` as a top-level field of the request body and puts it into
 the request's sampling params (``ChatCompletionRequest.custom_params`` and ``to_sampling_params`` in
@@ -13,6 +18,8 @@ sglang/srt/entrypoints/openai/protocol.py), where BlockPilot reads ``blockpilot_
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 PROMPT = "Write a Python function that returns the factorial of n."
 
@@ -34,15 +41,44 @@ def chat(base_url: str, messages: list[dict], block_size=None, max_tokens: int =
 
 
 def block_size_arg(text: str):
-    return text if text in ("off", "auto") else int(text)
+    if text in ("off", "auto"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an integer, 'off' or 'auto', not {text!r}") from None
+
+
+def shipped_block_size():
+    """The shipped drafter's training block size, inside the range of every server that runs it; None
+    (the server's choice) where BlockPilot is not installed beside this client."""
+    try:
+        from blockpilot.runtime.assets import DEFAULT_DRAFTER_DIR
+    except ImportError:
+        return None
+    return int(json.loads((DEFAULT_DRAFTER_DIR / "config.json").read_text())["block_size"])
+
+
+def refusal(err) -> str:
+    """One line for an error of the ``openai`` client: the server's own message where it sent one."""
+    import openai
+
+    if isinstance(err, openai.APIStatusError):
+        body = err.body if isinstance(err.body, dict) else {}
+        message = body.get("message") or (body.get("error") or {}).get("message") or err.message
+        return f"the server refused the request (HTTP {err.status_code}): {' '.join(str(message).split())}"
+    if isinstance(err, openai.APIConnectionError):
+        return f"cannot reach the server at {err.request.url} ({err.__class__.__name__}): is it running?"
+    return f"{err.__class__.__name__}: {' '.join(str(err).split())}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-url", default="http://127.0.0.1:30000/v1")
     parser.add_argument("--prompt", default=PROMPT)
-    parser.add_argument("--block-size", type=block_size_arg, default=8,
-                        help="this request's block size: an integer in the server's range, 'off' or 'auto'")
+    parser.add_argument("--block-size", type=block_size_arg, default=shipped_block_size(),
+                        help="this request's block size: an integer in the server's range, 'off' or 'auto' "
+                             "(default: the shipped drafter's training size)")
     parser.add_argument("--max-tokens", type=int, default=128)
     return parser.parse_args(argv)
 
@@ -60,4 +96,10 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import openai
+
+    try:
+        main()
+    except openai.OpenAIError as err:
+        print(f"openai_chat.py: {refusal(err)}", file=sys.stderr)
+        sys.exit(1)
