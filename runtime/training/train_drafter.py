@@ -347,7 +347,7 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
         step, elapsed, train_s = state["step"], state.get("elapsed_s", 0.0), state.get("train_s", 0.0)
     model = drafter
     if workers.world_size > 1:
-        model = DistributedDataParallel(TrainingForward(drafter), broadcast_buffers=False,
+        model = DistributedDataParallel(TrainingForward(drafter),
                                         device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
     time_budget_s = (total_minutes * 60 if total_minutes is not None
                      else train_s + more_minutes * 60 if more_minutes is not None else None)
