@@ -40,6 +40,22 @@ def test_top_k_and_top_p_limits():
         assert sample_from_logits(logits, SamplingParams(temperature=1.0, top_k=1), g).item() == 1
         assert sample_from_logits(logits, SamplingParams(temperature=1.0, top_p=0.01), g).item() == 1
         assert sample_from_logits(logits, SamplingParams(temperature=1.0, top_k=2), g).item() in (1, 2)
+        # min-p 0.3: kept where p >= 0.3 * p_max (tokens 1 and 2: e^-1 = 0.37; token 0: e^-2 = 0.14)
+        assert sample_from_logits(logits, SamplingParams(temperature=1.0, min_p=0.3), g).item() in (1, 2)
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingParams(min_p=1.5)
+
+
+def test_the_filtered_distribution_renormalises_what_each_limit_keeps():
+    from blockpilot.runtime.sampling import filtered_probs
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    kept, ids = filtered_probs(logits, torch.tensor([1.0, 1.0]), torch.tensor([0, 3]), torch.tensor([0.9, 1.0]),
+                               torch.tensor([0.0, 0.0]))
+    probs = torch.softmax(logits[0], dim=-1)
+    # row 0: top-p 0.9 keeps tokens 1, 2 and 0 (the mass before token 3 is 0.95 > 0.9: dropped)
+    assert ids[0, :3].tolist() == [1, 2, 0] and torch.allclose(kept[0, :3], probs[[1, 2, 0]]) and kept[0, 3] == 0
+    assert (kept[1] > 0).sum() == 3  # top-k 3 of four equal tokens
 
 
 def exact_distribution(target, prompt, length, temperature):
