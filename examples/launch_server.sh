@@ -46,9 +46,18 @@ fi
 if [[ "$DEVICE" == cpu ]]; then
     # SGLang takes its CPU path only with SGLANG_USE_CPU_ENGINE=1. float32: the bf16 draft attention
     # calls a Triton kernel. --sleep-on-idle: an idle scheduler otherwise busy-polls a whole core.
+    # --mem-fraction-static: SGLang's static budget is that fraction of the memory free now, and a
+    # fixed one fails on a busier machine; this one covers both models' weights, the KV cache of
+    # --max-total-tokens and some headroom (LocalServer's rule; a --mem-fraction-static given below wins).
     export SGLANG_USE_CPU_ENGINE=1
+    MEM_FRACTION=$("$PYTHON" -c 'import sys
+from blockpilot.plugins.sglang.local_server import cpu_mem_fraction
+try:
+    print(cpu_mem_fraction(sys.argv[1], ["--speculative-draft-model-path", sys.argv[2]]))
+except RuntimeError as err:
+    sys.exit(f"launch_server.sh: {err}")' "$MODEL" "$DRAFTER")
     device_args=(--device cpu --attention-backend torch_native --dtype float32
-                 --max-total-tokens 8192 --mem-fraction-static 0.05 --sleep-on-idle)
+                 --max-total-tokens 8192 --mem-fraction-static "$MEM_FRACTION" --sleep-on-idle)
 else
     # FlashInfer for the target and (resolved from it by the plugin) the draft. CUDA graphs are on by
     # default and captured at the server's width, the top of the block-size range; the plugin then pads

@@ -54,11 +54,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def engine_kwargs(device: str) -> dict:
+def engine_kwargs(device: str, model: str, drafter: str) -> dict:
     """ServerArgs beyond the model and drafter: examples/launch_server.sh's, per device."""
     if device == "cpu":
+        from blockpilot.plugins.sglang.local_server import cpu_mem_fraction
+
+        # SGLang's static budget is a fraction of the memory free now: one that covers both models'
+        # weights and the KV cache here, not a fixed one that fails on a busier machine
+        fraction = cpu_mem_fraction(model, ["--speculative-draft-model-path", drafter])
         return dict(device="cpu", attention_backend="torch_native", dtype="float32", max_total_tokens=8192,
-                    mem_fraction_static=0.05, sleep_on_idle=True)
+                    mem_fraction_static=fraction, sleep_on_idle=True)
     return dict(attention_backend="flashinfer")
 
 
@@ -135,8 +140,8 @@ def main(argv=None) -> list[dict]:
 
     try:
         engine = sgl.Engine(model_path=model, speculative_algorithm="blockpilot",
-                            speculative_draft_model_path=drafter, **engine_kwargs(args.device))
-    except ValueError as err:  # BlockPilot's start-up refusals: drafter, policy, settings
+                            speculative_draft_model_path=drafter, **engine_kwargs(args.device, model, drafter))
+    except (ValueError, RuntimeError) as err:  # BlockPilot's start-up refusals (drafter, policy, settings), memory
         raise BatchError(" ".join(str(err).split())) from None
     try:
         (low, high), allow = engine_size_range()

@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 
-PROMPT = "Write a Python function that returns the factorial of n."
+PROMPT = "List the planets of the solar system in order."
 
 
 def chat(base_url: str, messages: list[dict], block_size=None, max_tokens: int = 128, model: str = "default",

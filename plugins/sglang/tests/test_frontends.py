@@ -1,11 +1,17 @@
 """The programs in examples/ end to end on CPU, each with ``--speculative-algorithm blockpilot`` and
 each checked against transformers' greedy output: an offline ``sgl.Engine`` batch job
-(offline_batch.py), an SGLang frontend-language program (frontend_program.py) and an OpenAI-client
-chat completion with its own block size (openai_chat.py). Skipped without sglang, openai or the
-prepared default model; slow (one engine, then one server, never both at once).
+(offline_batch.py, with a request it must refuse while serving the others), an SGLang
+frontend-language program (frontend_program.py) and an OpenAI-client chat completion with its own
+block size (openai_chat.py). Skipped without sglang, openai or the prepared default model; slow (one
+engine, then one server, never both at once).
 
-The drafter, its random policy, the prompts and transformers' greedy reference are test_server.py's
-fixtures, imported from there with its server helper.
+The server of the client examples is examples/launch_server.sh run as examples/README.md writes it
+(test_documented_commands.DocumentedServer: the shipped drafter and policy, the script's own flags,
+the per-step verify rule as a user gets it), and examples/README.md's client commands run against it
+as written, but for the server's address.
+
+The drafter, its random policy, the prompts and transformers' greedy reference are the session
+fixtures of conftest.py, with test_server.py's constants.
 
 The engine runs in a child process, through the example's own command line: ``sgl.Engine`` in the
 pytest process would kill every child of pytest when it shuts down (``Engine.shutdown`` calls
@@ -39,8 +45,15 @@ from test_server import (  # noqa: E402  (the shared fixtures are conftest.py's)
     REQUEST_TIMEOUT,
     START_TIMEOUT,
     TEXTS,
-    Server,
     assert_greedy_equal,
+)
+from test_documented_commands import (  # noqa: E402
+    EXAMPLE_CLIENTS,
+    SGLANG,
+    DocumentedServer,
+    assert_ran,
+    run_documented,
+    scratch_checkout,
 )
 
 pytestmark = pytest.mark.slow
@@ -96,12 +109,14 @@ def assert_text_equal(target, got: str, tokens, margins, what: str) -> None:
 
 # ---- (a) sgl.Engine: examples/offline_batch.py ------------------------------------------------------
 OFFLINE_SIZES = [None, 7, 1, None]  # None: the policy chooses; 1: no speculation
+REFUSED_SIZE = 17  # past the test drafter's range (2-16): refused, by id, while the others are served
 
 
 def test_offline_batch_engine_is_lossless(target, drafter_dir, policy, reference, tmp_path):
     choices, margins = policy
     lines = [{"id": f"p{i}", "prompt": TEXTS[i], **({} if size is None else {"block_size": size})}
              for i, size in enumerate(OFFLINE_SIZES)]
+    lines.insert(2, {"id": "too-wide", "prompt": TEXTS[0], "block_size": REFUSED_SIZE})
     prompt_file, output = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
     prompt_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
     env = {key: value for key, value in os.environ.items() if key not in SERVER_SETTINGS}
@@ -111,13 +126,20 @@ def test_offline_batch_engine_is_lossless(target, drafter_dir, policy, reference
                "--prompts", str(prompt_file), "--output", str(output),
                "--max-new-tokens", str(MAX_NEW_TOKENS), "--ignore-eos"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=START_TIMEOUT + REQUEST_TIMEOUT)
-    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    assert "tokens/s" in done.stdout, done.stdout
+    # exit status 1: a request was refused, the others served
+    assert done.returncode == 1, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    assert "tokens/s" in done.stdout and "1 refused" in done.stdout, done.stdout
+    assert "Traceback" not in done.stderr, done.stderr[-6000:]
     fallbacks = [line for line in (done.stdout + done.stderr).splitlines() if any(m in line for m in FALLBACK_LINES)]
     assert not fallbacks, fallbacks
 
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert [row["id"] for row in rows] == [line["id"] for line in lines]
+    refused = rows.pop(2)  # named with the field and the values allowed, on stderr and in the output
+    reason = f"blockpilot_block_size must be 1 or 'off' (no speculation), 2..16, or 'auto'; got {REFUSED_SIZE}"
+    error = f"request 'too-wide' (\"block_size\": {REFUSED_SIZE}): {reason}"
+    assert refused == {"id": "too-wide", "error": error}, refused
+    assert f"refused: {refused['error']}" in done.stderr.splitlines(), done.stderr[-3000:]
     for i, (size, row) in enumerate(zip(OFFLINE_SIZES, rows)):
         assert_greedy_equal(row["output_ids"], *reference[i], f"engine, prompt {i} at block size {size}")
         assert row["completion_tokens"] == MAX_NEW_TOKENS and row["accept_length"] >= 1, row
@@ -129,31 +151,45 @@ def test_offline_batch_engine_is_lossless(target, drafter_dir, policy, reference
             assert (row["block_size"], row["block_source"]) == (size, "request"), row
 
 
-# ---- (b), (c): one BLOCKPILOT server for both client examples ----------------------------------------
+# ---- (b), (c): one BLOCKPILOT server for both client examples: examples/launch_server.sh, as written --------
 @pytest.fixture(scope="module")
-def served(drafter_dir, policy, tmp_path_factory):
-    """(server, the policy's candidate sizes): the shipped drafter with the shipped policy beside it
-    (what a user gets by default), else the test drafter with its random policy. Started after the
-    engine test is done."""
-    import json as _json
-
+def served(tmp_path_factory):
+    """(server, the shipped policy's candidate sizes): what a user gets from examples/launch_server.sh,
+    the shipped drafter with the shipped policy beside it. Started after the engine test is done."""
     from blockpilot.runtime.assets import DEFAULT_DRAFTER_DIR, DEFAULT_POLICY_PATH
     from blockpilot.runtime.policy import METADATA_KEYS, read_policy_file
 
-    if (DEFAULT_DRAFTER_DIR / "config.json").is_file() and DEFAULT_POLICY_PATH.is_file():
-        drafter, candidates = DEFAULT_DRAFTER_DIR, _json.loads(
-            read_policy_file(DEFAULT_POLICY_PATH)[1][METADATA_KEYS["candidates"]])
-    else:
-        drafter, candidates = drafter_dir[0], CANDIDATES
-    log = tmp_path_factory.mktemp("logs") / "frontends.log"
-    server = Server(log, ["--speculative-algorithm", "blockpilot", "--speculative-draft-model-path", str(drafter)])
+    assert (DEFAULT_DRAFTER_DIR / "config.json").is_file() and DEFAULT_POLICY_PATH.is_file(), "no shipped drafter"
+    candidates = json.loads(read_policy_file(DEFAULT_POLICY_PATH)[1][METADATA_KEYS["candidates"]])
+    logs = tmp_path_factory.mktemp("logs")
+    server = DocumentedServer(logs / "launch_server.log", scratch_checkout(logs / "checkout"))
     try:
-        server.wait_ready()
+        server.wait_ready(START_TIMEOUT)
         yield server, candidates
-        fallbacks = server.fallbacks()
+        fallbacks = [line for line in server.text().splitlines() if any(m in line for m in FALLBACK_LINES)]
     finally:
         server.stop()
     assert not fallbacks, fallbacks  # no request of these tests asked for one
+
+
+@pytest.mark.parametrize("key", list(EXAMPLE_CLIENTS))
+def test_documented_client_command_runs_as_written(served, key, tmp_path):
+    server, _ = served
+    done = run_documented(key, SGLANG, scratch_checkout(tmp_path), REQUEST_TIMEOUT, server.placeholders())
+    assert_ran(key, done, EXAMPLE_CLIENTS[key])
+
+
+def test_openai_chat_refusal_is_one_line(served):
+    """A size outside the server's range: the server's reason in one line, exit status 1, no traceback."""
+    server, _ = served
+    done = subprocess.run([sys.executable, str(EXAMPLES / "openai_chat.py"), "--base-url", server.url + "/v1",
+                           "--block-size", "99", "--max-tokens", "4"], capture_output=True, text=True,
+                          timeout=REQUEST_TIMEOUT)
+    assert done.returncode == 1 and done.stdout == "", (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("openai_chat.py: the server refused the request (HTTP 400): "
+                                                   "blockpilot_block_size must be 1 or 'off'"), done.stderr
+    assert lines[0].endswith("got 99"), lines
 
 
 def test_frontend_program_is_lossless(served, target):
@@ -189,4 +225,5 @@ def test_openai_chat_honours_its_block_size(served, target, prompts, reference):
     assert reply == decode(target, ids), (reply, ids)
     meta = choice["meta_info"]  # return_meta_info: the /generate meta_info, BlockPilot's fields included
     assert (meta["blockpilot_block_size"], meta["blockpilot_block_source"]) == (size, "request"), meta
-    assert meta["spec_num_proposed_drafts"] == meta["spec_verify_ct"] * (size - 1), meta  # its own width's drafts
+    # at most its own width's drafts per step (the per-step rule may draft fewer), never the server's width's
+    assert 0 < meta["spec_num_proposed_drafts"] <= meta["spec_verify_ct"] * (size - 1), meta
