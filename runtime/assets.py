@@ -61,24 +61,45 @@ def machine_name() -> str:
     return name or platform.processor() or platform.machine() or "unknown"
 
 
-def machine_slug() -> str:
-    """`machine_name` as a folder name."""
-    return re.sub(r"[^A-Za-z0-9]+", "-", machine_name()).strip("-").lower() or "unknown"
+@functools.cache
+def gpu_name(device: str = "cuda") -> str:
+    """The GPU model of a CUDA device, as the driver names it ("NVIDIA H100 80GB HBM3")."""
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device))
 
 
-def machine_step_costs_path(shipped_table: Path) -> Path:
+def device_name(device: str = "cpu") -> str:
+    """What a device's measurements are keyed by: the CPU model for the CPU (`machine_name`), the GPU
+    model for a CUDA device (a step on a GPU costs what that GPU model makes it cost, whatever CPU
+    drives it)."""
+    return gpu_name(str(device)) if str(device).startswith("cuda") else machine_name()
+
+
+def machine_slug(device: str = "cpu") -> str:
+    """`device_name` as a folder name."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower() or "unknown"
+
+
+def machine_step_costs_path(shipped_table: Path, device: str = "cpu") -> Path:
     """Where this machine's own measurement of a shipped step-cost table lives (`blockpilot step-costs
     --this-machine`): read instead of the shipped one when present."""
-    return cache_dir() / "step-costs" / machine_slug() / Path(shipped_table).name
+    return cache_dir() / "step-costs" / machine_slug(device) / Path(shipped_table).name
 
 
-def step_costs_for_this_machine(shipped_table: Path) -> Path | None:
-    """The table to price a shipped pair's steps with on this machine: its own measurement (the cache
-    folder), else one shipped for this CPU model (`machines/<cpu>/` beside the default table), else
-    the default table; None if none exists."""
+def shipped_machine_step_costs_path(shipped_table: Path, device: str = "cpu") -> Path:
+    """Where a table measured on this CPU or GPU model ships: `machines/<model>/` beside the default table."""
     shipped_table = Path(shipped_table)
-    for path in (machine_step_costs_path(shipped_table),
-                 shipped_table.parent / "machines" / machine_slug() / shipped_table.name, shipped_table):
+    return shipped_table.parent / "machines" / machine_slug(device) / shipped_table.name
+
+
+def step_costs_for_this_machine(shipped_table: Path, device: str = "cpu") -> Path | None:
+    """The table to price a shipped pair's steps with on this machine's `device`: its own measurement
+    (the cache folder), else one shipped for this CPU or GPU model, else the default table (measured on
+    a CPU); None if none exists."""
+    shipped_table = Path(shipped_table)
+    for path in (machine_step_costs_path(shipped_table, device), shipped_machine_step_costs_path(shipped_table, device),
+                 shipped_table):
         if path.is_file():
             return path
     return None

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .assets import device_name
 from .engine import SpeculativeEngine
 from .prompts import PromptRecord, encode_prompt
 from .requests import GenerationRequest
@@ -155,6 +156,7 @@ def _summarise(engine, records, variants, runs, tokens, per_prompt, repeats, max
             "prompts": len(records), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
             "repeats": repeats, "temperature": sampling.temperature, "threads": torch.get_num_threads(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "device": device_name(engine.target.device.type),
             "step_costs": costs.source if costs else None,
             "verify_calibration": engine.verify_rule.calibration.source if engine.verify_rule.calibration else None,
         },
@@ -168,8 +170,8 @@ def format_table(report: dict) -> str:
     setup = report["setup"]
     lines = [
         f"{setup['prompts']} prompts x {setup['max_new_tokens']} new tokens, batch {setup['batch_size']}, "
-        f"{setup['repeats']} interleaved repeats (medians), {setup['dtype']}, {setup['threads']} threads, "
-        f"T={setup['temperature']}",
+        f"{setup['repeats']} interleaved repeats (medians), {setup['dtype']}, {setup.get('device', 'cpu')}, "
+        f"{setup['threads']} threads, T={setup['temperature']}",
         f"{'variant':>15} {'accept len':>10} {'drafted/step':>12} {'verified/step':>13} {'decode tok/s':>12} "
         f"{'e2e tok/s':>9} {'x plain':>7}",
     ]
@@ -209,7 +211,7 @@ def plot_report(report: dict, png_path: str | Path) -> None:
               title="Decode speed (green: +verify, the per-step verify rule)")
     setup = report["setup"]
     fig.suptitle(f"{Path(setup['model']).name}, {setup['prompts']} prompts x {setup['max_new_tokens']} tokens, "
-                 f"batch {setup['batch_size']}, {setup['dtype']}", fontsize=10)
+                 f"batch {setup['batch_size']}, {setup['dtype']}, {setup.get('device', 'cpu')}", fontsize=10)
     fig.tight_layout()
     Path(png_path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=110)

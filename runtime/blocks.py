@@ -16,7 +16,7 @@ Both the reference engine (`blockpilot.runtime.engine`) and the SGLang plugin us
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
@@ -29,15 +29,37 @@ DEFAULT_BLOCK_SIZE = 16  # a drafter's training block size when its config names
 MIN_SPECULATIVE_BLOCK_SIZE = 2  # the bonus token and at least one draft; 1 means no speculation
 
 
+def is_on(tensor: torch.Tensor, device: torch.device | str) -> bool:
+    """Whether `tensor` is on `device` ("cuda" names the current GPU)."""
+    device = torch.device(device)
+    return tensor.device.type == device.type and device.index in (None, tensor.device.index)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor` on `device`. From the host to a GPU it goes through pinned memory without waiting: a
+    plain copy from pageable memory first waits for every kernel already queued."""
+    device = torch.device(device)
+    if is_on(tensor, device):
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 @dataclass(frozen=True)
 class RaggedLayout:
-    """Where each packed token of a batch of variable-width blocks sits."""
+    """Where each packed token of a batch of variable-width blocks sits.
+
+    The engine builds a step's layout on the host and moves it to the model's device (`to`); the
+    moved layout keeps its host copy (`on_host`), so its shapes and lengths are read without
+    waiting for the device."""
 
     widths: torch.Tensor  # [n] int64, tokens of each row (>= 0)
     starts: torch.Tensor  # [n] int64, position of each row's first token
     row: torch.Tensor  # [N] int64, row of each packed token
     col: torch.Tensor  # [N] int64, column of each packed token inside its row
     offsets: torch.Tensor  # [n + 1] int64, packed index where each row begins (cumulative widths)
+    host: "RaggedLayout | None" = field(default=None, compare=False, repr=False)  # the same on the host
 
     @classmethod
     def build(cls, widths: torch.Tensor, starts: torch.Tensor) -> "RaggedLayout":
@@ -55,8 +77,17 @@ class RaggedLayout:
         return cls(widths=widths, starts=starts, row=row, col=col, offsets=offsets)
 
     def to(self, device: torch.device | str) -> "RaggedLayout":
-        """The same layout with its index tensors on `device` (the model's)."""
-        return RaggedLayout(*(t.to(device) for t in (self.widths, self.starts, self.row, self.col, self.offsets)))
+        """The same layout with its index tensors on `device` (the model's), moved in one copy."""
+        parts = (self.widths, self.starts, self.row, self.col, self.offsets)
+        if is_on(self.widths, device):
+            return self
+        moved = to_device(torch.cat(parts), device).split([len(p) for p in parts])
+        host = self.host if self.host is not None else self if self.widths.device.type == "cpu" else None
+        return RaggedLayout(*moved, host=None if torch.device(device).type == "cpu" else host)
+
+    def on_host(self) -> "RaggedLayout":
+        """This layout on the host: its host copy if it was moved to a device, else itself."""
+        return self.host if self.host is not None else self
 
     @property
     def num_rows(self) -> int:
@@ -68,7 +99,14 @@ class RaggedLayout:
 
     @property
     def max_width(self) -> int:
-        return int(self.widths.max()) if len(self.widths) else 0
+        widths = self.on_host().widths
+        return int(widths.max()) if len(widths) else 0
+
+    @property
+    def kv_len(self) -> int:
+        """Keys a row's attention reaches at most: the furthest position of any row, plus one."""
+        host = self.on_host()
+        return int((host.starts + host.widths).max()) if len(host.widths) else 0
 
     @property
     def positions(self) -> torch.Tensor:
@@ -109,7 +147,7 @@ def draft_mask(layout: RaggedLayout, context_lens: torch.Tensor, kv_len: int) ->
     Keys are the drafter's cached context (positions < context_len_r) followed by the block's own
     W keys, of which only the first `width_r` belong to row r.
     """
-    context = torch.arange(kv_len)[None, :] < context_lens[:, None]  # [n, kv_len]
+    context = torch.arange(kv_len, device=context_lens.device)[None, :] < context_lens[:, None]  # [n, kv_len]
     keys = torch.cat([context, layout.valid()], dim=1)  # [n, kv_len + W]
     return keys[:, None, None, :].expand(-1, 1, layout.max_width, -1)
 
@@ -209,6 +247,22 @@ def pad_rows(values: torch.Tensor, n: int, fill: int) -> torch.Tensor:
     if values.shape[0] >= n:
         return values[:n]
     return torch.cat([values, values.new_full((n - values.shape[0],), fill)])
+
+
+def padded_draft_kv_layout(prefix_lens: torch.Tensor, widths: torch.Tensor,
+                           width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The draft mask of a padded step as ragged attention metadata (FlashInfer's paged prefill):
+    every row runs `width` queries, and row r's keys are its `prefix_lens[r]` context tokens then its
+    own first `widths[r]` block tokens, so no query sees another row's or its padded tail's keys.
+
+    Returns (qo_indptr [n + 1] int32, kv_lens [n] in prefix_lens' dtype, kv_indptr [n + 1] int32),
+    on prefix_lens' device."""
+    n, device = int(prefix_lens.shape[0]), prefix_lens.device
+    qo_indptr = torch.arange(0, (n + 1) * width, step=width, dtype=torch.int32, device=device)
+    kv_lens = prefix_lens + widths.to(device=device, dtype=prefix_lens.dtype)
+    kv_indptr = torch.zeros((n + 1,), dtype=torch.int32, device=device)
+    kv_indptr[1:] = torch.cumsum(kv_lens, dim=0)
+    return qo_indptr, kv_lens, kv_indptr
 
 
 def cap_commits(out_tokens: torch.Tensor, commit_lens: torch.Tensor,

@@ -21,6 +21,7 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="HF model directory of the target (default: embedded SmolLM2-135M-Instruct)")
     group.add_argument("--drafter", help="DFlash drafter directory, 'default' or 'none'")
     group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    group.add_argument("--device", help="cpu (default), cuda (or cuda:N), or auto: a GPU where CUDA is available")
     group.add_argument("--max-batch-size", type=int)
     group.add_argument("--max-block-size", type=int)
     group.add_argument("--cpu-weight-layouts", type=int, choices=[1, 2],
@@ -51,7 +52,7 @@ def _engine_config(args):
     from .config import EngineConfig
 
     config = EngineConfig.from_yaml(args.config) if args.config else EngineConfig()
-    for name in ("model", "drafter", "dtype", "max_batch_size", "max_block_size", "step_costs",
+    for name in ("model", "drafter", "dtype", "device", "max_batch_size", "max_block_size", "step_costs",
                  "verify_calibration", "cpu_weight_layouts"):
         if getattr(args, name, None) is not None:
             setattr(config, name, getattr(args, name))
@@ -146,9 +147,11 @@ def cmd_step_costs(args) -> None:
         if args.mixed or args.output:
             raise ValueError("--this-machine names the output itself; it measures the table, not --mixed")
         from . import assets
+        from .target import resolve_device
 
         shipped = assets.DEFAULT_SGLANG_STEP_COSTS_PATH if args.cpu_weight_layouts == 1 else assets.DEFAULT_STEP_COSTS_PATH
-        args.output = str(assets.machine_step_costs_path(shipped))
+        device = resolve_device(_engine_config(args).device).type  # a GPU's table is keyed by the GPU model
+        args.output = str(assets.machine_step_costs_path(shipped, device))
     if args.mixed:
         batches = {spec: mixed_widths(spec) for spec in args.mixed}  # bad widths fail before any model loads
         engine = build_engine(_engine_config(args))
@@ -165,21 +168,22 @@ def cmd_step_costs(args) -> None:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
         return
-    tables = []
+    tables = []  # one report per dtype and batch size
     for dtype in args.dtypes:
         config = _engine_config(args)
         config.dtype = dtype
         engine = build_engine(config)
-        tables.append(measure_step_costs(engine.target, engine.drafter, args.widths,
-                                         context_tokens=args.context_tokens, repeats=args.repeats))
-    header = f"{'width':>5} " + " ".join(f"{t['dtype'] + ' target':>16} {t['dtype'] + ' drafter':>17}" for t in tables)
-    print(f"median ms per forward, KV cache of {args.context_tokens} tokens, batch 1, {tables[0]['threads']} threads")
-    print(header)
+        tables += [measure_step_costs(engine.target, engine.drafter, args.widths, context_tokens=args.context_tokens,
+                                      repeats=args.repeats, batch_size=batch) for batch in args.batch_sizes]
+    print(f"median ms per forward (rows x width tokens), KV cache of {args.context_tokens} tokens per row, "
+          f"{tables[0]['machine']}, {tables[0]['threads']} threads")
+    print(f"{'width':>5} " + " ".join(f"{t['dtype'] + ' x' + str(t['batch_size']) + ' target':>22} {'drafter':>8}"
+                                      for t in tables))
     for width in args.widths:
         cells = []
         for t in tables:
             draft = t["drafter_ms"].get(width)
-            cells.append(f"{t['target_ms'][width]:>16.1f} {draft if draft is None else round(draft, 1)!s:>17}")
+            cells.append(f"{t['target_ms'][width]:>22.2f} {'-' if draft is None else f'{draft:.2f}':>8}")
         print(f"{width:>5} " + " ".join(cells))
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
@@ -187,9 +191,11 @@ def cmd_step_costs(args) -> None:
     if args.output:
         from .step_verify import StepCostTable
 
+        first = [t for t in tables if t["dtype"] == tables[0]["dtype"]]
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        StepCostTable.from_measurement(tables[0]).save(args.output)
-        print(f"step-cost table ({tables[0]['dtype']}, SGLang SpsCostTable format + the drafter's costs): {args.output}")
+        StepCostTable.from_measurement(first).save(args.output)
+        print(f"step-cost table ({first[0]['dtype']}, batch {args.batch_sizes}, SGLang SpsCostTable format + the "
+              f"drafter's costs): {args.output}")
 
 
 def cmd_demo(args) -> None:
@@ -312,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("step-costs", help="ms per target / drafter forward for each block width")
     p.add_argument("--widths", type=parse_sizes, default=parse_sizes("1-10,12,16,24,32,48,64"))
     p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    p.add_argument("--batch-sizes", type=parse_sizes, default=[1],
+                   help="rows per step, e.g. 1,2,4,8,16,32: the table's probes are rows x width tokens")
     p.add_argument("--context-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, help="interleaved repeats per width (default: step_cost.TABLE_REPEATS)")
     p.add_argument("--output", help="write the step-cost table the per-step verify rule reads (first dtype) here "
@@ -319,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write every dtype's raw milliseconds per width as JSON here")
     p.add_argument("--this-machine", action="store_true",
                    help="write the table where the engine and the SGLang plugin look for this machine's own\n"
-                        "(the cache folder, by CPU model; --cpu-weight-layouts 1: the table the plugin reads)")
+                        "(the cache folder, by CPU model, or GPU model with --device cuda; --cpu-weight-layouts 1: "
+                        "the table the plugin reads)")
     _engine_args(p)
     p.add_argument("--mixed", nargs="+", metavar="WIDTHS",
                    help="instead: mixed-width batches (e.g. 12,16,20,20 or 12-20), ragged vs padded to the widest")

@@ -35,6 +35,7 @@ class EngineConfig:
     model: str | None = None  # HF directory of the target; None = the embedded default (SmolLM2-135M-Instruct)
     drafter: str | None = "default"  # drafter directory, "default" (shipped for the default model) or None
     dtype: str = DEFAULT_DTYPE
+    device: str = "cpu"  # "cpu", "cuda" (or "cuda:N"), or "auto": a GPU where CUDA is available
     # fixed size for every request, None for the drafter's training size, or "auto": the policy's choice
     block_size: int | str | None = None
     policy: str | None = None  # policy .onnx for "auto" (default: the shipped one, with the shipped drafter)
@@ -128,14 +129,15 @@ def build_engine(config: EngineConfig, untrained_drafter_if_missing: bool = True
     `SpeculativeEngine`."""
     from .drafter import DFlashDraftModel
     from .engine import SpeculativeEngine
-    from .target import TargetModel, resolve_dtype
+    from .target import TargetModel, resolve_device, resolve_dtype
 
     auto = check_block_size_setting(config.block_size)
+    device = resolve_device(config.device)  # an unusable device fails before any model loads
     drafter_dir = resolve_drafter_dir(config)
     policy_path = engine_policy_path(config, drafter_dir)  # a missing --policy fails before any model loads
     verify_rule = build_verify_rule(config, drafter_dir)  # so does a bad step-cost table or calibration
     model_dir = Path(config.model) if config.model else assets.ensure_default_model()
-    target = TargetModel.load(model_dir, config.dtype)
+    target = TargetModel.load(model_dir, config.dtype).to(device)  # the engine moves the drafter beside it
     if drafter_dir is not None:
         drafter = DFlashDraftModel.load(drafter_dir, dtype=resolve_dtype(config.dtype))
     elif config.drafter == "default" and untrained_drafter_if_missing:
@@ -209,19 +211,21 @@ def load_block_size_policy(path: Path, target, drafter):
 _WARNED_TABLES: set[str] = set()
 
 
-def warn_if_measured_elsewhere(costs) -> None:
+def warn_if_measured_elsewhere(costs, device: str = "cpu") -> None:
     """A step-cost table prices this machine's steps only if it was measured here: on another CPU the
     same widths cost very differently (a 3-token verify is 1.06x one token on the development Intel,
-    1.96x on an AMD EPYC), and the rule then drafts where it loses. Warned once per table."""
+    1.96x on an AMD EPYC), and the rule then drafts where it loses. `device`: where the engine runs
+    (a GPU's table is keyed by the GPU model). Warned once per table."""
     measured_on = costs.setup.get("machine")
-    here = assets.machine_name()
+    here = assets.device_name(device)
     if measured_on == here or costs.source in _WARNED_TABLES:
         return
     _WARNED_TABLES.add(costs.source)
     layouts = costs.setup.get("cpu_weight_layouts", 2)
+    device_flag = "" if str(device) == "cpu" else f" --device {device}"
     log.warning("step-cost table %s was measured on %s, this machine is %s: its prices may be far off. "
-                "Measure this machine's once: blockpilot step-costs --this-machine%s (make step-costs-here)",
-                costs.source, measured_on or "a machine it does not name", here,
+                "Measure this machine's once: blockpilot step-costs --this-machine%s%s (make step-costs-here)",
+                costs.source, measured_on or "a machine it does not name", here, device_flag,
                 " --cpu-weight-layouts 1" if layouts == 1 else "")
 
 
@@ -233,15 +237,18 @@ def build_verify_rule(config: EngineConfig, drafter_dir: Path | None, shipped_st
     from .step_verify import CALIBRATION_FILE, ConfidenceCalibration, StepCostTable, VerifyMode, VerifyRule, \
         resolve_step_costs_path
 
+    from .target import resolve_device
+
+    device = resolve_device(getattr(config, "device", "cpu")).type  # whose table: the CPU's or the GPU's
     costs_path = resolve_step_costs_path(config.step_costs)
     if costs_path is None and drafter_dir is not None and \
             Path(drafter_dir).resolve() == assets.DEFAULT_DRAFTER_DIR.resolve():
-        costs_path = assets.step_costs_for_this_machine(shipped_step_costs or assets.DEFAULT_STEP_COSTS_PATH)
+        costs_path = assets.step_costs_for_this_machine(shipped_step_costs or assets.DEFAULT_STEP_COSTS_PATH, device)
     if costs_path is not None and str(costs_path).strip().lower() in assets.POLICY_OFF:
         costs_path = None
     costs = StepCostTable.load(costs_path) if costs_path is not None else None
     if costs is not None:
-        warn_if_measured_elsewhere(costs)
+        warn_if_measured_elsewhere(costs, device)
     calibration_path = Path(config.verify_calibration) if config.verify_calibration else (
         Path(drafter_dir) / CALIBRATION_FILE if drafter_dir is not None else None)
     calibration = None

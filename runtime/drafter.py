@@ -359,9 +359,9 @@ class DFlashDraftModel(nn.Module):
 
     # --- inference ----------------------------------------------------------------------------
     def new_cache(self, num_slots: int, capacity: int) -> SlotKVCache:
-        c = self.config
+        c, weight = self.config, next(self.parameters())
         return SlotKVCache(c.num_hidden_layers, num_slots, capacity, c.num_key_value_heads, c.head_dim,
-                           next(self.parameters()).dtype)
+                           weight.dtype, weight.device)
 
     def project_context(self, target_features: torch.Tensor) -> torch.Tensor:
         """Target hidden states `[..., k * hidden]` -> drafter context `[..., hidden]`."""

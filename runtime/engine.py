@@ -65,22 +65,23 @@ def draft_logits(target: TargetModel, drafter: DFlashDraftModel, proposed: torch
     """The drafter's logits `[num drafts, V]` for every row's mask positions (`blocks.draft_slots`
     order): one drafter forward for the batch. Rows of width 1 (plain decoding) ride along with an
     empty context and propose nothing."""
-    drafting = layout.widths > 1
-    context_lens = torch.where(drafting, layout.starts, 0)
-    kv_len = max(int(context_lens.max()), 1)
+    host, device = layout.on_host(), layout.row.device  # lengths and indices from the host copy: no wait
+    context_lens = torch.where(layout.widths > 1, layout.starts, 0)
+    kv_len = max(int(torch.where(host.widths > 1, host.starts, 0).max()), 1)
     context = [draft_cache.read(i, 0, layout.num_rows, kv_len) for i in range(len(drafter.layers))]
     mask = blocks.draft_mask(layout, context_lens, kv_len)
-    positions = layout.starts[:, None] + torch.arange(layout.max_width)[None, :]
+    positions = layout.starts[:, None] + torch.arange(layout.max_width, device=device)[None, :]
     embeddings = layout.pad(target.embed_tokens(proposed))
     out = layout.unpad(drafter.forward_block(embeddings, positions, context, mask))
-    return target.lm_head(out[blocks.draft_slots(layout)])
+    return target.lm_head(out[blocks.to_device(blocks.draft_slots(host), device)])
 
 
 def propose_drafts(target: TargetModel, drafter: DFlashDraftModel, proposed: torch.Tensor,
                    layout: blocks.RaggedLayout, draft_cache) -> torch.Tensor:
     """Fill every row's mask positions with the drafter's proposals (its argmax)."""
     proposed = proposed.clone()
-    proposed[blocks.draft_slots(layout)] = draft_logits(target, drafter, proposed, layout, draft_cache).argmax(-1)
+    slots = blocks.to_device(blocks.draft_slots(layout.on_host()), proposed.device)
+    proposed[slots] = draft_logits(target, drafter, proposed, layout, draft_cache).argmax(-1)
     return proposed
 
 
@@ -91,7 +92,7 @@ class SpeculativeEngine:
                  verify_rule: VerifyRule | None = None, cpu_weight_layouts: int = 2):
         if drafter is not None:
             drafter.check_fits(target)
-            drafter.to(target.dtype)
+            drafter.to(target.device, target.dtype)
         if cpu_weight_layouts not in (1, 2):
             raise ValueError(f"cpu_weight_layouts must be 1 or 2, got {cpu_weight_layouts!r}")
         if target.device.type == "cpu" and cpu_weight_layouts == 2:  # measured GEMM kernels (`cpu_linear.py`)
@@ -179,13 +180,13 @@ class SpeculativeEngine:
             verify = self.verify_rule.mode_for(request.verify)
             stats = RequestStats(block_size=size, block_size_source=source, prompt_tokens=len(request.prompt_ids),
                                  verify=self.verify_rule.describe(verify))
-            states.append(_Running(request, stats, arrival, request.sampling.make_generator(),
+            states.append(_Running(request, stats, arrival, request.sampling.make_generator(self.target.device),
                                    RequestText(self.target.tokenizer, request.sampling.stop),
                                    processed=len(request.prompt_ids), verify=verify))
-        first = choose_tokens(self.target.lm_head(prefill.hidden[last]), torch.arange(len(admitted)),
+        first = choose_tokens(self.target.lm_head(prefill.hidden[last]), torch.arange(len(admitted), device=last.device),
                               [s.request.sampling for s in states], [s.generator for s in states])
         if self.drafter is not None:
-            drafting = torch.tensor([s.stats.block_size > 1 for s in states])[layout.row]
+            drafting = torch.tensor([s.stats.block_size > 1 for s in states], device=layout.row.device)[layout.row]
             self.drafter.write_context(features[drafting], first_slot + layout.row[drafting],
                                        layout.positions[drafting], draft_cache)
         now = time.perf_counter()
@@ -211,34 +212,43 @@ class SpeculativeEngine:
 
     # --- one decode step for the whole batch ------------------------------------------------------
     def _decode_step(self, running, target_cache, draft_cache, on_commit) -> None:
+        # Layouts and choices live on the host (`host`, `step_host`) and each moves to the model's device in
+        # one copy; the device is waited for once per step (after the verify), plus once after the draft
+        # where the verify rule reads the drafts' confidences.
+        device = self.target.device
         # 1. blocks: each row's [bonus, MASK...] at its own width (never past what it may still commit),
         # narrowed by the plan where its drafts are not expected to pay (plain: width 1)
         widths = self._plan_widths(running)
         starts = torch.tensor([s.processed for s in running])
-        layout = blocks.RaggedLayout.build(widths, starts)
+        host = blocks.RaggedLayout.build(widths, starts)
         bonus = torch.tensor([s.tokens[-1] for s in running])
         mask_id = self.drafter.config.mask_token_id if self.drafter else 0
         # 2. draft: one drafter forward fills every row's masks, and says how sure it is of each draft
-        proposed, confidence = self._propose(running, blocks.block_tokens(bonus, layout, mask_id), layout, draft_cache)
+        proposed, confidence = self._propose(running, blocks.to_device(blocks.block_tokens(bonus, host, mask_id), device),
+                                             host.to(device), draft_cache)
         # 3. choose: the prefix of its drafts each row verifies (the whole block unless the rule is on)
-        verified = self._choose_verified(running, layout, confidence)
-        step = blocks.RaggedLayout.build(verified + 1, starts)
-        proposed = proposed[layout.col <= verified[layout.row]]
+        verified = self._choose_verified(running, host, confidence)
+        step_host = blocks.RaggedLayout.build(verified + 1, starts)
+        step = step_host.to(device)
+        proposed = proposed[blocks.to_device(torch.nonzero(host.col <= verified[host.row]).squeeze(1), device)]
         # 4. verify: one target forward; the target's own token at every verified position
         hidden, features = self.target.forward(proposed, step, target_cache, 0, self.capture_layers)
         chosen = choose_tokens(self.target.lm_head(hidden), step.row,
                                [s.request.sampling for s in running], [s.generator for s in running])
-        # 5. accept: the longest prefix of drafts equal to the target's tokens
+        # 5. accept: the longest prefix of drafts equal to the target's tokens; tokens and accepted lengths
+        # come to the host together
         accepted = blocks.accept_lengths(proposed, chosen, step)
+        chosen, accepted = torch.cat([chosen, accepted]).cpu().split([step.num_tokens, step.num_rows])
         if self.drafter is not None:
             # the drafter's context grows by the committed tokens' target features
-            keep = blocks.committed_slots(step, accepted)
+            keep = blocks.committed_slots(step_host, accepted)
             speculating = torch.tensor([s.stats.block_size > 1 for s in running])
-            keep = keep[speculating[step.row[keep]]]  # requests that never draft never read the drafter's cache
+            keep = keep[speculating[step_host.row[keep]]]  # requests that never draft never read the drafter's cache
+            keep = blocks.to_device(keep, device)
             self.drafter.write_context(features[keep], step.row[keep], step.positions[keep], draft_cache)
         # 6. commit: the accepted drafts plus the target's next token (the new bonus)
         for r, (state, accepted_r, tokens) in enumerate(zip(running, accepted.tolist(),
-                                                            blocks.new_tokens(chosen, step, accepted))):
+                                                            blocks.new_tokens(chosen, step_host, accepted))):
             self._count_step(state, int(widths[r]) - 1, int(verified[r]))
             state.processed += accepted_r + 1
             state.stats.target_forwards += 1
@@ -268,12 +278,13 @@ class SpeculativeEngine:
         if self.drafter is None or layout.max_width == 1:
             return proposed, None
         logits = draft_logits(self.target, self.drafter, proposed, layout, draft_cache)
-        slots = blocks.draft_slots(layout)
+        host = layout.on_host()
+        slots = blocks.draft_slots(host)
         proposed = proposed.clone()
-        proposed[slots] = logits.argmax(dim=-1)
+        proposed[blocks.to_device(slots, proposed.device)] = logits.argmax(dim=-1)
         confidence = torch.zeros(layout.num_tokens)
-        if any(s.verify is VerifyMode.AUTO for s in running):
-            confidence[slots] = self.verify_rule.confidences(logits, layout.col[slots])
+        if any(s.verify is VerifyMode.AUTO for s in running):  # the rule chooses on the host
+            confidence[slots] = self.verify_rule.confidences(logits, host.col[slots]).cpu()
         return proposed, confidence
 
     def _choose_verified(self, running: list[_Running], layout: blocks.RaggedLayout,

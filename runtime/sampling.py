@@ -49,10 +49,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def make_generator(self) -> torch.Generator | None:
+    def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """The request's random stream, on the device its logits are on (None when greedy)."""
         if self.greedy:
             return None
-        generator = torch.Generator()
+        generator = torch.Generator(device=device)
         if self.seed is None:
             generator.seed()
         else:
@@ -95,7 +96,7 @@ def sample_from_logits(logits: torch.Tensor, params: SamplingParams, generator: 
     n = logits.shape[0]
 
     def each(value, dtype):
-        return torch.full((n,), value, dtype=dtype)
+        return torch.full((n,), value, dtype=dtype, device=logits.device)
 
     return sample_tokens(logits, each(max(params.temperature, 1e-6), torch.float32), each(params.top_k, torch.long),
                          each(params.top_p, torch.float32), each(params.min_p, torch.float32),

@@ -14,7 +14,7 @@ import time
 import torch
 
 from . import blocks
-from .assets import machine_name
+from .assets import device_name
 from .cpu_linear import MeasuredLinear
 from .drafter import DFlashDraftModel
 from .engine import propose_drafts
@@ -31,6 +31,13 @@ def weight_layouts(target: TargetModel) -> int:
     was between two weight layouts): 2 with `cpu_linear.MeasuredLinear`, the kernel measured fastest per
     row count (the engine on a CPU), else 1, torch's own `F.linear` (as a server without speculation)."""
     return 2 if any(isinstance(m, MeasuredLinear) for m in target.hf_model.modules()) else 1
+
+
+def wait_for(device: torch.device) -> None:
+    """Wait for the kernels queued on `device`: a GPU returns from a forward once it is launched, so a
+    timer stopped before this measures the launch, not the step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def filled_caches(target: TargetModel, drafter: DFlashDraftModel | None, rows: int, context_tokens: int,
@@ -50,29 +57,36 @@ def filled_caches(target: TargetModel, drafter: DFlashDraftModel | None, rows: i
 @torch.inference_mode()
 def measure_step_costs(target: TargetModel, drafter: DFlashDraftModel | None, widths: list[int],
                        context_tokens: int = 128, repeats: int = 7, batch_size: int = 1) -> dict:
-    """Median milliseconds of target and drafter forwards per width, interleaved over repeats."""
+    """Median milliseconds of target and drafter forwards per width (each of `batch_size` rows that
+    wide), interleaved over repeats; on the target's device, timed to the end of its kernels."""
     generator = torch.Generator().manual_seed(0)
+    device = target.device
     capture = tuple(drafter.config.target_layer_ids) if drafter else ()
     target_cache, draft_cache = filled_caches(target, drafter, batch_size, context_tokens, max(widths), generator)
     target_ms = {w: [] for w in widths}
     draft_ms = {w: [] for w in widths}
     for _ in range(repeats):
         for width in widths:
-            step = blocks.RaggedLayout.build(torch.full((batch_size,), width),
-                                             torch.full((batch_size,), context_tokens))
-            tokens = torch.randint(0, target.vocab_size, (step.num_tokens,), generator=generator)
+            host = blocks.RaggedLayout.build(torch.full((batch_size,), width), torch.full((batch_size,), context_tokens))
+            step = host.to(device)
+            host_tokens = torch.randint(0, target.vocab_size, (step.num_tokens,), generator=generator)
+            tokens = host_tokens.to(device)
+            block = blocks.block_tokens(host_tokens[:batch_size], host, 0).to(device)
+            wait_for(device)
             began = time.perf_counter()
             hidden, _ = target.forward(tokens, step, target_cache, 0, capture)
             target.lm_head(hidden)
+            wait_for(device)
             target_ms[width].append((time.perf_counter() - began) * 1e3)
             if drafter and width > 1:
                 began = time.perf_counter()
-                propose_drafts(target, drafter, blocks.block_tokens(tokens[:batch_size], step, 0), step, draft_cache)
+                propose_drafts(target, drafter, block, step, draft_cache)
+                wait_for(device)
                 draft_ms[width].append((time.perf_counter() - began) * 1e3)
     return {
         "context_tokens": context_tokens, "batch_size": batch_size, "repeats": repeats,
         "dtype": str(target.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-        "cpu_weight_layouts": weight_layouts(target), "machine": machine_name(),
+        "cpu_weight_layouts": weight_layouts(target), "machine": device_name(device.type),
         "target_ms": {w: statistics.median(v) for w, v in target_ms.items()},
         "drafter_ms": {w: statistics.median(v) for w, v in draft_ms.items() if v},
     }
@@ -101,13 +115,16 @@ def measure_padding_cost(target: TargetModel, drafter: DFlashDraftModel, batches
         for name, (widths, target_cache, draft_cache) in prepared.items():
             for way in ("ragged", "padded"):
                 step_widths = widths if way == "ragged" else [max(widths)] * len(widths)
-                step = blocks.RaggedLayout.build(torch.tensor(step_widths), torch.full((len(widths),), context_tokens))
+                host = blocks.RaggedLayout.build(torch.tensor(step_widths), torch.full((len(widths),), context_tokens))
+                step = host.to(target.device)
                 tokens = torch.randint(0, target.vocab_size, (step.num_tokens,), generator=generator)
+                block = blocks.block_tokens(tokens[: len(widths)], host, 0).to(target.device)
+                wait_for(target.device)
                 began = time.perf_counter()
-                proposed = propose_drafts(target, drafter, blocks.block_tokens(tokens[: len(widths)], step, 0), step,
-                                          draft_cache)
+                proposed = propose_drafts(target, drafter, block, step, draft_cache)
                 hidden, _ = target.forward(proposed, step, target_cache, 0, capture)
                 target.lm_head(hidden)
+                wait_for(target.device)
                 ms[(name, way)].append((time.perf_counter() - began) * 1e3)
     report = {"context_tokens": context_tokens, "repeats": repeats, "threads": torch.get_num_threads(),
               "dtype": str(target.dtype).removeprefix("torch."), "batches": {}}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -163,15 +164,25 @@ class StepCostTable:
                    extra.get("setup", {}), str(path))
 
     @classmethod
-    def from_measurement(cls, costs: dict) -> "StepCostTable":
-        """From `step_cost.measure_step_costs`' report (milliseconds per width, batch 1)."""
-        def by_width(table):
-            return {int(k): float(v) for k, v in table.items()}
-        target, drafter = by_width(costs["target_ms"]), by_width(costs["drafter_ms"])
+    def from_measurement(cls, costs: dict | list[dict]) -> "StepCostTable":
+        """From `step_cost.measure_step_costs`' report (milliseconds per width at one batch size), or
+        several at different batch sizes: a probe is a step's total tokens (batch size x width), and
+        where batch sizes meet at one total (16 rows of 1 token, 1 row of 16) the median of their times."""
+        reports = [costs] if isinstance(costs, dict) else list(costs)
+
+        def by_tokens(key):
+            times: dict[int, list[float]] = {}
+            for report in reports:
+                for width, ms in report[key].items():
+                    times.setdefault(int(width) * int(report.get("batch_size", 1)), []).append(float(ms))
+            return {tokens: statistics.median(ms) for tokens, ms in times.items()}
+        target, drafter = by_tokens("target_ms"), by_tokens("drafter_ms")
         verify_tokens = sorted(target)
         draft_tokens = sorted(drafter)
-        setup = {k: costs[k] for k in ("context_tokens", "batch_size", "repeats", "dtype", "threads",
-                                       "cpu_weight_layouts", "machine") if k in costs}
+        setup = {k: reports[0][k] for k in ("context_tokens", "batch_size", "repeats", "dtype", "threads",
+                                            "cpu_weight_layouts", "machine") if k in reports[0]}
+        if len(reports) > 1:
+            setup["batch_size"] = sorted({int(r.get("batch_size", 1)) for r in reports})
         return cls(verify_tokens, [1e3 / target[w] for w in verify_tokens], verify_tokens[-1],
                    draft_tokens, [drafter[w] / 1e3 for w in draft_tokens], setup)
 

@@ -40,6 +40,21 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"cpu", "cuda" (or "cuda:N"), or "auto": a GPU where CUDA is available, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; choose cpu, cuda or auto") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: the runtime runs on cpu or cuda")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available here (torch {torch.__version__})")
+    return resolved
+
+
 def read_model_config(model_dir: str | Path, what: str = "model") -> dict:
     """Read config.json of a model (or drafter) directory, with errors that say what is wrong with it."""
     model_dir = Path(model_dir)
@@ -298,7 +313,7 @@ class TargetModel:
         positions = layout.positions
         cos, sin = model.rotary_emb(x, positions[None])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]
-        kv_len = int((layout.starts + layout.widths).max())
+        kv_len = layout.kv_len
         if kv_len > cache.capacity:
             raise ValueError(f"sequence of {kv_len} tokens does not fit the KV cache of {cache.capacity}")
         mask = causal_verify_mask(layout, kv_len)

@@ -142,11 +142,8 @@ class BlockPilotDraftBlockInfo(DFlashVerifyInput):
                 kv_start_idx=kv_start_idx, kv_indices_buf=kv_indices_buf, kind=kind)
         device = req_pool_indices.device
         bs, width = req_pool_indices.numel(), int(self.draft_token_num)
-        widths = self._row_widths(bs, device)
-        qo_indptr = torch.arange(0, (bs + 1) * width, step=width, dtype=torch.int32, device=device)
-        kv_lens = paged_kernel_lens + widths.to(paged_kernel_lens.dtype)  # context + own block keys
-        kv_indptr = torch.zeros((bs + 1,), dtype=torch.int32, device=device)
-        kv_indptr[1:] = torch.cumsum(kv_lens, dim=0)
+        qo_indptr, kv_lens, kv_indptr = blocks.padded_draft_kv_layout(paged_kernel_lens, self._row_widths(bs, device),
+                                                                      width)  # context + own block keys
         if kv_indices_buf is not None:
             kv_indices = kv_indices_buf
         else:
