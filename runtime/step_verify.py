@@ -250,7 +250,7 @@ def draft_confidences(draft_logits: torch.Tensor, temperatures: torch.Tensor | N
     temperature of its position (`temperatures` broadcastable to `[...]`; None: the raw softmax)."""
     logits = draft_logits.float()
     if temperatures is not None:
-        logits = logits / temperatures.to(logits.device)[..., None]
+        logits = logits / blocks.to_device(temperatures, logits.device)[..., None]
     return torch.softmax(logits, dim=-1).amax(dim=-1)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -12,6 +14,30 @@ from blockpilot.runtime.target import TargetModel
 # at that position were this close (float32): there, a verify over many tokens may round the other
 # way than a one-token forward. Any other mismatch fails the test.
 NEAR_TIE_MARGIN = 1e-2
+
+
+def near_tie_margin(dtype: torch.dtype, top_logit: float) -> float:
+    """NEAR_TIE_MARGIN in float32; in bfloat16 (8 bits of mantissa) four rounding steps at the top
+    logit's magnitude, where a many-token verify and a one-token forward round apart."""
+    if dtype != torch.bfloat16:
+        return NEAR_TIE_MARGIN
+    return 4 * 2.0 ** (math.floor(math.log2(max(abs(top_logit), 1e-3))) - 7)
+
+
+def assert_matches_reference(target, prompt, output, reference):
+    """Equal token for token, except where the reference itself had a near-tie at the first difference
+    (the target's own logits there, on its device and in its dtype)."""
+    if output == reference[: len(output)] and (len(output) == len(reference) or output[-1] in target.eos_token_ids):
+        return
+    first = next((i for i, (a, b) in enumerate(zip(output, reference)) if a != b), min(len(output), len(reference)))
+    with torch.inference_mode():
+        logits = target.hf_model(torch.tensor([prompt + reference[:first]], device=target.device)).logits[0, -1]
+    top2 = torch.topk(logits.float(), 2).values
+    gap, margin = float(top2[0] - top2[1]), near_tie_margin(target.dtype, float(top2[0]))
+    assert gap < margin, (
+        f"output diverges from the target's greedy output at token {first} "
+        f"(got {output[first:first + 3]}, expected {reference[first:first + 3]}); reference top-2 gap {gap:.4f}, "
+        f"near-tie margin {margin:.4f}")
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,8 @@
-"""The training stages' GPU paths (data, features, training steps), run wherever they can: the parts that
-need a CUDA device are skipped without one, and run by one prepared command on a GPU machine
-(examples/gpu/run_drafter.sh starts with them)."""
+"""The GPU paths, run wherever they can: the runtime on a CUDA device (greedy output equal to the model's
+own greedy `generate` on that device, in float32 and bfloat16; host syncs per decode step; step costs),
+and the training stages (data, features, training steps). The parts that need a CUDA device are skipped
+without one, and run by the prepared commands on a GPU machine (examples/gpu/run_gpu_checks.sh,
+examples/gpu/run_drafter.sh smoke)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_target
+from conftest import assert_matches_reference, tiny_drafter, tiny_target
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -113,3 +115,199 @@ def test_training_hardware_names_the_device():
     from blockpilot.runtime.training.train_drafter import training_hardware
     words = training_hardware()
     assert ("(validation on" in words) if torch.cuda.is_available() else words.endswith("CPU (no GPU)")
+
+
+# --- the runtime on a device ----------------------------------------------------------------------
+def test_a_layout_moved_to_a_device_keeps_its_host_copy():
+    """Lengths and shapes of a moved layout come from its host copy (no wait for the device); on the
+    host `to` is the layout itself."""
+    from blockpilot.runtime.blocks import RaggedLayout
+
+    layout = RaggedLayout.build(torch.tensor([3, 1, 5]), torch.tensor([10, 4, 7]))
+    assert layout.to("cpu") is layout and layout.on_host() is layout
+    assert (layout.max_width, layout.kv_len, layout.num_tokens) == (5, 13, 9)
+    if torch.cuda.is_available():
+        moved = layout.to("cuda")
+        assert moved.row.is_cuda and moved.on_host() is layout and moved.to("cuda") is moved
+        assert torch.equal(moved.col.cpu(), layout.col) and moved.to("cpu").host is None
+
+
+def test_a_gpu_finds_the_step_cost_table_of_its_gpu_model(tmp_path, monkeypatch):
+    """A CUDA device's table is looked up by the GPU model (`machines/<gpu>/` beside the shipped table,
+    or this machine's own in the cache folder), as the CPU's is by CPU model; a table measured on
+    another device is named in the warning."""
+    from blockpilot.runtime import assets
+
+    monkeypatch.setattr(assets, "gpu_name", lambda device="cuda": "NVIDIA Test GPU 80GB HBM3")
+    monkeypatch.setattr(assets, "machine_name", lambda: "Test CPU 9000")
+    monkeypatch.setenv("BLOCKPILOT_CACHE", str(tmp_path / "cache"))
+    shipped = tmp_path / "drafter" / "step_costs.json"
+    shipped.parent.mkdir()
+    shipped.write_text("{}")
+    gpu_table = tmp_path / "drafter" / "machines" / "nvidia-test-gpu-80gb-hbm3" / "step_costs.json"
+    assert assets.shipped_machine_step_costs_path(shipped, "cuda") == gpu_table
+    assert assets.step_costs_for_this_machine(shipped, "cuda") == shipped  # none for this GPU yet
+    gpu_table.parent.mkdir(parents=True)
+    gpu_table.write_text("{}")
+    assert assets.step_costs_for_this_machine(shipped, "cuda") == gpu_table
+    assert assets.step_costs_for_this_machine(shipped, "cpu") == shipped  # the CPU keeps its own
+    own = assets.machine_step_costs_path(shipped, "cuda:0")
+    assert own == tmp_path / "cache" / "step-costs" / "nvidia-test-gpu-80gb-hbm3" / "step_costs.json"
+    own.parent.mkdir(parents=True)
+    own.write_text("{}")
+    assert assets.step_costs_for_this_machine(shipped, "cuda") == own
+
+
+def test_the_device_setting_is_checked_before_any_model_loads():
+    from blockpilot.runtime.config import EngineConfig, build_engine
+    from blockpilot.runtime.target import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="cpu, cuda or auto"):
+        resolve_device("gpu")
+    with pytest.raises(ValueError, match="runs on cpu or cuda"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            build_engine(EngineConfig(device="cuda", model="/nonexistent"))
+
+
+def test_step_costs_at_several_batch_sizes_make_one_table():
+    """The table's probes are a step's total tokens: rows x width; where two batch sizes meet at one
+    total, their median."""
+    from blockpilot.runtime.step_verify import StepCostTable
+
+    one = {"batch_size": 1, "target_ms": {1: 10.0, 2: 12.0, 4: 14.0}, "drafter_ms": {2: 3.0, 4: 4.0}}
+    two = {"batch_size": 2, "target_ms": {1: 11.0, 2: 16.0, 4: 20.0}, "drafter_ms": {2: 5.0, 4: 6.0}}
+    table = StepCostTable.from_measurement([one, two])
+    assert table.sample_batch_tokens == [1, 2, 4, 8]
+    assert [round(1e3 / s, 6) for s in table.sample_steps_per_sec] == [10.0, 11.5, 15.0, 20.0]
+    assert table.draft_block_tokens == [2, 4, 8] and table.draft_seconds_per_block == [0.003, 0.0045, 0.006]
+    assert table.setup["batch_size"] == [1, 2]
+    assert StepCostTable.from_measurement(one).sample_batch_tokens == [1, 2, 4]  # batch 1: the widths
+
+
+# --- on a CUDA device: the model's own greedy output, in float32 and bfloat16 ----------------------
+CUDA_NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def cuda_engine(request):
+    """The shipped pair and policy on the GPU, in each dtype (block size "auto": requests that name no
+    size get the policy's)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from blockpilot.runtime.config import EngineConfig, build_engine
+
+    engine = build_engine(EngineConfig(device="cuda", dtype=request.param, block_size="auto", max_batch_size=4))
+    assert engine.target.device.type == "cuda" and next(engine.drafter.parameters()).is_cuda
+    yield engine
+    del engine
+    torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="module")
+def cuda_prompts(cuda_engine):
+    from blockpilot.runtime.prompts import encode_prompt
+
+    texts = ["Write a Python function that checks whether a number is prime.",
+             "Explain in two sentences why the sky is blue.",
+             "Give me three tips for writing clear emails.",
+             "What is the difference between a list and a tuple in Python?"]
+    return [encode_prompt(cuda_engine.target.tokenizer, t) for t in texts]
+
+
+@pytest.fixture(scope="module")
+def cuda_references(cuda_engine, cuda_prompts):
+    """The model's own greedy `generate` on the same device, in the same dtype."""
+    model = cuda_engine.target.hf_model
+    return [model.generate(torch.tensor([p], device="cuda"), max_new_tokens=CUDA_NEW_TOKENS, do_sample=False)
+            [0, len(p):].tolist() for p in cuda_prompts]
+
+
+def _greedy(engine, prompts, sizes, max_new_tokens=CUDA_NEW_TOKENS, verify=None):
+    from blockpilot.runtime.requests import GenerationRequest
+    from blockpilot.runtime.sampling import SamplingParams
+    return engine.generate([GenerationRequest(p, SamplingParams(max_new_tokens=max_new_tokens), f"r{i}", size,
+                                              verify=verify) for i, (p, size) in enumerate(zip(prompts, sizes))])
+
+
+@cuda
+@pytest.mark.parametrize("sizes", [[1] * 4, [4] * 4, [16] * 4, [1, 4, 16, 24], [2, 8, 3, 6], [None] * 4,
+                                   [None, 1, None, 8]], ids=["plain", "4", "16", "mixed", "mixed-small", "auto",
+                                                             "auto-mixed"])
+@pytest.mark.parametrize("verify", ["full", "auto"])
+def test_greedy_on_cuda_is_the_models_own(cuda_engine, cuda_prompts, cuda_references, sizes, verify):
+    """Fixed sizes, mixed sizes in one batch and the policy's sizes (None), with and without the per-step
+    verify rule: every output is the model's own greedy `generate` on the GPU in the same dtype."""
+    results = _greedy(cuda_engine, cuda_prompts, sizes, verify=verify)
+    for prompt, result, reference, size in zip(cuda_prompts, results, cuda_references, sizes):
+        assert result.stats.block_size_source == ("request" if size else "policy")
+        assert_matches_reference(cuda_engine.target, prompt, result.token_ids, reference)
+
+
+def _syncs(run) -> int:
+    """Host syncs a call makes on the GPU (torch's sync debug mode warns once per sync)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@cuda
+@pytest.mark.parametrize("size, verify, per_step", [(1, "full", 1), (8, "full", 1), (8, "auto", 2)])
+def test_a_decode_step_waits_for_the_gpu_at_most_once_or_twice(cuda_engine, cuda_prompts, size, verify, per_step):
+    """A decode step waits for the device once (its tokens and accepted lengths come back together), and
+    once more with the verify rule (the drafts' confidences); what prefill costs is the same for a short
+    and a long run, so the difference counts steps only."""
+    from blockpilot.runtime.requests import GenerationRequest
+    from blockpilot.runtime.sampling import SamplingParams
+
+    def run(tokens):
+        request = GenerationRequest(cuda_prompts[0], SamplingParams(max_new_tokens=tokens, ignore_eos=True), "s",
+                                    size, verify=verify)
+        out = []
+        syncs = _syncs(lambda: out.extend(cuda_engine.generate([request])))
+        return syncs, out[0].stats.target_forwards
+
+    run(4)  # warm-up: the caching allocators fill
+    short_syncs, short_steps = run(8)
+    long_syncs, long_steps = run(40)
+    assert long_steps > short_steps
+    assert long_syncs - short_syncs <= per_step * (long_steps - short_steps), (short_syncs, long_syncs)
+
+
+@cuda
+def test_sampling_on_cuda_is_seeded_and_runs_mixed_with_greedy(cuda_engine, cuda_prompts):
+    from blockpilot.runtime.requests import GenerationRequest
+    from blockpilot.runtime.sampling import SamplingParams
+
+    def run():
+        sampled = SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.9, seed=3)
+        return [r.token_ids for r in cuda_engine.generate(
+            [GenerationRequest(cuda_prompts[0], sampled, "s", 8),
+             GenerationRequest(cuda_prompts[1], SamplingParams(max_new_tokens=16), "g", 4)])]
+
+    first, second = run(), run()
+    assert first == second and all(len(t) >= 1 for t in first)
+
+
+@cuda
+def test_step_costs_on_cuda_time_the_kernels():
+    from blockpilot.runtime.step_cost import measure_step_costs
+    from blockpilot.runtime.step_verify import StepCostTable
+
+    target = tiny_target(vocab_size=64, seed=0).to("cuda")
+    drafter = tiny_drafter(target).to("cuda")
+    reports = [measure_step_costs(target, drafter, [1, 2, 4], context_tokens=16, repeats=2, batch_size=b)
+               for b in (1, 4)]
+    assert all(ms > 0 for r in reports for ms in r["target_ms"].values())
+    assert reports[0]["machine"] == torch.cuda.get_device_name()
+    assert StepCostTable.from_measurement(reports).sample_batch_tokens == [1, 2, 4, 8, 16]

@@ -12,7 +12,7 @@ from blockpilot.runtime.engine import SpeculativeEngine
 from blockpilot.runtime.requests import GenerationRequest
 from blockpilot.runtime.sampling import SamplingParams
 
-from conftest import NEAR_TIE_MARGIN
+from conftest import assert_matches_reference
 
 NEW_TOKENS = 32
 pytestmark = pytest.mark.slow
@@ -36,20 +36,6 @@ def drafters(target):
 def engine(request, default_target):
     found = dict(drafters(default_target))
     return SpeculativeEngine(default_target, found[request.param], max_batch_size=4)
-
-
-def assert_matches_reference(target, prompt, output, reference):
-    """Equal token for token, except where the reference itself had a near-tie at the first difference."""
-    if output == reference[: len(output)] and (len(output) == len(reference) or output[-1] in target.eos_token_ids):
-        return
-    first = next((i for i, (a, b) in enumerate(zip(output, reference)) if a != b), min(len(output), len(reference)))
-    with torch.inference_mode():
-        logits = target.hf_model(torch.tensor([prompt + reference[:first]])).logits[0, -1]
-    top2 = torch.topk(logits.float(), 2).values
-    gap = float(top2[0] - top2[1])
-    assert gap < NEAR_TIE_MARGIN, (
-        f"output diverges from the target's greedy output at token {first} "
-        f"(got {output[first:first + 3]}, expected {reference[first:first + 3]}); reference top-2 gap {gap:.4f}")
 
 
 def run(engine, prompts, sizes, max_new=NEW_TOKENS):
