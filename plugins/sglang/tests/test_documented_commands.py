@@ -63,6 +63,8 @@ RUN_HERE = {
         (CORE, "wrote 3 results", 900),
     "blockpilot generate --input examples/prompts.jsonl --output out.jsonl --block-size auto --verify auto":
         (CORE, "wrote 3 results", 900),
+    "blockpilot generate --input examples/prompts.jsonl --output out.jsonl --block-size auto --device auto":
+        (CORE, "wrote 3 results", 900),
     "blockpilot generate --input examples/prompts.jsonl --output out.jsonl --block-size auto --policy "
     "runtime/assets/smollm2-135m-instruct-dflash/blockpilot_policy.onnx": (CORE, "wrote 3 results", 900),
     "README.md: python block 1": (CORE, "block_size", 900),
@@ -79,6 +81,7 @@ EXAMPLE_CLIENTS = {
 }
 
 GPU = "needs a GPU (CUDA, FlashInfer, Qwen3-4B with the z-lab drafter): checked on a GPU machine"
+GPU_RUNTIME = "needs a CUDA device: examples/gpu/run_gpu_checks.sh runs it on a GPU machine (rehearsed in CI)"
 LONG = "takes {} on this 2-core CPU; checked by hand when its pipeline changes"
 CPU_NOTES = ("how SGLang's CPU path was first worked out, in a scratch venv (/work/sgl-venv) and with a "
              "scratch drafter (/tmp/rand-drafter); `make install-sglang` runs the same install steps and "
@@ -125,6 +128,10 @@ BY_HAND = {
     "blockpilot train-policy --config configs/policy-qwen3-4b.yaml": GPU,
     "blockpilot export-policy --config configs/policy-qwen3-4b.yaml": GPU,
     "blockpilot eval-policy --config configs/policy-qwen3-4b.yaml": GPU,
+    "blockpilot generate --input examples/prompts.jsonl --output out.jsonl --block-size auto --device cuda "
+    "--dtype bfloat16": GPU_RUNTIME,
+    "blockpilot step-costs --device cuda --dtypes bfloat16 --widths 1-16,24,32 --batch-sizes 1,2,4,8,16,32 "
+    "--this-machine": GPU_RUNTIME,
     # docs/sglang-cpu-notes.md
     "python3 -m venv /work/sgl-venv": CPU_NOTES,
     "/work/sgl-venv/bin/pip install torch==2.13.0 transformers==5.23.0 safetensors onnxruntime pyyaml pytest":
