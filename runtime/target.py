@@ -308,16 +308,30 @@ class TargetModel:
         cache, and returns the final-normed hidden states `[N, hidden]` and, if asked, the outputs
         of `capture_layers` concatenated `[N, len(capture_layers) * hidden]` (the DFlash context).
         """
-        model = self.hf_model.model
-        x = model.embed_tokens(tokens)
-        positions = layout.positions
-        cos, sin = model.rotary_emb(x, positions[None])
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]
+        x = self.hf_model.model.embed_tokens(tokens)
         kv_len = layout.kv_len
         if kv_len > cache.capacity:
             raise ValueError(f"sequence of {kv_len} tokens does not fit the KV cache of {cache.capacity}")
         mask = causal_verify_mask(layout, kv_len)
         slots = first_slot + layout.row
+
+        def attend(index, q, k, v):
+            cache.write(index, slots, layout.positions, k, v)
+            keys, values = cache.read(index, first_slot, layout.num_rows, kv_len)
+            return ragged_attention(q, keys, values, mask, layout)
+
+        return self.decoder_layers(x, layout.positions, attend, capture_layers)
+
+    def decoder_layers(self, x: torch.Tensor, positions: torch.Tensor, attend,
+                       capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decoder layers over embedded tokens `x` [N, hidden] at `positions` [N]: the final-normed
+        hidden states and the outputs of `capture_layers` concatenated (or None). `attend(layer, q, k, v)`
+        stores the layer's keys/values wherever the caller keeps them and returns the attention output
+        [N, heads * head_dim]: the one place that differs between the engine's ragged forward and
+        batched data generation."""
+        model = self.hf_model.model
+        cos, sin = model.rotary_emb(x, positions[None])
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]
         captured = {}
         for index, layer in enumerate(model.layers):
             attn = layer.self_attn
@@ -328,9 +342,7 @@ class TargetModel:
             if hasattr(attn, "q_norm"):
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            cache.write(index, slots, positions, k, v)
-            keys, values = cache.read(index, first_slot, layout.num_rows, kv_len)
-            x = x + attn.o_proj(ragged_attention(q, keys, values, mask, layout))
+            x = x + attn.o_proj(attend(index, q, k, v))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             if index in capture_layers:
                 captured[index] = x

@@ -23,7 +23,6 @@ OUT=${OUT:-/tmp/bp-out}
 DATA_SECONDS=${DATA_SECONDS:-240}  # the data stage's share; it stops between chunks, keeping every chunk it made
 DEADLINE=$(( $(date +%s) + ${TOTAL_SECONDS:-540} ))
 CONFIG=${CONFIG:-configs/drafter-smollm2-v4-gpu.yaml}
-GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 PART_BYTES=15000000  # each file back at most 16 MiB; at most 8 files
 export BLOCKPILOT_CACHE=${BLOCKPILOT_CACHE:-/tmp/bp-cache} PYTHONUNBUFFERED=1
 mkdir -p /tmp/bp-pkg "$OUT" "$BLOCKPILOT_CACHE/downloads"
@@ -33,6 +32,7 @@ for wheel in "$BUNDLE"/gguf-*.whl; do
   [ -e "$wheel" ] && { python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/bp-site "$wheel" || exit 1; }
 done
 step() { echo "=== $(date +%T) $*"; }
+source examples/gpu/target_from_bundle.sh
 settings=$(python3 -c "from blockpilot.runtime.training.recipe import DrafterRecipe as R
 r = R.from_yaml('$CONFIG'); print(r.work_dir, r.train.init_from, r.store_dir, r.model, r.output_dir)") || exit 1
 read -r WORK INIT STORE MODEL DRAFTER <<< "$settings"
@@ -44,14 +44,7 @@ if [ "${1:-run}" = smoke ]; then
 fi
 
 if [ "$MODEL" = None ]; then
-  step "target: the default model rebuilt from its GGUF, checked weight for weight"
-  gguf=$BLOCKPILOT_CACHE/downloads/SmolLM2-135M-Instruct.Q4_1.gguf
-  cat "$BUNDLE"/part-* > "$gguf"
-  echo "$GGUF_SHA256  $gguf" | sha256sum -c - || exit 1
-  model_dir=$(python3 -c "from blockpilot.runtime.assets import ensure_default_model; print(ensure_default_model())") || exit 1
-  tar -xzf "$BUNDLE/model-files.tgz" -C "$model_dir"  # this project's tokenizer and config files, byte for byte
-  digest=$(python3 examples/gpu/model_digest.py "$model_dir")
-  [ "$digest" = "$(cat "$BUNDLE/model-digest.txt")" ] || { echo "target weights digest $digest differs"; exit 1; }
+  rebuild_default_target
 fi
 mkdir -p "$STORE" && [ -d "$BUNDLE/store" ] && cp -r "$BUNDLE/store/." "$STORE/"
 rm -rf "$INIT" && mkdir -p "$(dirname "$INIT")" && cp -r "$BUNDLE/init" "$INIT"

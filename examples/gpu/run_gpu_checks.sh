@@ -32,13 +32,13 @@ BENCH_TOKENS=${BENCH_TOKENS:-128}
 BENCH_REPEATS=${BENCH_REPEATS:-2}
 BIG_BATCH=${BIG_BATCH:-16}
 TESTS=${TESTS:-}  # extra pytest arguments
-GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 WORK=$(mktemp -d /tmp/bp-gpu-work.XXXXXX)
 export BLOCKPILOT_CACHE=${BLOCKPILOT_CACHE:-$HOME/.cache/blockpilot} PYTHONUNBUFFERED=1
 mkdir -p /tmp/bp-pkg "$OUT" "$BLOCKPILOT_CACHE/downloads"
 ln -sfn "$PWD" /tmp/bp-pkg/blockpilot  # the repo's folders as the one package `blockpilot`, as installed
 export PYTHONPATH=/tmp/bp-pkg:/tmp/bp-site
 step() { echo "=== $(date +%T) $*"; }
+source examples/gpu/target_from_bundle.sh
 left() { local s=$(( DEADLINE - $(date +%s) - ${1:-0} )); echo $(( s > 10 ? s : 10 )); }  # to the deadline, less a reserve
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
@@ -51,14 +51,7 @@ for wheel in "$BUNDLE"/*.whl "$WORK"/*.whl; do
 done
 [ -f "$BUNDLE/question.jsonl" ] && cp "$BUNDLE/question.jsonl" "$BLOCKPILOT_CACHE/downloads/"
 if ls "$BUNDLE"/part-* > /dev/null 2>&1; then
-  step "target: the default model rebuilt from its GGUF, checked weight for weight"
-  gguf=$BLOCKPILOT_CACHE/downloads/SmolLM2-135M-Instruct.Q4_1.gguf
-  cat "$BUNDLE"/part-* > "$gguf"
-  echo "$GGUF_SHA256  $gguf" | sha256sum -c - || exit 1
-  model_dir=$(python3 -c "from blockpilot.runtime.assets import ensure_default_model; print(ensure_default_model())") || exit 1
-  tar -xzf "$BUNDLE/model-files.tgz" -C "$model_dir"  # this project's tokenizer and config files, byte for byte
-  digest=$(python3 examples/gpu/model_digest.py "$model_dir")
-  [ "$digest" = "$(cat "$BUNDLE/model-digest.txt")" ] || { echo "target weights digest $digest differs"; exit 1; }
+  rebuild_default_target
 fi
 
 # FlashInfer compiles its kernels on first use (CPU work): while the tests run, not while anything is timed

@@ -22,7 +22,6 @@ from ..engine import SpeculativeEngine
 from ..kv_cache import SlotKVCache
 from ..prompts import PromptRecord, encode_prompt
 from ..requests import GenerationRequest, GenerationResult
-from ..rope import apply_rotary
 from ..sampling import SamplingParams
 from ..target import TargetModel
 
@@ -174,26 +173,6 @@ def gumbel_noise(seed: torch.Tensor, step: torch.Tensor, vocab_size: int) -> tor
     return -torch.log(-torch.log(uniform)).float()
 
 
-def _layers(target: TargetModel, x: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
-    """The target's decoder layers over tokens `x` [N, hidden] at `positions` [N], final-normed;
-    `attend(layer, q, k, v)` stores the keys/values and returns the attention output [N, heads * head_dim]."""
-    model = target.hf_model.model
-    cos, sin = model.rotary_emb(x, positions[None])
-    cos, sin = cos[0, :, None, :], sin[0, :, None, :]
-    for index, layer in enumerate(model.layers):
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = attn.q_proj(h).unflatten(-1, (target.num_heads, target.head_dim))
-        k = attn.k_proj(h).unflatten(-1, (target.num_kv_heads, target.head_dim))
-        v = attn.v_proj(h).unflatten(-1, (target.num_kv_heads, target.head_dim))
-        if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        x = x + attn.o_proj(attend(index, q, k, v))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return model.norm(x)
-
-
 def _prefill(target: TargetModel, cache: SlotKVCache, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
     """Prompts (right-padded into one batch) into cache slots `rows`; logits [n, vocab] at each one's last token."""
     device = target.device
@@ -213,7 +192,7 @@ def _prefill(target: TargetModel, cache: SlotKVCache, rows: list[int], prompts: 
         return out.transpose(1, 2).flatten(2).flatten(0, 1)
 
     positions = torch.arange(width, device=device).repeat(n)
-    hidden = _layers(target, target.embed_tokens(tokens.to(device).flatten()), positions, attend)
+    hidden, _ = target.decoder_layers(target.embed_tokens(tokens.to(device).flatten()), positions, attend)
     last = torch.tensor([i * width + len(p) - 1 for i, p in enumerate(prompts)], device=device)
     return target.lm_head(hidden[last])
 
@@ -237,7 +216,7 @@ def _decode(target: TargetModel, cache: SlotKVCache, tokens: torch.Tensor, posit
         out = scores.softmax(-1).to(values.dtype) @ values
         return out.flatten(1)
 
-    hidden = _layers(target, target.embed_tokens(tokens), positions, attend)
+    hidden, _ = target.decoder_layers(target.embed_tokens(tokens), positions, attend)
     return target.lm_head(hidden)
 
 
