@@ -30,7 +30,7 @@ import torch
 
 from blockpilot.runtime.sampling import sample_tokens
 
-# SGLang's "no top-k limit" and its greedy encoding (temperature 0 -> top_k 1, temperature 1).
+# SGLang's greedy encoding: temperature 0 becomes top_k 1 (and temperature 1).
 GREEDY_TOP_K = 1
 
 
@@ -48,13 +48,12 @@ class RequestPenalties:
     def of(cls, req) -> Optional["RequestPenalties"]:
         """The request's penalties, or None when it has none."""
         params = req.sampling_params
-        penalties = cls(float(params.frequency_penalty or 0.0), float(params.presence_penalty or 0.0),
-                        float(params.repetition_penalty if params.repetition_penalty is not None else 1.0),
-                        int(params.min_new_tokens or 0), tuple(sorted(_stop_ids(req))))
-        if (penalties.frequency == 0.0 and penalties.presence == 0.0 and penalties.repetition == 1.0
-                and penalties.min_new_tokens <= 0):
+        frequency, presence = float(params.frequency_penalty or 0.0), float(params.presence_penalty or 0.0)
+        repetition = float(params.repetition_penalty if params.repetition_penalty is not None else 1.0)
+        min_new_tokens = int(params.min_new_tokens or 0)
+        if frequency == 0.0 and presence == 0.0 and repetition == 1.0 and min_new_tokens <= 0:
             return None
-        return penalties
+        return cls(frequency, presence, repetition, min_new_tokens, tuple(sorted(_stop_ids(req))))
 
 
 def _stop_ids(req) -> set[int]:
@@ -190,9 +189,9 @@ def set_current(step: Optional[VerifyStep]) -> None:
 def hook_verify_logits_adjustments(original_fn, *, next_token_logits: torch.Tensor, sampling_info, draft_token_num: int):
     """AROUND ``dflash_utils.apply_dflash_verify_logits_adjustments``: the same adjustments (a custom
     logit processor, then penalties, then the logit bias; the grammar mask follows per position in
-    DFLASH's own step), with each penalised row's penalties per position (:func:`penalise_block`). A
-    batch without penalised rows runs SGLang's own function, minus the penalizer state it would apply
-    (never fed by DFLASH: only min_new_tokens' mask, stuck at "too early")."""
+    DFLASH's own step), with each penalised row's penalties per position (:func:`penalise_block`) in
+    place of the penalizer state SGLang would apply (never fed by DFLASH: only min_new_tokens' mask,
+    stuck at "too early"). Outside a BlockPilot decode step, SGLang's own function runs."""
     step = _current
     if step is None or sampling_info is None:
         return original_fn(next_token_logits=next_token_logits, sampling_info=sampling_info,
@@ -208,7 +207,8 @@ def hook_verify_logits_adjustments(original_fn, *, next_token_logits: torch.Tens
         penalties, counts, lengths = step.counts.state(step.reqs, rows)
         index = torch.tensor(rows, device=logits.device)
         block = logits.index_select(0, index)
-        candidates = step.candidates()[:bs, :draft_token_num].index_select(0, index.to(step.candidates().device))
+        drafts = step.candidates()
+        candidates = drafts[:bs, :draft_token_num].index_select(0, index.to(drafts.device))
         penalise_block(block, candidates, penalties, counts, lengths)
         logits.index_copy_(0, index, block)
     logit_bias = getattr(sampling_info, "logit_bias", None)

@@ -239,9 +239,7 @@ class BlockPilotWorker(DFlashWorkerV2):
         """The choice of every row of an extend batch: recorded earlier, or chosen now for the
         requests whose prompt ends in this batch, or None (the prompt continues in a later chunk)."""
         choices: list[Optional[BlockChoice]] = [self._bp_recorded(req) for req in batch.reqs]
-        new = [i for i, req in enumerate(batch.reqs)
-               if choices[i] is None
-               and batch.prefix_lens[i] + batch.extend_lens[i] >= len(req.origin_input_ids)]  # last chunk
+        new = [i for i in range(len(batch.reqs)) if choices[i] is None and self._bp_prompt_ends_here(batch, i)]
         inexact = {i: verify_logits.inexact_options(batch.reqs[i]) for i in new}
         for i in [i for i in new if inexact[i]]:  # served without drafts: exact, slower, and said so
             choices[i] = self._bp_fall_back([batch.reqs[i]], "inexact_option",
@@ -387,8 +385,13 @@ class BlockPilotWorker(DFlashWorkerV2):
         for i, req in enumerate(batch.reqs):
             if req in self._bp_output_counts:
                 self._bp_output_counts.commit([req], tokens[i:i + 1, None], torch.ones(1, dtype=torch.int32))
-            elif batch.prefix_lens[i] + batch.extend_lens[i] >= len(req.origin_input_ids):  # the prompt's last chunk
+            elif self._bp_prompt_ends_here(batch, i):
                 self._bp_output_counts.start(req, tokens[i])
+
+    @staticmethod
+    def _bp_prompt_ends_here(batch, i: int) -> bool:
+        """Does row `i` of an extend batch hold its prompt's last chunk (its first token is sampled now)?"""
+        return batch.prefix_lens[i] + batch.extend_lens[i] >= len(batch.reqs[i].origin_input_ids)
 
     def _make_next_draft_input_prefill(self, *, bonus_tokens, seq_lens):
         return BlockPilotDraftInput.build(bonus_tokens=bonus_tokens, new_seq_lens=seq_lens,
