@@ -15,6 +15,11 @@ SGLang 0.5.23's DFLASH verify falls short of plain decoding in two ways, both cl
   either holds, :func:`sampled_target_tokens` draws the target's token at every position from its
   filtered distribution (``runtime.sampling.sample_tokens``, the runtime's own rule) and DFLASH's
   accept keeps drafts while they equal it: for a greedy draft that is speculative sampling itself.
+* **Seeds.** Under ``--enable-deterministic-inference`` plain decoding draws each token with the
+  request's ``sampling_seed`` (a hash of seed, position and column; SGLang's pytorch sampler), and
+  DFLASH's kernel draws unseeded coins. There :func:`seeded_target_tokens` makes SGLang's own seeded
+  draw at every verified position with the position plain decoding passes, so a seeded request's
+  text is the one the same server writes without speculation, token for token.
 
 A request option that this module cannot make exact (:func:`inexact_options`) is served without
 drafts, block size 1, where the one verified position is the target's own step.
@@ -218,25 +223,70 @@ def hook_verify_logits_adjustments(original_fn, *, next_token_logits: torch.Tens
 
 def needs_own_sampling(sampling_info, kernel_available: bool) -> bool:
     """Do this step's sampled rows need :func:`sampled_target_tokens`: some row samples, and SGLang's
-    kernel is missing or some sampled row uses min-p (which the kernel's path leaves out)."""
+    kernel is missing, or the rows carry seeds (deterministic inference; the kernel's coins are
+    unseeded), or some sampled row uses min-p (which the kernel's path leaves out)."""
     if sampling_info is None or sampling_info.is_all_greedy:
         return False
-    if not kernel_available:
+    if not kernel_available or getattr(sampling_info, "sampling_seed", None) is not None:
         return True
     sampled = sampling_info.top_ks.view(-1) != GREEDY_TOP_K
     return bool(((sampling_info.min_ps.view(-1) > 0) & sampled).any()) if sampling_info.min_ps is not None else False
 
 
-def sampled_target_tokens(next_token_logits: torch.Tensor, sampling_info, bs: int, width: int) -> torch.Tensor:
+def sampled_target_tokens(next_token_logits: torch.Tensor, sampling_info, bs: int, width: int,
+                          prefix_lens: torch.Tensor) -> torch.Tensor:
     """The target's token at each of the `bs` x `width` verified positions [bs, width]: argmax for
-    greedy rows, else a sample from the row's filtered distribution (runtime.sampling.sample_tokens)."""
-    def per_position(values: Optional[torch.Tensor], fill, dtype):
-        if values is None:
-            return torch.full((bs * width,), fill, dtype=dtype, device=next_token_logits.device)
-        return values.view(-1)[:bs].to(device=next_token_logits.device, dtype=dtype).repeat_interleave(width)
+    greedy rows, else a sample from the row's filtered distribution (runtime.sampling.sample_tokens);
+    with seeds (deterministic inference), SGLang's seeded draw (:func:`seeded_target_tokens`).
+    `prefix_lens` [bs]: the position of each row's first block token (DFLASH's verify positions)."""
+    if getattr(sampling_info, "sampling_seed", None) is not None:
+        return seeded_target_tokens(next_token_logits, sampling_info, bs, width, prefix_lens)
+
+    def per_position(values, fill, dtype):
+        return _per_position(values, bs, width, fill, dtype, next_token_logits.device)
 
     top_ks = per_position(sampling_info.top_ks, 0, torch.long)
     tokens = sample_tokens(next_token_logits, per_position(sampling_info.temperatures, 1.0, torch.float32), top_ks,
                            per_position(sampling_info.top_ps, 1.0, torch.float32),
                            per_position(sampling_info.min_ps, 0.0, torch.float32), top_ks == GREEDY_TOP_K)
     return tokens.view(bs, width)
+
+
+def seeded_target_tokens(next_token_logits: torch.Tensor, sampling_info, bs: int, width: int,
+                         prefix_lens: torch.Tensor) -> torch.Tensor:
+    """The token plain decoding draws at each verified position [bs, width] under deterministic
+    inference: SGLang's pytorch sampler (the backend deterministic inference forces) with the row's
+    seed and, as plain decoding passes it, the position of the position's input token. Its steps are
+    the sampler's: logits / temperature, softmax, then the batch-wide choice between the unfiltered
+    draw and the sorted top-k/top-p one (the hash's column is the vocabulary id in the first, the
+    rank in the second, so the choice must be the plain batch's). Min-p, which SGLang's seeded draw
+    refuses, is applied first as a mask (the top token always stays, so the mask is min-p's)."""
+    from sglang.srt.layers.sampler import sampling_from_probs_torch, top_k_top_p_min_p_sampling_from_probs_torch
+
+    device = next_token_logits.device
+
+    def per_position(values, fill, dtype):
+        return _per_position(values, bs, width, fill, dtype, device)
+
+    positions = (prefix_lens[:bs].to(device=device, dtype=torch.long).view(-1, 1)
+                 + torch.arange(width, device=device).view(1, -1)).view(-1)
+    seeds = per_position(sampling_info.sampling_seed, 0, torch.int64)
+    logits = next_token_logits.view(bs * width, -1)  # a new tensor below: DFLASH reads these logits again
+    probs = torch.softmax(logits / per_position(sampling_info.temperatures, 1.0, logits.dtype).view(-1, 1), dim=-1)
+    if not (sampling_info.need_top_p_sampling or sampling_info.need_top_k_sampling
+            or sampling_info.need_min_p_sampling):
+        return sampling_from_probs_torch(probs, sampling_seed=seeds, positions=positions).view(bs, width)
+    min_ps = per_position(sampling_info.min_ps, 0.0, probs.dtype)
+    if sampling_info.need_min_p_sampling:
+        probs = probs.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * min_ps.view(-1, 1), 0.0)
+    tokens = top_k_top_p_min_p_sampling_from_probs_torch(
+        probs, per_position(sampling_info.top_ks, 1 << 30, torch.int32), per_position(sampling_info.top_ps, 1.0, probs.dtype),
+        min_ps, False, seeds, positions)
+    return tokens.view(bs, width)
+
+
+def _per_position(values: Optional[torch.Tensor], bs: int, width: int, fill, dtype, device) -> torch.Tensor:
+    """A per-request sampling value [bs] (or [bs, 1]) repeated for each of the row's `width` positions."""
+    if values is None:
+        return torch.full((bs * width,), fill, dtype=dtype, device=device)
+    return values.view(-1)[:bs].to(device=device, dtype=dtype).repeat_interleave(width)

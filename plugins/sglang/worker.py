@@ -367,7 +367,7 @@ class BlockPilotWorker(DFlashWorkerV2):
             # the target's own token at each position (sampled rows: from its filtered distribution);
             # DFLASH's accept keeps drafts while they equal it
             kwargs["target_predict"] = verify_logits.sampled_target_tokens(
-                kwargs["next_token_logits"], sampling_info, bs, int(self.block_size))
+                kwargs["next_token_logits"], sampling_info, bs, int(self.block_size), kwargs["prefix_lens"])
         accept_len, commit_lens, bonus, out_tokens, new_seq_lens = super()._accept_block(**kwargs)
         if self._bp_cap is not None:
             accept_len, commit_lens, bonus = blocks.cap_commits(out_tokens, commit_lens, self._bp_cap)

@@ -10,6 +10,8 @@
   batch, and a padded column never commits;
 * the hook: penalised rows get per-position penalties, others SGLang's logit bias only; a server
   without BlockPilot runs SGLang's own function.
+* seeds (deterministic inference): each verified position's token is the one SGLang's own Sampler
+  draws in plain decoding at that position with the request's seed, also where the GPU kernel exists.
 """
 
 from __future__ import annotations
@@ -257,3 +259,137 @@ def test_on_a_gpu_build_sglangs_sampling_kernel_gets_the_padded_step_and_rows_ke
     assert seen == {"candidates": (bs, width), "logits": (bs * width, VOCAB)}
     assert commit_lens.tolist() == [2, 4, 1] and bonus.tolist() == [6, 12, 3]
     assert out_tokens[0, :2].tolist() == [5, 6] and out_tokens[1].tolist() == [8, 9, 10, 12]
+
+
+def _hash_stand_in(seed, positions, columns):
+    """A murmur-like uint32 hash of (seed, position, column) in torch: sgl-kernel, which holds SGLang's
+    CPU hash, is not installed with the CPU engine (its GPU hash is a Triton kernel). Both sides of
+    the seeded tests draw through SGLang's multinomial_with_seed with this hash."""
+    h = (seed.to(torch.int64).view(-1, 1) * 0x9E3779B1 + positions.to(torch.int64).view(-1, 1) * 0x85EBCA77
+         + columns.to(torch.int64).view(1, -1) * 0xC2B2AE3D) & 0xFFFFFFFF
+    for _ in range(2):
+        h = ((h ^ (h >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+@pytest.fixture
+def plain_sampler(monkeypatch):
+    """SGLang's own Sampler as a server with --enable-deterministic-inference runs it (the pytorch
+    sampling backend, which that flag forces), single process; one decode step per call."""
+    from sglang.srt.layers import sampler as sglang_sampler
+
+    monkeypatch.setattr(sglang_sampler, "murmur_hash32", _hash_stand_in)
+    monkeypatch.setattr(sglang_sampler, "get_exec", lambda: SimpleNamespace(
+        kernel=SimpleNamespace(sampling_backend="pytorch"), features=SimpleNamespace(sampling_mask_max_tokens=0),
+        deterministic=SimpleNamespace(rl_on_policy_target=None, enable_deterministic_inference=True)))
+    monkeypatch.setattr(sglang_sampler, "get_parallel", lambda: SimpleNamespace(tp_group=SimpleNamespace(device_group=None)))
+    monkeypatch.setattr(sglang_sampler, "is_dp_attention_enabled", lambda: False)
+    sampler = sglang_sampler.Sampler()
+
+    def step(logits: torch.Tensor, info, positions: torch.Tensor) -> torch.Tensor:
+        return sampler(SimpleNamespace(next_token_logits=logits.clone()), info, False, [], [], positions).long()
+
+    return step
+
+
+def seeded_info(temperatures, top_ks, top_ps, min_ps, seeds):
+    """SamplingBatchInfo's fields as SGLang builds them (batch-wide need_* flags; greedy = top_k 1)."""
+    top_ks = torch.tensor(top_ks, dtype=torch.int32)
+    top_ps, min_ps = torch.tensor(top_ps), torch.tensor(min_ps)
+    return SimpleNamespace(
+        is_all_greedy=False, has_custom_logit_processor=False, grammars=None, sampling_mask_batch_indices=None,
+        sampling_support_logprobs_capture_indices=None, max_top_k=int(top_ks.max()),
+        temperatures=torch.tensor(temperatures).view(-1, 1), top_ks=top_ks, top_ps=top_ps, min_ps=min_ps,
+        need_top_k_sampling=bool((top_ks != 1 << 30).any()), need_top_p_sampling=bool((top_ps != 1.0).any()),
+        need_min_p_sampling=bool((min_ps > 0).any()), sampling_seed=torch.tensor(seeds, dtype=torch.int64))
+
+
+SEEDED_BATCHES = {
+    # temperatures, top_ks, top_ps, min_ps, seeds
+    "temperature only (SGLang's unfiltered draw)": ([0.7, 1.0, 1.3], [1 << 30] * 3, [1.0] * 3, [0.0] * 3, [1, 2, 3]),
+    "top-k, top-p and a greedy row (the sorted draw)": ([0.8, 1.0, 1.0, 1.2], [5, 1, 1 << 30, 8],
+                                                       [1.0, 1.0, 0.9, 0.8], [0.0] * 4, [7, 7, 11, -5]),
+    "same seed, different requests": ([1.0, 1.0], [1 << 30] * 2, [0.95] * 2, [0.0] * 2, [42, 42]),
+}
+
+
+@pytest.mark.parametrize("batch", list(SEEDED_BATCHES), ids=list(SEEDED_BATCHES))
+def test_a_seeded_verify_draws_what_plain_decoding_draws_at_every_position(batch, plain_sampler):
+    """Deterministic inference: each verified position's token is SGLang's own seeded draw at that
+    position (the position of its input token, as plain decoding passes it), rows of a batch at
+    different depths; the verify's logits are left as they were (DFLASH reads them again)."""
+    info = seeded_info(*SEEDED_BATCHES[batch])
+    bs, width = len(info.sampling_seed), 4
+    torch.manual_seed(5)
+    logits = torch.randn(bs * width, VOCAB) * 2.0
+    before = logits.clone()
+    prefix_lens = torch.tensor([9, 30, 17, 64][:bs])
+    mine = verify_logits.sampled_target_tokens(logits, info, bs, width, prefix_lens)
+    assert torch.equal(logits, before)
+    grid = logits.view(bs, width, VOCAB)
+    plain = torch.stack([plain_sampler(grid[:, i], info, prefix_lens + i) for i in range(width)], dim=1)
+    assert mine.tolist() == plain.tolist()
+    other_seeds = seeded_info(*SEEDED_BATCHES[batch])
+    other_seeds.sampling_seed = other_seeds.sampling_seed + 1000
+    assert verify_logits.sampled_target_tokens(logits, other_seeds, bs, width, prefix_lens).tolist() != mine.tolist()
+
+
+def test_a_seeded_request_commits_plain_decodings_text_through_the_accept(plain_sampler):
+    """Through the worker's _accept_block, SGLang's kernel present (a GPU build): seeded rows take the
+    seeded draw, not the kernel's unseeded coins. A row whose drafts are plain decoding's next tokens
+    commits them and plain's next token; a row whose second draft differs commits plain's token there;
+    a capped row stops at its width."""
+    from test_worker import bare_worker
+
+    from blockpilot.plugins.sglang import worker as worker_module
+
+    info = seeded_info([0.9, 0.9, 0.9], [1 << 30] * 3, [0.95] * 3, [0.0] * 3, [3, 3, 8])
+    bs, width = 3, 4
+    torch.manual_seed(6)
+    grid = torch.randn(bs, width, VOCAB) * 1.5
+    prefix_lens = torch.tensor([12, 40, 12])
+    plain = torch.stack([plain_sampler(grid[:, i], info, prefix_lens + i) for i in range(width)], dim=1)
+    wrong = (plain[1, 1] + 1) % VOCAB
+    candidates = torch.stack([torch.cat([torch.tensor([1]), plain[0, :3]]),
+                              torch.stack([torch.tensor(1), plain[1, 0], wrong, plain[1, 2]]),
+                              torch.cat([torch.tensor([1]), plain[2, :3]])])
+    w = bare_worker(width)
+    w._bp_cap = torch.tensor([4, 4, 2], dtype=torch.int32)
+    original = worker_module.is_dflash_sampling_verify_available
+    worker_module.is_dflash_sampling_verify_available = lambda: True
+    try:
+        accept_len, commit_lens, bonus, out_tokens, _ = w._accept_block(
+            candidates=candidates, next_token_logits=grid.reshape(bs * width, VOCAB), sampling_info=info,
+            draft_input=SimpleNamespace(max_top_k=1 << 30, uniform_top_k_value=None), prefix_lens=prefix_lens,
+            bs=bs, target_predict=None)
+    finally:
+        worker_module.is_dflash_sampling_verify_available = original
+    assert commit_lens.tolist() == [4, 2, 2]
+    assert out_tokens[0].tolist() == plain[0].tolist()
+    assert out_tokens[1, :2].tolist() == plain[1, :2].tolist()
+    assert out_tokens[2, :2].tolist() == plain[2, :2].tolist()
+
+
+def test_seeded_rows_leave_the_kernel_for_the_seeded_draw():
+    seeded = sampling_info(2)
+    seeded.sampling_seed = torch.tensor([1, 2])
+    assert verify_logits.needs_own_sampling(seeded, kernel_available=True)
+
+
+def test_seeded_draws_with_min_p_follow_the_filtered_distribution(plain_sampler):
+    """Min-p, which SGLang's own seeded draw refuses, still gets the target's filtered distribution:
+    over many seeds, a position's tokens fit runtime.sampling's top-p + min-p distribution."""
+    n, width = 4000, 2
+    torch.manual_seed(8)
+    logits = (torch.randn(width, VOCAB) * 1.5).repeat(n, 1)
+    info = seeded_info([0.9] * n, [1 << 30] * n, [0.95] * n, [0.1] * n, list(range(n)))
+    tokens = verify_logits.sampled_target_tokens(logits, info, n, width, torch.full((n,), 20))
+    for column in range(width):
+        kept, ids = sampling.filtered_probs(logits[column:column + 1], torch.tensor([0.9]), torch.tensor([0]),
+                                            torch.tensor([0.95]), torch.tensor([0.1]))
+        probs = torch.zeros(VOCAB).scatter(0, ids[0], kept[0] / kept[0].sum())
+        counts = torch.bincount(tokens[:, column], minlength=VOCAB).double()
+        assert counts[probs == 0].sum() == 0  # nothing min-p or top-p filtered out
+        keep = probs > 0
+        expected = probs[keep].double() / probs[keep].double().sum() * n
+        assert stats.chisquare(counts[keep].numpy(), expected.numpy()).pvalue > 1e-4
