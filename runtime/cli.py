@@ -138,6 +138,39 @@ def mixed_widths(spec: str) -> list[int]:
         raise ValueError(f"--mixed batch widths must look like '12,16,16,20' or '12-20', got {spec!r}") from None
 
 
+def _drafter_depth_costs(args) -> None:
+    """`step-costs --drafter-layers`: what each drafter depth costs per step, and the acceptance gain
+    it must bring to pay for itself."""
+    from .config import build_engine
+    from .step_cost import measure_drafter_depths
+
+    if args.this_machine or args.output or args.mixed:
+        raise ValueError("--drafter-layers writes a report (--report), not a table; it measures no --mixed batches")
+    if args.drafter_layers[0] < 1:
+        raise ValueError(f"--drafter-layers: a drafter has at least 1 layer, got {args.drafter_layers[0]}")
+    engine = build_engine(_engine_config(args))
+    if engine.drafter is None:
+        raise ValueError("--drafter-layers measures drafters shaped as the loaded one; do not pass --drafter none")
+    widths = [w for w in args.widths if w > 1]
+    reports = [measure_drafter_depths(engine.target, engine.drafter, args.drafter_layers, widths,
+                                      context_tokens=args.context_tokens, repeats=args.repeats, batch_size=batch)
+               for batch in args.batch_sizes]
+    base = args.drafter_layers[0]
+    print(f"median ms per forward, KV cache of {args.context_tokens} tokens per row, {reports[0]['machine']}, "
+          f"{reports[0]['threads']} threads, {reports[0]['dtype']}, {args.repeats} interleaved repeats; 'x' = the "
+          f"acceptance length a drafter of that depth needs, as a multiple of the {base}-layer drafter's, to pay")
+    for report in reports:
+        print(f"batch {report['batch_size']}:")
+        print(f"{'width':>5} {'verify':>8} " + " ".join(f"{str(d) + ' layers':>10} {'x':>6}" for d in args.drafter_layers))
+        for width in widths:
+            cells = " ".join(f"{report['drafter_ms'][d][width]:>10.2f} {report['step_ratio'][d][width]:>6.3f}"
+                             for d in args.drafter_layers)
+            print(f"{width:>5} {report['target_ms'][width]:>8.2f} {cells}")
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps(reports, indent=2) + "\n")
+
+
 def cmd_step_costs(args) -> None:
     from .config import EngineConfig, build_engine
     from .step_cost import TABLE_REPEATS, measure_padding_cost, measure_step_costs
@@ -152,6 +185,9 @@ def cmd_step_costs(args) -> None:
         shipped = assets.DEFAULT_SGLANG_STEP_COSTS_PATH if args.cpu_weight_layouts == 1 else assets.DEFAULT_STEP_COSTS_PATH
         device = resolve_device(_engine_config(args).device).type  # a GPU's table is keyed by the GPU model
         args.output = str(assets.machine_step_costs_path(shipped, device))
+    if args.drafter_layers:
+        _drafter_depth_costs(args)
+        return
     if args.mixed:
         batches = {spec: mixed_widths(spec) for spec in args.mixed}  # bad widths fail before any model loads
         engine = build_engine(_engine_config(args))
@@ -330,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the cache folder, by CPU model, or GPU model with --device cuda; --cpu-weight-layouts 1: "
                         "the table the plugin reads)")
     _engine_args(p)
+    p.add_argument("--drafter-layers", type=parse_sizes,
+                   help="instead: the drafter's forward at these depths (e.g. 2-5; fresh drafters shaped as the "
+                        "loaded one) beside the verify, and the acceptance gain each depth must bring to pay")
     p.add_argument("--mixed", nargs="+", metavar="WIDTHS",
                    help="instead: mixed-width batches (e.g. 12,16,20,20 or 12-20), ragged vs padded to the widest")
     p.set_defaults(func=cmd_step_costs)

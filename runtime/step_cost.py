@@ -92,6 +92,69 @@ def measure_step_costs(target: TargetModel, drafter: DFlashDraftModel | None, wi
     }
 
 
+@torch.inference_mode()
+def measure_drafter_depths(target: TargetModel, drafter: DFlashDraftModel, depths: list[int], widths: list[int],
+                           context_tokens: int = 128, repeats: int = 7, batch_size: int = 1) -> dict:
+    """What a deeper drafter costs: the drafter's forward per width at each depth in `depths` (fresh
+    drafters shaped as `drafter` but for their number of layers; weights do not change the cost) and
+    the target's verify, interleaved over repeats. At width W a drafter of depth d beats the one of
+    depth `depths[0]` only if its acceptance length is higher by more than `step_ratio[d][W]`, the
+    ratio of their steps (verify + draft)."""
+    from .cpu_linear import kernel_rule_of, use_measured_kernels
+
+    config = drafter.config
+    drafters = {}
+    for depth in depths:
+        fresh = DFlashDraftModel.for_target(target, num_layers=depth, num_target_features=len(config.target_layer_ids),
+                                            block_size=config.block_size, mask_token_id=config.mask_token_id)
+        fresh.config.target_layer_ids = list(config.target_layer_ids)  # the same features as `drafter`
+        fresh.to(target.device, target.dtype)
+        if kernel_rule_of(drafter) is not None:  # as the engine runs the loaded drafter on a CPU: its rule
+            use_measured_kernels(fresh, kernel_rule_of(drafter))  # (the layers' shapes do not change with depth)
+        drafters[depth] = fresh
+    generator = torch.Generator().manual_seed(0)
+    device = target.device
+    capture = tuple(config.target_layer_ids)
+    target_cache, first_cache = filled_caches(target, drafters[depths[0]], batch_size, context_tokens, max(widths),
+                                              generator)
+    draft_caches = {depths[0]: first_cache}
+    for depth in depths[1:]:  # the same context behind every depth
+        _, draft_caches[depth] = filled_caches(target, drafters[depth], batch_size, context_tokens, max(widths),
+                                               torch.Generator().manual_seed(0))
+    target_ms = {w: [] for w in widths}
+    draft_ms = {d: {w: [] for w in widths} for d in depths}
+    for repeat in range(repeats):
+        # each depth takes its turn first after the verify (the first forward after it runs slower)
+        order = depths[repeat % len(depths):] + depths[:repeat % len(depths)]
+        for width in widths:
+            host = blocks.RaggedLayout.build(torch.full((batch_size,), width), torch.full((batch_size,), context_tokens))
+            step = host.to(device)
+            host_tokens = torch.randint(0, target.vocab_size, (step.num_tokens,), generator=generator)
+            block = blocks.block_tokens(host_tokens[:batch_size], host, 0).to(device)
+            wait_for(device)
+            began = time.perf_counter()
+            hidden, _ = target.forward(host_tokens.to(device), step, target_cache, 0, capture)
+            target.lm_head(hidden)
+            wait_for(device)
+            target_ms[width].append((time.perf_counter() - began) * 1e3)
+            for depth in order:
+                began = time.perf_counter()
+                propose_drafts(target, drafters[depth], block, step, draft_caches[depth])
+                wait_for(device)
+                draft_ms[depth][width].append((time.perf_counter() - began) * 1e3)
+    target_median = {w: statistics.median(v) for w, v in target_ms.items()}
+    draft_median = {d: {w: statistics.median(v) for w, v in per_width.items()} for d, per_width in draft_ms.items()}
+    base = depths[0]
+    return {
+        "context_tokens": context_tokens, "batch_size": batch_size, "repeats": repeats,
+        "dtype": str(target.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+        "machine": device_name(device.type), "depths": depths,
+        "target_ms": target_median, "drafter_ms": draft_median,
+        "step_ratio": {d: {w: (target_median[w] + draft_median[d][w]) / (target_median[w] + draft_median[base][w])
+                           for w in widths} for d in depths},
+    }
+
+
 def step_ms(costs: dict, width: int) -> float:
     """Milliseconds of one decode step at `width`: target verify plus (for width > 1) the drafter.
     Accepts tables whose keys are ints or (read back from JSON) strings."""

@@ -88,3 +88,13 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
     run = subprocess.run([sys.executable, "-m", "blockpilot.runtime.cli", "generate", "--input", str(path),
                           "--output", "x", "--block-size", "big"], capture_output=True, text=True)
     assert run.returncode == 2 and "--block-size must be an integer" in run.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--drafter-layers", "0-2"], "a drafter has at least 1 layer, got 0"),
+    (["--drafter-layers", "2,3", "--output", "t.json"], "--drafter-layers writes a report (--report), not a table"),
+])
+def test_drafter_depth_costs_name_bad_flags_before_loading_a_model(args, message):
+    run = subprocess.run([sys.executable, "-m", "blockpilot.runtime.cli", "step-costs", *args],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr

@@ -38,3 +38,18 @@ def test_mixed_widths_keep_repeats_and_name_bad_input():
     assert mixed_widths("12-15") == [12, 13, 14, 15]
     with pytest.raises(ValueError, match="--mixed batch widths"):
         mixed_widths("12,x")
+
+
+def test_drafter_depths_are_priced_against_the_first():
+    """Fresh drafters of each depth, shaped as the loaded one, timed beside the verify: the first
+    depth's step ratio is 1, and a deeper drafter's forward costs more (6 layers against 1: well
+    above timing noise even on a tiny model)."""
+    from blockpilot.runtime.step_cost import measure_drafter_depths
+
+    target = tiny_target()
+    drafter = tiny_drafter(target)
+    report = measure_drafter_depths(target, drafter, [1, 6], [2, 4], context_tokens=16, repeats=5)
+    assert report["depths"] == [1, 6] and set(report["drafter_ms"]) == {1, 6}
+    assert all(report["step_ratio"][1][w] == 1.0 for w in (2, 4))
+    assert all(report["drafter_ms"][6][w] > report["drafter_ms"][1][w] for w in (2, 4))
+    assert all(report["step_ratio"][6][w] > 1.0 for w in (2, 4))

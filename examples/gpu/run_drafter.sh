@@ -7,9 +7,10 @@
 #   bash examples/gpu/run_drafter.sh rehearse   # the same run on the CPU at tiny scale (examples/gpu/rehearsal.py)
 #
 # It reads from $BUNDLE what was copied there before: the default target's GGUF in parts (part-*), its
-# tokenizer and config (model-files.tgz) and weights digest (model-digest.txt), the drafter the recipe
-# starts from (init/, copied to its train.init_from), the gguf wheel (*.whl) and, optionally, response
-# shards that did not fit the checkout's copy (store/, merged into the recipe's data.store). A recipe that
+# tokenizer and config (model-files.tgz) and weights digest (model-digest.txt), the gguf wheel (*.whl)
+# and, optionally, the drafter the recipe starts from (init/, copied to its train.init_from; else the
+# checkout's shipped drafter is copied there) and response shards that did not fit the checkout's copy
+# (store/, merged into the recipe's data.store). examples/gpu/bundle.py makes that bundle in pieces. A recipe that
 # names its own `model` skips the GGUF. No network is needed. CONFIG names the recipe.
 set -uo pipefail
 if [ "${1:-run}" = rehearse ]; then
@@ -23,6 +24,7 @@ OUT=${OUT:-/tmp/bp-out}
 DATA_SECONDS=${DATA_SECONDS:-240}  # the data stage's share; it stops between chunks, keeping every chunk it made
 DEADLINE=$(( $(date +%s) + ${TOTAL_SECONDS:-540} ))
 CONFIG=${CONFIG:-configs/drafter-smollm2-v4-gpu.yaml}
+SHIPPED_DRAFTER=runtime/assets/smollm2-135m-instruct-dflash
 PART_BYTES=15000000  # each file back at most 16 MiB; at most 8 files
 export BLOCKPILOT_CACHE=${BLOCKPILOT_CACHE:-/tmp/bp-cache} PYTHONUNBUFFERED=1
 mkdir -p /tmp/bp-pkg "$OUT" "$BLOCKPILOT_CACHE/downloads"
@@ -47,7 +49,13 @@ if [ "$MODEL" = None ]; then
   rebuild_default_target
 fi
 mkdir -p "$STORE" && [ -d "$BUNDLE/store" ] && cp -r "$BUNDLE/store/." "$STORE/"
-rm -rf "$INIT" && mkdir -p "$(dirname "$INIT")" && cp -r "$BUNDLE/init" "$INIT"
+# the drafter to continue from: the bundle's init/ where one travelled, else the checkout's shipped one
+# (a 33 MB file that every copy of the checkout carries already)
+if [ "$INIT" != None ]; then
+  rm -rf "$INIT" && mkdir -p "$INIT" || exit 1
+  if [ -d "$BUNDLE/init" ]; then cp -r "$BUNDLE/init/." "$INIT/" || exit 1
+  else cp "$SHIPPED_DRAFTER/config.json" "$SHIPPED_DRAFTER/model.safetensors" "$INIT/" || exit 1; fi
+fi
 shards() { ls "$STORE"/responses-*.npz "$STORE"/instructions/responses-*.npz 2>/dev/null; }
 mkdir -p "$WORK" && shards | sort > "$WORK/carried-shards.txt"
 
