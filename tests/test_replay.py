@@ -1,4 +1,6 @@
-"""Replayed greedy decoding (runtime/replay.py) must count exactly what the engine does."""
+"""Replayed decoding (runtime/replay.py) must count exactly what the engine does: on greedy outputs,
+and on sampled ones (the engine's accepted run is its sampled tokens, so replaying its own output
+reproduces its steps: acceptance at a temperature is measured by replaying sampled references)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ from blockpilot.runtime.sampling import SamplingParams
 from conftest import tiny_drafter, tiny_target
 
 
-def engine_and_replay(target, drafter, prompts, size, max_new_tokens):
+def engine_and_replay(target, drafter, prompts, size, max_new_tokens, temperature=0.0):
     engine = SpeculativeEngine(target, drafter, max_batch_size=len(prompts), max_block_size=max(size, drafter.config.block_size))
-    results = engine.generate([GenerationRequest(p, SamplingParams(max_new_tokens=max_new_tokens), str(i),
-                                                 block_size=size) for i, p in enumerate(prompts)])
+    results = engine.generate([GenerationRequest(p, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                                   seed=i), str(i), block_size=size)
+                               for i, p in enumerate(prompts)])
     outputs = [{"id": str(i), "prompt_ids": list(p), "response_ids": r.token_ids}
                for i, (p, r) in enumerate(zip(prompts, results))]
     rows = replay_every_size(target, drafter, outputs, [size], max_new_tokens, show_progress=False)
@@ -43,6 +46,19 @@ def test_replay_counts_equal_the_engine_on_a_tiny_pair(size):
     prompts = [torch.randint(1, 6, (n,), generator=generator).tolist() for n in (5, 9, 13, 7)]
     results, rows = engine_and_replay(target, drafter, prompts, size, max_new_tokens=30)
     assert sum(sum(r["accepted_per_step"]) for r in rows) > 0, "the test needs some accepted drafts"
+    assert_same_counts(results, rows)
+
+
+@pytest.mark.parametrize("size", [3, 8])
+def test_replay_of_sampled_outputs_counts_what_the_sampling_engine_did(size):
+    """At temperature 1 the engine accepts a draft when it equals the token the target samples there;
+    its output is those samples, so replaying it gives the engine's own steps, one for one."""
+    target = tiny_target(vocab_size=6, seed=3)
+    drafter = tiny_drafter(target, block_size=8)
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 6, (n,), generator=generator).tolist() for n in (5, 9, 13, 7, 6, 11)]
+    results, rows = engine_and_replay(target, drafter, prompts, size, max_new_tokens=30, temperature=1.0)
+    assert len({tuple(r.token_ids) for r in results}) > 1 and sum(sum(r["accepted_per_step"]) for r in rows) > 0
     assert_same_counts(results, rows)
 
 

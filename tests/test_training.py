@@ -186,6 +186,41 @@ def test_curve_summary_projects_speed_from_counts():
     assert summary["best_fixed_by_acceptance"] == 4
 
 
+def test_model_card_shows_acceptance_at_a_temperature_beside_greedy(tmp_path, monkeypatch):
+    """The eval stage's sampled replay (`eval.sampled_temperature`) becomes a column of the card's
+    curve, with its own best size and per-position accuracy."""
+    import dataclasses
+    import shutil
+    from pathlib import Path
+
+    from blockpilot.runtime.training.model_card import summarise_curve, summarise_sampled, write_model_card
+    from blockpilot.runtime.training.recipe import DrafterRecipe
+
+    monkeypatch.setenv("BLOCKPILOT_CACHE", str(tmp_path / "cache"))
+    repo = Path(__file__).parents[1]
+    recipe = DrafterRecipe.from_yaml(repo / "configs" / "drafter-smollm2-v4-gpu.yaml")
+    recipe = dataclasses.replace(recipe, output_dir=str(tmp_path / "drafter"))
+    (tmp_path / "drafter").mkdir()
+    shutil.copy(repo / "runtime" / "assets" / "smollm2-135m-instruct-dflash" / "config.json", tmp_path / "drafter")
+    costs = {"target_ms": {1: 40.0, 2: 42.0, 4: 60.0}, "drafter_ms": {2: 8.0, 4: 10.0}, "dtype": "float32",
+             "threads": 2, "context_tokens": 128}
+
+    def rows(forwards_at_4):
+        return [{"id": "a", "block_size": 1, "generated_tokens": 41, "target_forwards": 40},
+                {"id": "a", "block_size": 2, "generated_tokens": 41, "target_forwards": 25, "accepted_per_step": []},
+                {"id": "a", "block_size": 4, "generated_tokens": 41, "target_forwards": forwards_at_4,
+                 "accepted_per_step": [3, 1, 0, 2]}]
+
+    summary = summarise_curve(rows(10), costs)
+    summary["sampled"] = summarise_sampled(1.0, rows(16), costs)
+    assert summary["sampled"]["acceptance_length"] == {1: 1.0, 2: 1.6, 4: 2.5}
+    write_model_card(recipe, summary)
+    card = (tmp_path / "drafter" / "README.md").read_text()
+    assert "| block size | acceptance length | at temperature 1 | step ms |" in card
+    assert "| 4 | 4.00 | 2.50 | 70.0 |" in card
+    assert "Acceptance at temperature 1: replayed on the target's answers sampled" in card
+
+
 def test_model_card_counts_read_the_same_from_memory_and_from_json():
     import json
 

@@ -57,6 +57,16 @@ def summarise_curve(rows: list[dict], costs: dict) -> dict:
     }
 
 
+def summarise_sampled(temperature: float, rows: list[dict], costs: dict) -> dict:
+    """The acceptance curve replayed on the target's answers sampled at `temperature`."""
+    full = summarise_curve(rows, costs)
+    return {"temperature": temperature, "prompts": full["prompts"],
+            "acceptance_length": {c["block_size"]: c["acceptance_length"] for c in full["curve"]},
+            "position_accuracy": full["position_accuracy"],
+            "best_fixed_by_acceptance": full["best_fixed_by_acceptance"],
+            "oracle_mean_acceptance": full["oracle_mean_acceptance"]}
+
+
 POSITION_ACCURACY_SIZE = 4  # the block size whose per-position accuracy the card reports (sizes that can pay here)
 
 
@@ -114,8 +124,20 @@ def write_model_card(recipe, summary: dict) -> None:
     png = DOCS / "drafter-acceptance.png" if shipped else out / "drafter-acceptance.png"
     plot_curve(summary, png)
     image = "../../../docs/drafter-acceptance.png" if shipped else "drafter-acceptance.png"
-    rows = "\n".join(f"| {c['block_size']} | {c['acceptance_length']:.2f} | {c['step_ms']:.1f} | "
-                     f"{c['projected_tokens_per_s']:.1f} | {c['projected_speedup']:.2f} |" for c in summary["curve"])
+    sampled = summary.get("sampled")
+
+    def at_temperature(size) -> str:  # JSON keys come back as strings
+        return f" {sampled['acceptance_length'].get(size, sampled['acceptance_length'].get(str(size))):.2f} |" if sampled else ""
+
+    rows = "\n".join(f"| {c['block_size']} | {c['acceptance_length']:.2f} |{at_temperature(c['block_size'])} "
+                     f"{c['step_ms']:.1f} | {c['projected_tokens_per_s']:.1f} | {c['projected_speedup']:.2f} |"
+                     for c in summary["curve"])
+    sampled_header = f" at temperature {sampled['temperature']:g} |" if sampled else ""
+    sampled_lines = (f"Acceptance at temperature {sampled['temperature']:g}: replayed on the target's answers sampled "
+                     f"at that temperature (seeded per prompt; exact for sampled speculative decoding, whose "
+                     f"accepted tokens are the target's samples). Best fixed size there: "
+                     f"{sampled['best_fixed_by_acceptance']}; per-prompt oracle: {sampled['oracle_mean_acceptance']}.\n"
+                     + _position_lines(sampled.get("position_accuracy")) if sampled else "")
     costs = summary["step_costs"]
     pinned = (f"the recipe pins their digest (`data.prompt_set_sha256: {recipe.data.prompt_set_sha256}`) and a "
               "rebuild checks it." if recipe.data.prompt_set_sha256 else
@@ -150,11 +172,11 @@ mask token `<empty_output>` (id 16).
 Step costs measured on this machine ({costs['dtype']}, {costs['threads']} threads, KV cache of
 {costs['context_tokens']} tokens); projected speed = tokens / (target forwards x step cost).
 
-| block size | acceptance length | step ms | projected tok/s | x plain |
-|---|---|---|---|---|
+| block size | acceptance length |{sampled_header} step ms | projected tok/s | x plain |
+|---|---|{'---|' if sampled else ''}---|---|---|
 {rows}
 
-{_position_lines(summary.get('position_accuracy'))}
+{_position_lines(summary.get('position_accuracy'))}{sampled_lines}
 Best fixed size by acceptance: {summary['best_fixed_by_acceptance']}; by projected speed:
 {summary['best_fixed_by_projected_speed']}. Per-prompt oracle mean acceptance (sizes 2..24):
 {summary['oracle_mean_acceptance']}. Per-prompt best size (by acceptance):

@@ -72,6 +72,10 @@ class EvalConfig:
     num_prompts: int | None = None  # MT-Bench first turns (held out from training by source); None = all 80
     max_new_tokens: int = 256
     batch_size: int = 16
+    # Also replayed on the target's answers sampled at this temperature (seeded per prompt): sampled
+    # speculative decoding accepts a draft when it equals the target's sample, so replaying a sampled
+    # output counts what it does (tests/test_replay.py). None: greedy only.
+    sampled_temperature: float | None = None
 
 
 @dataclass
@@ -286,7 +290,7 @@ def run_eval_stage(recipe: DrafterRecipe) -> None:
     from ..replay import replay_every_size
     from ..step_cost import measure_step_costs
     from .datagen import generate_responses, read_responses
-    from .model_card import summarise_curve, write_model_card
+    from .model_card import summarise_curve, summarise_sampled, write_model_card
 
     sizes = sorted({1, *parse_sizes(recipe.eval.block_sizes)})
     engine = build_engine(EngineConfig(model=recipe.model, drafter=recipe.output_dir, dtype=recipe.dtype,
@@ -301,11 +305,22 @@ def run_eval_stage(recipe: DrafterRecipe) -> None:
     runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     costs = measure_step_costs(engine.target, engine.drafter, sizes)
     summary = summarise_curve(rows, costs)
+    temperature = recipe.eval.sampled_temperature
+    if temperature:
+        sampled_dir = Path(recipe.work_dir) / f"eval-reference-t{temperature:g}"
+        generate_responses(engine, records, sampled_dir, max_new_tokens=recipe.eval.max_new_tokens,
+                           shard_size=recipe.eval.batch_size, temperature=temperature)
+        sampled_rows = replay_every_size(engine.target, engine.drafter, read_responses(sampled_dir), sizes,
+                                         recipe.eval.max_new_tokens)
+        summary["sampled"] = summarise_sampled(temperature, sampled_rows, costs)
     (Path(recipe.output_dir) / "eval_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_model_card(recipe, summary)
+    sampled = summary.get("sampled")
     for c in summary["curve"]:
+        at_temperature = (f"; at temperature {sampled['temperature']:g}: "
+                          f"{sampled['acceptance_length'][c['block_size']]:.2f}" if sampled else "")
         print(f"block {c['block_size']:>2}: acceptance {c['acceptance_length']:.2f} tokens/forward, "
-              f"projected {c['projected_tokens_per_s']:.1f} tok/s ({c['projected_speedup']:.2f}x plain)")
+              f"projected {c['projected_tokens_per_s']:.1f} tok/s ({c['projected_speedup']:.2f}x plain){at_temperature}")
     print(f"eval: model card written to {recipe.output_dir}/README.md")
 
 
