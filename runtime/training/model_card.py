@@ -94,8 +94,13 @@ def plot_curve(summary: dict, png_path: Path) -> None:
     curve = [c for c in summary["curve"]]
     sizes = [c["block_size"] for c in curve]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot(sizes, [c["acceptance_length"] for c in curve], "o-")
-    axes[0].set(xlabel="block size", ylabel="tokens per target forward", title="Acceptance length (MT-Bench, greedy)")
+    axes[0].plot(sizes, [c["acceptance_length"] for c in curve], "o-", label="greedy")
+    sampled = summary.get("sampled")
+    if sampled:  # JSON keys come back as strings
+        accepted = {int(k): v for k, v in sampled["acceptance_length"].items()}
+        axes[0].plot(sizes, [accepted[s] for s in sizes], "s--", label=f"temperature {sampled['temperature']:g}")
+        axes[0].legend()
+    axes[0].set(xlabel="block size", ylabel="tokens per target forward", title="Acceptance length (MT-Bench)")
     axes[1].plot(sizes, [c["projected_speedup"] for c in curve], "o-", color="tab:green")
     axes[1].axhline(1.0, color="grey", ls="--", lw=0.8)
     axes[1].set(xlabel="block size", ylabel="x plain decoding", title="Projected decode speed-up (counts x step costs)")
