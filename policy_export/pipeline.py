@@ -49,6 +49,7 @@ class VerifyRecipe:
     step_costs: str | None = None  # default: the engine's table ($BLOCKPILOT_STEP_COSTS or the shipped one)
     eval_sizes: str = "2,3,4,6,8"
     eval_prompts: int | None = None  # the first N evaluation prompts (default: all of them)
+    eval_temperature: float = 0.0  # the evaluation's references sampled at this temperature (0: greedy)
     report_dir: str | None = None
 
 

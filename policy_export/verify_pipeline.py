@@ -35,18 +35,20 @@ def _engine_and_rule(recipe, batch_size: int):
     return engine, rule, drafter_dir
 
 
-def _sequences(engine, records, reference_dir: Path, max_new_tokens: int, batch_size: int):
-    """Greedy outputs of `records` (generated once into `reference_dir`, resumable), ready for replay."""
+def _sequences(engine, records, reference_dir: Path, max_new_tokens: int, batch_size: int, temperature: float = 0.0):
+    """Outputs of `records` (greedy, or sampled at `temperature` seeded per prompt; generated once
+    into `reference_dir`, resumable), ready for replay."""
     from blockpilot.runtime.replay import prepare
     from blockpilot.runtime.training.datagen import generate_responses, read_responses
 
-    generate_responses(engine, records, reference_dir, max_new_tokens=max_new_tokens, shard_size=batch_size)
+    generate_responses(engine, records, reference_dir, max_new_tokens=max_new_tokens, shard_size=batch_size,
+                       temperature=temperature)
     wanted = {r.id for r in records}
     outputs = [o for o in read_responses(reference_dir) if o["id"] in wanted]
     layers = list(engine.drafter.config.target_layer_ids)
     tokens = [o["prompt_ids"] + o["response_ids"] for o in outputs]
     features = engine.target.sequence_features(tokens, layers)
-    return [prepare(engine.drafter, o["id"], t, len(o["prompt_ids"]), f, max_new_tokens)
+    return [prepare(engine.drafter, o["id"], t, len(o["prompt_ids"]), f, max_new_tokens, temperature)
             for o, t, f in zip(outputs, tokens, features)]
 
 
@@ -126,8 +128,10 @@ def eval_stage(recipe) -> dict:
     spec = recipe.verify
     engine, rule, _ = _engine_and_rule(recipe, recipe.evaluate.batch_size)
     records = _records(recipe.evaluate)[: spec.eval_prompts]
-    sequences = _sequences(engine, records, recipe.path("evaluate-reference"), recipe.evaluate.max_new_tokens,
-                           recipe.evaluate.batch_size)
+    temperature = spec.eval_temperature
+    suffix = f"-t{temperature:g}" if temperature else ""  # sampled references and reports beside the greedy ones
+    sequences = _sequences(engine, records, recipe.path("evaluate-reference" + suffix), recipe.evaluate.max_new_tokens,
+                           recipe.evaluate.batch_size, temperature)
     choice = None
     if Path(recipe.output).exists():
         policy = BlockSizePolicy.load(recipe.output, engine.target, engine.drafter)
@@ -136,7 +140,7 @@ def eval_stage(recipe) -> dict:
         choice = dict(zip([r.id for r in kept], policy.choose(prefill_feature_matrix(engine, kept))))
     sizes = sorted(set(parse_sizes(spec.eval_sizes)) | (set(choice.values()) if choice else set()))
     report = compare_verify_rules(engine.target, engine.drafter, sequences, sizes, rule, choice)
-    report["setup"] = {"prompts": len(sequences), "source": recipe.evaluate.prompts,
+    report["setup"] = {"prompts": len(sequences), "source": recipe.evaluate.prompts, "temperature": temperature,
                        "max_new_tokens": recipe.evaluate.max_new_tokens, "batch_size": 1,
                        "step_costs": rule.costs.source, "step_costs_setup": rule.costs.setup,
                        "calibration": rule.calibration.source if rule.calibration else "raw probabilities",
@@ -147,16 +151,17 @@ def eval_stage(recipe) -> dict:
     print(table)
     for directory in {recipe.path(""), *([Path(spec.report_dir)] if spec.report_dir else [])}:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "verify_eval.json").write_text(json.dumps(report, indent=2) + "\n")
-        (directory / "verify_eval.txt").write_text(table + "\n")
-        plot_report(report, directory / "verify_eval.png")
+        (directory / f"verify_eval{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (directory / f"verify_eval{suffix}.txt").write_text(table + "\n")
+        plot_report(report, directory / f"verify_eval{suffix}.png")
     return report
 
 
 def format_report(report: dict) -> str:
     setup = report["setup"]
     best = report["variants"][report["best_fixed_full_verify"]]["tokens_per_s"]
-    lines = [f"{setup['prompts']} {setup['source']} prompts x {setup['max_new_tokens']} tokens, greedy, batch 1, "
+    sampling = f"temperature {setup['temperature']:g}" if setup.get("temperature") else "greedy"
+    lines = [f"{setup['prompts']} {setup['source']} prompts x {setup['max_new_tokens']} tokens, {sampling}, batch 1, "
              f"projected with {setup['step_costs']} ({setup['calibration']})",
              f"{'variant':<34} {'tok/s':>7} {'x plain':>7} {'vs best fixed':>13} {'accept len':>10} "
              f"{'drafted/step':>12} {'verified/step':>13} {'cut steps':>9} {'no-draft steps':>14}"]

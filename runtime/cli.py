@@ -302,6 +302,10 @@ def cmd_policy_stage(args) -> None:
     from blockpilot.policy_export import verify_pipeline
 
     recipe = pipeline.PolicyRecipe.from_yaml(args.config)
+    if getattr(args, "temperature", None) is not None:
+        if args.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+        recipe.verify.eval_temperature = args.temperature
     {"collect": pipeline.collect_stage, "train-policy": pipeline.train_stage,
      "export-policy": pipeline.export_stage, "eval-policy": pipeline.eval_stage,
      "calibrate-verify": verify_pipeline.calibrate_stage, "eval-verify": verify_pipeline.eval_stage}[args.command](recipe)
@@ -404,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
                        ("eval-verify", "held-out comparison of verify rules: fixed sizes x {full, rule}, policy, oracle")):
         p = commands.add_parser(name, help=text)
         p.add_argument("--config", required=True, help="policy recipe YAML, e.g. configs/policy-smollm2.yaml")
+        if name == "eval-verify":
+            p.add_argument("--temperature", type=float,
+                           help="replay the target's answers sampled at this temperature (default: the recipe's "
+                                "verify.eval_temperature, 0 = greedy)")
         p.set_defaults(func=cmd_policy_stage)
 
     p = commands.add_parser("prepare", help="download and convert the embedded default model (idempotent)")

@@ -284,7 +284,8 @@ class SpeculativeEngine:
         proposed[blocks.to_device(slots, proposed.device)] = logits.argmax(dim=-1)
         confidence = torch.zeros(layout.num_tokens)
         if any(s.verify is VerifyMode.AUTO for s in running):  # the rule chooses on the host
-            confidence[slots] = self.verify_rule.confidences(logits, host.col[slots]).cpu()
+            temperatures = torch.tensor([s.request.sampling.temperature for s in running])[host.row[slots]]
+            confidence[slots] = self.verify_rule.confidences(logits, host.col[slots], temperatures).cpu()
         return proposed, confidence
 
     def _choose_verified(self, running: list[_Running], layout: blocks.RaggedLayout,

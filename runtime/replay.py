@@ -28,13 +28,16 @@ from .target import TargetModel
 
 @dataclass
 class ReplaySequence:
-    """One greedy output ready for replay: tokens, where the response starts, and the drafter's
-    context K/V for every token (per drafter layer, `[kv_heads, len, head_dim]`)."""
+    """One output ready for replay: tokens, where the response starts, and the drafter's context
+    K/V for every token (per drafter layer, `[kv_heads, len, head_dim]`). `temperature`: what the
+    response was sampled at (0: greedy); a sampled output replays sampled speculative decoding,
+    whose accepted drafts are the target's samples."""
     id: str
     tokens: torch.Tensor
     prompt_len: int
     max_new_tokens: int
     context: list[tuple[torch.Tensor, torch.Tensor]]
+    temperature: float = 0.0
 
     @property
     def response_len(self) -> int:
@@ -43,13 +46,14 @@ class ReplaySequence:
 
 @torch.inference_mode()
 def prepare(drafter: DFlashDraftModel, sequence_id: str, tokens, prompt_len: int, features,
-            max_new_tokens: int) -> ReplaySequence:
-    """Context K/V of a whole greedy output from its target features `[len, k * hidden]`."""
+            max_new_tokens: int, temperature: float = 0.0) -> ReplaySequence:
+    """Context K/V of a whole output (sampled at `temperature`; 0: greedy) from its target features
+    `[len, k * hidden]`."""
     features = torch.as_tensor(np.asarray(features))
     kv = [(k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())  # [heads, len, dim]
           for k, v in drafter.context_kv(features, torch.arange(len(features)))]
     return ReplaySequence(sequence_id, torch.as_tensor(np.asarray(tokens), dtype=torch.long), prompt_len,
-                          max_new_tokens, kv)
+                          max_new_tokens, kv, temperature)
 
 
 @torch.inference_mode()

@@ -120,7 +120,8 @@ def _outcomes(target, drafter, sequences, positions, width, rule) -> tuple[torch
     logits, labels = draft_logits_at(target, drafter, sequences, positions, width)
     matched = torch.cumprod((logits.argmax(-1) == labels).long(), 1).sum(1)
     columns = torch.arange(1, width).expand(len(positions), -1)
-    confidence = rule.confidences(logits.flatten(0, 1), columns.flatten()).view(len(positions), width - 1)
+    temperatures = torch.tensor([s.temperature for s in sequences]).repeat_interleave(width - 1)
+    confidence = rule.confidences(logits.flatten(0, 1), columns.flatten(), temperatures).view(len(positions), width - 1)
     return matched, confidence
 
 

@@ -134,6 +134,31 @@ def test_replay_with_the_rule_counts_what_the_engine_does(size, per_token_ms, pl
             assert s.drafter_skipped_steps == 0
 
 
+def test_a_sampled_request_is_verified_by_its_temperature_and_replays_exactly():
+    """At temperature T the rule prices each draft by the drafter's probability of it at T (what the
+    sampled target takes it with), in the engine and in the replay of the engine's own sampled
+    output alike: step for step the same decisions. Priced as greedy drafts (here the drafter's
+    probability at T = 1), the same output would have more drafts verified."""
+    import dataclasses
+
+    target, drafter = tiny_pair()
+    rule = auto_rule(2.0, draft_plan=True)
+    engine = SpeculativeEngine(target, drafter, max_batch_size=1, verify_rule=rule)
+    prompts = prompts_for(6, lengths=(5, 9, 13, 7, 6, 11))
+    results = engine.generate([GenerationRequest(p, SamplingParams(max_new_tokens=30, temperature=3.0, seed=i), str(i),
+                                                 block_size=8) for i, p in enumerate(prompts)])
+    layer_ids = list(drafter.config.target_layer_ids)
+    sequences = [prepare(drafter, str(i), p + r.token_ids, len(p), target.sequence_features([p + r.token_ids], layer_ids)[0],
+                         30, temperature=3.0) for i, (p, r) in enumerate(zip(prompts, results))]
+    replays = replay_with_rule(target, drafter, sequences, 8, rule)
+    for result, replay in zip(results, replays):
+        assert replay.target_forwards == result.stats.target_forwards
+        assert sum(replay.verified) == result.stats.verified_drafts
+        assert sum(replay.drafted) == result.stats.drafted_tokens
+    as_greedy = replay_with_rule(target, drafter, [dataclasses.replace(s, temperature=0.0) for s in sequences], 8, rule)
+    assert sum(sum(r.verified) for r in replays) < sum(sum(r.verified) for r in as_greedy)
+
+
 @pytest.mark.parametrize("per_token_ms, verifies", [(0.1, True), (0.4, False)])
 def test_sampling_keeps_the_target_distribution_with_the_rule(monkeypatch, per_token_ms, verifies):
     """Every row of a batch here drafts the same block (one prompt), so the rule verifies it in most

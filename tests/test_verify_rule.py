@@ -190,6 +190,24 @@ def test_calibration_fit_recovers_a_known_temperature():
     assert expected_calibration_error(fitted, accepted) < 0.03
 
 
+def test_a_sampled_draft_is_worth_the_drafters_probability_at_the_requests_temperature():
+    """Greedy rows keep the calibrated confidence; a row sampling at T gets the drafter's own
+    probability of its draft at T (what a sampled target's chance of drawing it is estimated by),
+    which the greedy calibration overstates: the wider the sampled distribution, the lower."""
+    rule = VerifyRule(VerifyMode.FULL, None, ConfidenceCalibration([1.5, 2.0]))
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 40, generator=generator) * 3
+    positions = torch.tensor([1, 2, 1, 2, 1, 2])
+    temperatures = torch.tensor([0.0, 0.0, 1.0, 1.0, 2.0, 2.0])
+    greedy = rule.confidences(logits, positions)
+    mixed = rule.confidences(logits, positions, temperatures)
+    assert torch.equal(mixed[:2], greedy[:2])
+    assert torch.allclose(mixed[2:4], torch.softmax(logits[2:4], -1).amax(-1))
+    assert torch.allclose(mixed[4:], torch.softmax(logits[4:] / 2.0, -1).amax(-1))
+    assert torch.equal(rule.confidences(logits, positions, torch.zeros(6)), greedy)
+    assert (rule.confidences(logits, positions, torch.full((6,), 4.0)) < rule.confidences(logits, positions, torch.ones(6))).all()
+
+
 def test_calibration_file_round_trip_and_refusal(tmp_path):
     path = tmp_path / "calibration.json"
     ConfidenceCalibration([1.5, 2.0], "held-apart prompts", 100, [0.2, 0.3], [0.02, 0.03]).save(path)

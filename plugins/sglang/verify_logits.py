@@ -61,6 +61,14 @@ class RequestPenalties:
         return cls(frequency, presence, repetition, min_new_tokens, tuple(sorted(_stop_ids(req))))
 
 
+def sampling_temperature(req) -> float:
+    """The temperature a request samples at, 0 for greedy (which SGLang encodes as top_k 1)."""
+    params = req.sampling_params
+    if params.top_k == GREEDY_TOP_K or not params.temperature:
+        return 0.0
+    return float(params.temperature)
+
+
 def _stop_ids(req) -> set[int]:
     """The ids SGLang's min_new_tokens penalizer masks (its own union)."""
     tokenizer = getattr(req, "tokenizer", None)

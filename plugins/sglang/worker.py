@@ -476,6 +476,7 @@ class BlockPilotWorker(DFlashWorkerV2):
         drafts = torch.empty((n,), dtype=torch.long, device=hidden_states.device)
         confidence = torch.empty((n,), dtype=torch.float32) if drafts_per_row else None
         positions = torch.arange(n) % drafts_per_row + 1 if drafts_per_row else None  # 1-based column in its block
+        temperatures = self._bp_draft_temperatures(n // drafts_per_row, drafts_per_row) if drafts_per_row else None
         for start in range(0, n, 1024):
             end = min(n, start + 1024)
             hidden = hidden_states[start:end].to(head.dtype)
@@ -483,8 +484,17 @@ class BlockPilotWorker(DFlashWorkerV2):
                       else torch.matmul(hidden, head.T))
             drafts[start:end] = logits.argmax(dim=-1) + vocab_start
             if confidence is not None:
-                confidence[start:end] = self._bp_rule.confidences(logits, positions[start:end]).float().cpu()
+                confidence[start:end] = self._bp_rule.confidences(
+                    logits, positions[start:end], None if temperatures is None else temperatures[start:end]).float().cpu()
         return drafts, confidence
+
+    def _bp_draft_temperatures(self, bs: int, drafts_per_row: int) -> Optional[torch.Tensor]:
+        """[bs * drafts_per_row] the temperature each draft's request samples at (0: greedy): a
+        sampled target takes a draft with its probability there, not by the greedy calibration."""
+        reqs = self._bp_batch.reqs if self._bp_batch is not None else []
+        if len(reqs) < bs:
+            return None
+        return torch.tensor([verify_logits.sampling_temperature(r) for r in reqs[:bs]]).repeat_interleave(drafts_per_row)
 
     def _bp_choose_verify_width(self, confidence: torch.Tensor) -> int:
         """The step's verify width in tokens (1 + drafts): the runtime's padded rule over the rows'

@@ -393,3 +393,24 @@ def test_seeded_draws_with_min_p_follow_the_filtered_distribution(plain_sampler)
         keep = probs > 0
         expected = probs[keep].double() / probs[keep].double().sum() * n
         assert stats.chisquare(counts[keep].numpy(), expected.numpy()).pvalue > 1e-4
+
+
+def test_sampled_rows_price_their_drafts_at_their_own_temperature():
+    """The rule's confidences in the worker: a greedy request's drafts (SGLang encodes greedy as
+    top_k 1) keep the calibrated confidence, a sampled request's are the drafter's probability of the
+    draft at the request's temperature."""
+    from test_worker import steep_rule, verify_worker
+
+    greedy, sampled = make_req("g", temperature=0.0), make_req("s", temperature=2.0, top_p=0.9)
+    assert greedy.sampling_params.top_k == verify_logits.GREEDY_TOP_K
+    assert verify_logits.sampling_temperature(greedy) == 0.0 and verify_logits.sampling_temperature(sampled) == 2.0
+    w = verify_worker(4, steep_rule())
+    w._bp_batch = SimpleNamespace(reqs=[greedy, sampled])
+    torch.manual_seed(9)
+    hidden, weight = torch.randn(2 * 3, 8), torch.randn(VOCAB, 8)
+    drafts, confidence = w._bp_drafts_and_confidence(hidden, weight, None, 3)
+    logits = hidden @ weight.T
+    positions = torch.tensor([1, 2, 3])
+    assert torch.allclose(confidence[:3], w._bp_rule.confidences(logits[:3], positions))
+    assert torch.allclose(confidence[3:], torch.softmax(logits[3:] / 2.0, -1).amax(-1))
+    assert drafts.tolist() == logits.argmax(-1).tolist()
