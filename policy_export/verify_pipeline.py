@@ -12,6 +12,7 @@ the step-cost table, so nothing here is a wall-clock timing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -74,6 +75,13 @@ def calibrate_stage(recipe) -> Path:
                f"{spec.calibration_max_new_tokens} new tokens, drafts reached at full verify of block "
                f"{spec.calibration_block_size}; never MT-Bench, never drafter or policy training data")
     calibration = fit_calibration(grids, hits, dataset)
+    # the same prompts answered at temperature 1: what a sampled request's drafts are worth
+    sampled_sequences = _sequences(engine, held_apart, recipe.path("calibration-reference-t1"),
+                                   spec.calibration_max_new_tokens, recipe.collect.batch_size, temperature=1.0)
+    sampled_grids, sampled_hits = calibration_samples(engine.target, engine.drafter, sampled_sequences,
+                                                      spec.calibration_block_size).stacked()
+    calibration = dataclasses.replace(calibration, sampled=fit_calibration(
+        sampled_grids, sampled_hits, dataset.replace("greedy", "sampled at temperature 1")))
     output = Path(spec.calibration_output) if spec.calibration_output else Path(drafter_dir) / CALIBRATION_FILE
     calibration.save(output)
     report_dirs = {recipe.path(""), *([Path(spec.report_dir)] if spec.report_dir else [])}
@@ -82,7 +90,10 @@ def calibrate_stage(recipe) -> Path:
         plot_reliability(grids, hits, calibration, directory / "calibration.png")
     print(f"calibration: {calibration.num_samples} drafts; temperatures "
           f"{[round(t, 2) for t in calibration.temperatures]}; ECE before {[round(e, 3) for e in calibration.ece_before]}"
-          f" after {[round(e, 3) for e in calibration.ece_after]} -> {output}")
+          f" after {[round(e, 3) for e in calibration.ece_after]}; sampled at temperature 1: temperatures "
+          f"{[round(t, 2) for t in calibration.sampled.temperatures]}, ECE before "
+          f"{[round(e, 3) for e in calibration.sampled.ece_before]} after {[round(e, 3) for e in calibration.sampled.ece_after]}"
+          f" -> {output}")
     return output
 
 

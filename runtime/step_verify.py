@@ -200,7 +200,13 @@ def resolve_step_costs_path(path: str | os.PathLike | None) -> Path | None:
 class ConfidenceCalibration:
     """One softmax temperature per draft position (DSpark's STS format), fitted so that the
     drafter's top probability at position i matches how often draft i is accepted once drafts
-    1..i-1 were. Positions past the last temperature use the last one."""
+    1..i-1 were. Positions past the last temperature use the last one.
+
+    `sampled` (optional, beside DSpark's fields): the same fit on the target's answers sampled at
+    temperature 1, whose drafts are taken when they equal the target's sample. A request sampling
+    at temperature T prices its draft at position i by the drafter's probability of it at T x
+    sampled[i] (the drafter's own distribution at T = 1 promised 0.32 where the sampled target took
+    0.19: drafter v3, first drafts)."""
 
     temperatures: list[float]
     dataset: str = ""
@@ -208,6 +214,7 @@ class ConfidenceCalibration:
     ece_before: list[float] = field(default_factory=list)
     ece_after: list[float] = field(default_factory=list)
     source: str = ""
+    sampled: "ConfidenceCalibration | None" = None
 
     def __post_init__(self):
         if not self.temperatures:
@@ -220,21 +227,30 @@ class ConfidenceCalibration:
         return torch.tensor(temps[:positions], dtype=torch.float32)
 
     def to_json_dict(self) -> dict:
-        return {"temperatures": [round(t, 5) for t in self.temperatures], "dataset": self.dataset,
+        data = {"temperatures": [round(t, 5) for t in self.temperatures], "dataset": self.dataset,
                 "num_samples": self.num_samples, "ece_before": [round(e, 5) for e in self.ece_before],
                 "ece_after": [round(e, 5) for e in self.ece_after]}
+        if self.sampled is not None:
+            data["sampled"] = self.sampled.to_json_dict()
+        return data
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json_dict(), indent=2) + "\n")
+
+    @classmethod
+    def _from_json_dict(cls, data: dict, source: str) -> "ConfidenceCalibration":
+        sampled = data.get("sampled")
+        return cls([float(t) for t in data["temperatures"]], str(data.get("dataset", "")),
+                   int(data.get("num_samples", 0)), [float(e) for e in data.get("ece_before", [])],
+                   [float(e) for e in data.get("ece_after", [])], source,
+                   cls._from_json_dict(sampled, f"{source} (sampled)") if sampled is not None else None)
 
     @classmethod
     def load(cls, path: str | Path) -> "ConfidenceCalibration":
         path = Path(path)
         try:
             data = json.loads(path.read_text())
-            return cls([float(t) for t in data["temperatures"]], str(data.get("dataset", "")),
-                       int(data.get("num_samples", 0)), [float(e) for e in data.get("ece_before", [])],
-                       [float(e) for e in data.get("ece_after", [])], str(path))
+            return cls._from_json_dict(data, str(path))
         except FileNotFoundError:
             raise FileNotFoundError(f"calibration file {str(path)!r} does not exist") from None
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
@@ -480,11 +496,11 @@ class VerifyRule:
                     sampling_temperatures: torch.Tensor | None = None) -> torch.Tensor:
         """`draft_logits` [m, V] of drafts at 1-based block `positions` [m] -> [m] the chance each is
         accepted: for a greedy request the calibrated confidence; for a request sampling at
-        temperature T (`sampling_temperatures` [m], 0 = greedy) the drafter's own probability of its
-        draft at T. A sampled target takes the draft only when its sample equals it, with the
-        target's probability of it there, which the drafter's distribution at T estimates; the
-        greedy calibration would promise 54 % where the sampled target at T = 1 takes 20 %
-        (drafter v3, MT-Bench)."""
+        temperature T (`sampling_temperatures` [m], 0 = greedy) the drafter's probability of its
+        draft at T, times the calibration's fit on sampled answers where it has one. A sampled
+        target takes the draft only when its sample equals it, with the target's probability of it
+        there, which the drafter's distribution at T estimates; the greedy calibration would promise
+        54 % where the sampled target at T = 1 takes 20 % (drafter v3, MT-Bench)."""
         if self.calibration is None or len(positions) == 0:
             confidence = draft_confidences(draft_logits, None)
         else:
@@ -496,7 +512,12 @@ class VerifyRule:
         sampled = sampling_temperatures > 0
         if not bool(sampled.any()):
             return confidence
-        at_temperature = draft_confidences(draft_logits[sampled], sampling_temperatures[sampled])
+        scale = sampling_temperatures[sampled]
+        fitted = self.calibration.sampled if self.calibration is not None else None
+        if fitted is not None:  # the fit on sampled answers, per position
+            scale = scale * blocks.to_device(fitted.temperature_row(int(positions.max()))[positions.cpu()[sampled.cpu()] - 1],
+                                             scale.device)
+        at_temperature = draft_confidences(draft_logits[sampled], scale)
         return confidence.masked_scatter(sampled, at_temperature.to(confidence.dtype))
 
     def plan(self, outlooks: list[DraftOutlook | None], draft_counts: torch.Tensor, padded: bool = False,

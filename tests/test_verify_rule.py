@@ -208,6 +208,26 @@ def test_a_sampled_draft_is_worth_the_drafters_probability_at_the_requests_tempe
     assert (rule.confidences(logits, positions, torch.full((6,), 4.0)) < rule.confidences(logits, positions, torch.ones(6))).all()
 
 
+def test_a_sampled_fit_scales_the_requests_temperature_per_position(tmp_path):
+    """With a fit on sampled answers, a request at temperature T prices draft i at T x sampled[i];
+    the fit travels in the calibration file beside DSpark's fields, and greedy rows ignore it."""
+    sampled = ConfidenceCalibration([1.2, 1.5], "sampled at temperature 1", 50)
+    calibration = ConfidenceCalibration([0.9], "greedy", 80, sampled=sampled)
+    path = tmp_path / "calibration.json"
+    calibration.save(path)
+    loaded = ConfidenceCalibration.load(path)
+    assert loaded.temperatures == [0.9] and loaded.sampled.temperatures == [1.2, 1.5]
+    assert json.loads(path.read_text())["temperatures"] == [0.9]  # DSpark's reader sees its own fields
+    rule = VerifyRule(VerifyMode.FULL, None, loaded)
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 30, generator=generator) * 3
+    positions = torch.tensor([1, 2, 3, 1])
+    got = rule.confidences(logits, positions, torch.tensor([2.0, 2.0, 0.5, 0.0]))
+    scales = torch.tensor([2.0 * 1.2, 2.0 * 1.5, 0.5 * 1.5])  # past the fit: its last temperature
+    assert torch.allclose(got[:3], torch.softmax(logits[:3] / scales[:, None], -1).amax(-1))
+    assert torch.allclose(got[3], torch.softmax(logits[3] / 0.9, -1).amax(-1))
+
+
 def test_calibration_file_round_trip_and_refusal(tmp_path):
     path = tmp_path / "calibration.json"
     ConfidenceCalibration([1.5, 2.0], "held-apart prompts", 100, [0.2, 0.3], [0.02, 0.03]).save(path)
