@@ -40,18 +40,61 @@ def wait_for(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def filled_caches(target: TargetModel, drafter: DFlashDraftModel | None, rows: int, context_tokens: int,
+def filled_caches(target: TargetModel, drafters: list[DFlashDraftModel], rows: int, context_tokens: int,
                   max_width: int, generator: torch.Generator):
-    """Target and drafter KV caches of `rows` slots, each already holding `context_tokens` of context
-    (random token ids: fine for timing), with room for one more block of `max_width`."""
+    """A target KV cache of `rows` slots, each already holding `context_tokens` of context (random
+    token ids: fine for timing), with room for one more block of `max_width`, and one cache per drafter
+    with that context written (one target prefill: the drafters read the same target features)."""
     capacity = context_tokens + max_width + 1
     context = torch.randint(0, target.vocab_size, (rows * context_tokens,), generator=generator)
-    capture = tuple(drafter.config.target_layer_ids) if drafter else ()
+    capture = tuple(drafters[0].config.target_layer_ids) if drafters else ()
     run = target.prefill(list(context.view(rows, context_tokens)), capture, capacity=capacity)
-    draft_cache = drafter.new_cache(rows, capacity) if drafter else None
-    if drafter:
-        drafter.write_context(run.features, run.layout.row, run.layout.positions, draft_cache)
-    return run.cache, draft_cache
+    draft_caches = []
+    for drafter in drafters:
+        draft_caches.append(drafter.new_cache(rows, capacity))
+        drafter.write_context(run.features, run.layout.row, run.layout.positions, draft_caches[-1])
+    return run.cache, draft_caches
+
+
+def _timed_forwards(target: TargetModel, drafters: list[DFlashDraftModel], widths: list[int], context_tokens: int,
+                    repeats: int, batch_size: int) -> tuple[dict, list[dict]]:
+    """Median milliseconds of the target's verify per width (`batch_size` rows that wide) and of each
+    drafter's forward over the same block (widths > 1), interleaved over repeats; each drafter takes
+    its turn first after the verify (the first forward after it runs slower). On the target's device,
+    timed to the end of its kernels. The drafters read the same target layers."""
+    generator = torch.Generator().manual_seed(0)
+    device = target.device
+    capture = tuple(drafters[0].config.target_layer_ids) if drafters else ()
+    target_cache, draft_caches = filled_caches(target, drafters, batch_size, context_tokens, max(widths), generator)
+    target_ms = {w: [] for w in widths}
+    draft_ms = [{w: [] for w in widths if w > 1} for _ in drafters]
+    for repeat in range(repeats):
+        turn = repeat % len(drafters) if drafters else 0
+        order = list(range(len(drafters)))[turn:] + list(range(len(drafters)))[:turn]
+        for width in widths:
+            host = blocks.RaggedLayout.build(torch.full((batch_size,), width), torch.full((batch_size,), context_tokens))
+            step = host.to(device)
+            host_tokens = torch.randint(0, target.vocab_size, (step.num_tokens,), generator=generator)
+            block = blocks.block_tokens(host_tokens[:batch_size], host, 0).to(device)
+            wait_for(device)
+            began = time.perf_counter()
+            hidden, _ = target.forward(host_tokens.to(device), step, target_cache, 0, capture)
+            target.lm_head(hidden)
+            wait_for(device)
+            target_ms[width].append((time.perf_counter() - began) * 1e3)
+            for i in order if width > 1 else ():
+                began = time.perf_counter()
+                propose_drafts(target, drafters[i], block, step, draft_caches[i])
+                wait_for(device)
+                draft_ms[i][width].append((time.perf_counter() - began) * 1e3)
+    return ({w: statistics.median(v) for w, v in target_ms.items()},
+            [{w: statistics.median(v) for w, v in per_width.items()} for per_width in draft_ms])
+
+
+def _setup(target: TargetModel, context_tokens: int, repeats: int, batch_size: int) -> dict:
+    return {"context_tokens": context_tokens, "batch_size": batch_size, "repeats": repeats,
+            "dtype": str(target.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "cpu_weight_layouts": weight_layouts(target), "machine": device_name(target.device.type)}
 
 
 @torch.inference_mode()
@@ -59,37 +102,10 @@ def measure_step_costs(target: TargetModel, drafter: DFlashDraftModel | None, wi
                        context_tokens: int = 128, repeats: int = 7, batch_size: int = 1) -> dict:
     """Median milliseconds of target and drafter forwards per width (each of `batch_size` rows that
     wide), interleaved over repeats; on the target's device, timed to the end of its kernels."""
-    generator = torch.Generator().manual_seed(0)
-    device = target.device
-    capture = tuple(drafter.config.target_layer_ids) if drafter else ()
-    target_cache, draft_cache = filled_caches(target, drafter, batch_size, context_tokens, max(widths), generator)
-    target_ms = {w: [] for w in widths}
-    draft_ms = {w: [] for w in widths}
-    for _ in range(repeats):
-        for width in widths:
-            host = blocks.RaggedLayout.build(torch.full((batch_size,), width), torch.full((batch_size,), context_tokens))
-            step = host.to(device)
-            host_tokens = torch.randint(0, target.vocab_size, (step.num_tokens,), generator=generator)
-            tokens = host_tokens.to(device)
-            block = blocks.block_tokens(host_tokens[:batch_size], host, 0).to(device)
-            wait_for(device)
-            began = time.perf_counter()
-            hidden, _ = target.forward(tokens, step, target_cache, 0, capture)
-            target.lm_head(hidden)
-            wait_for(device)
-            target_ms[width].append((time.perf_counter() - began) * 1e3)
-            if drafter and width > 1:
-                began = time.perf_counter()
-                propose_drafts(target, drafter, block, step, draft_cache)
-                wait_for(device)
-                draft_ms[width].append((time.perf_counter() - began) * 1e3)
-    return {
-        "context_tokens": context_tokens, "batch_size": batch_size, "repeats": repeats,
-        "dtype": str(target.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-        "cpu_weight_layouts": weight_layouts(target), "machine": device_name(device.type),
-        "target_ms": {w: statistics.median(v) for w, v in target_ms.items()},
-        "drafter_ms": {w: statistics.median(v) for w, v in draft_ms.items() if v},
-    }
+    target_ms, drafter_ms = _timed_forwards(target, [drafter] if drafter else [], widths, context_tokens, repeats,
+                                            batch_size)
+    return {**_setup(target, context_tokens, repeats, batch_size), "target_ms": target_ms,
+            "drafter_ms": drafter_ms[0] if drafter_ms else {}}
 
 
 @torch.inference_mode()
@@ -103,7 +119,7 @@ def measure_drafter_depths(target: TargetModel, drafter: DFlashDraftModel, depth
     from .cpu_linear import kernel_rule_of, use_measured_kernels
 
     config = drafter.config
-    drafters = {}
+    drafters = []
     for depth in depths:
         fresh = DFlashDraftModel.for_target(target, num_layers=depth, num_target_features=len(config.target_layer_ids),
                                             block_size=config.block_size, mask_token_id=config.mask_token_id)
@@ -111,46 +127,14 @@ def measure_drafter_depths(target: TargetModel, drafter: DFlashDraftModel, depth
         fresh.to(target.device, target.dtype)
         if kernel_rule_of(drafter) is not None:  # as the engine runs the loaded drafter on a CPU: its rule
             use_measured_kernels(fresh, kernel_rule_of(drafter))  # (the layers' shapes do not change with depth)
-        drafters[depth] = fresh
-    generator = torch.Generator().manual_seed(0)
-    device = target.device
-    capture = tuple(config.target_layer_ids)
-    target_cache, first_cache = filled_caches(target, drafters[depths[0]], batch_size, context_tokens, max(widths),
-                                              generator)
-    draft_caches = {depths[0]: first_cache}
-    for depth in depths[1:]:  # the same context behind every depth
-        _, draft_caches[depth] = filled_caches(target, drafters[depth], batch_size, context_tokens, max(widths),
-                                               torch.Generator().manual_seed(0))
-    target_ms = {w: [] for w in widths}
-    draft_ms = {d: {w: [] for w in widths} for d in depths}
-    for repeat in range(repeats):
-        # each depth takes its turn first after the verify (the first forward after it runs slower)
-        order = depths[repeat % len(depths):] + depths[:repeat % len(depths)]
-        for width in widths:
-            host = blocks.RaggedLayout.build(torch.full((batch_size,), width), torch.full((batch_size,), context_tokens))
-            step = host.to(device)
-            host_tokens = torch.randint(0, target.vocab_size, (step.num_tokens,), generator=generator)
-            block = blocks.block_tokens(host_tokens[:batch_size], host, 0).to(device)
-            wait_for(device)
-            began = time.perf_counter()
-            hidden, _ = target.forward(host_tokens.to(device), step, target_cache, 0, capture)
-            target.lm_head(hidden)
-            wait_for(device)
-            target_ms[width].append((time.perf_counter() - began) * 1e3)
-            for depth in order:
-                began = time.perf_counter()
-                propose_drafts(target, drafters[depth], block, step, draft_caches[depth])
-                wait_for(device)
-                draft_ms[depth][width].append((time.perf_counter() - began) * 1e3)
-    target_median = {w: statistics.median(v) for w, v in target_ms.items()}
-    draft_median = {d: {w: statistics.median(v) for w, v in per_width.items()} for d, per_width in draft_ms.items()}
+        drafters.append(fresh)
+    target_ms, per_drafter = _timed_forwards(target, drafters, widths, context_tokens, repeats, batch_size)
+    drafter_ms = dict(zip(depths, per_drafter))
     base = depths[0]
     return {
-        "context_tokens": context_tokens, "batch_size": batch_size, "repeats": repeats,
-        "dtype": str(target.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-        "machine": device_name(device.type), "depths": depths,
-        "target_ms": target_median, "drafter_ms": draft_median,
-        "step_ratio": {d: {w: (target_median[w] + draft_median[d][w]) / (target_median[w] + draft_median[base][w])
+        **_setup(target, context_tokens, repeats, batch_size), "depths": depths,
+        "target_ms": target_ms, "drafter_ms": drafter_ms,
+        "step_ratio": {d: {w: (target_ms[w] + drafter_ms[d][w]) / (target_ms[w] + drafter_ms[base][w])
                            for w in widths} for d in depths},
     }
 
@@ -171,8 +155,11 @@ def measure_padding_cost(target: TargetModel, drafter: DFlashDraftModel, batches
     SGLang plugin's layout, whose tail drafts are excluded from acceptance). Median ms per step."""
     generator = torch.Generator().manual_seed(0)
     capture = tuple(drafter.config.target_layer_ids)
-    prepared = {name: (widths, *filled_caches(target, drafter, len(widths), context_tokens, max(widths), generator))
-                for name, widths in batches.items()}
+    prepared = {}
+    for name, widths in batches.items():
+        target_cache, (draft_cache,) = filled_caches(target, [drafter], len(widths), context_tokens, max(widths),
+                                                     generator)
+        prepared[name] = (widths, target_cache, draft_cache)
     ms = {(name, way): [] for name in batches for way in ("ragged", "padded")}
     for _ in range(repeats):
         for name, (widths, target_cache, draft_cache) in prepared.items():

@@ -501,24 +501,19 @@ class VerifyRule:
         target takes the draft only when its sample equals it, with the target's probability of it
         there, which the drafter's distribution at T estimates; the greedy calibration would promise
         54 % where the sampled target at T = 1 takes 20 % (drafter v3, MT-Bench)."""
-        if self.calibration is None or len(positions) == 0:
-            confidence = draft_confidences(draft_logits, None)
-        else:
-            temps = self.calibration.temperature_row(int(positions.max()))
-            confidence = draft_confidences(draft_logits, temps[positions.cpu() - 1])
-        if sampling_temperatures is None:
-            return confidence
-        sampling_temperatures = blocks.to_device(sampling_temperatures.float(), confidence.device)
-        sampled = sampling_temperatures > 0
-        if not bool(sampled.any()):
-            return confidence
-        scale = sampling_temperatures[sampled]
-        fitted = self.calibration.sampled if self.calibration is not None else None
-        if fitted is not None:  # the fit on sampled answers, per position
-            scale = scale * blocks.to_device(fitted.temperature_row(int(positions.max()))[positions.cpu()[sampled.cpu()] - 1],
-                                             scale.device)
-        at_temperature = draft_confidences(draft_logits[sampled], scale)
-        return confidence.masked_scatter(sampled, at_temperature.to(confidence.dtype))
+        if len(positions) == 0 or (self.calibration is None and sampling_temperatures is None):
+            return draft_confidences(draft_logits, None)
+        drafts, index = int(positions.max()), positions.cpu() - 1
+        # one softmax temperature per draft: the greedy calibration's (1: the raw softmax), or for a
+        # sampled request its own temperature times the sampled fit's
+        temperatures = (self.calibration.temperature_row(drafts)[index] if self.calibration is not None
+                        else torch.ones(len(index)))
+        if sampling_temperatures is not None:
+            sampling_temperatures = sampling_temperatures.float().cpu()
+            fitted = self.calibration.sampled if self.calibration is not None else None
+            at_sampling = sampling_temperatures * (fitted.temperature_row(drafts)[index] if fitted is not None else 1.0)
+            temperatures = torch.where(sampling_temperatures > 0, at_sampling, temperatures)
+        return draft_confidences(draft_logits, temperatures)
 
     def plan(self, outlooks: list[DraftOutlook | None], draft_counts: torch.Tensor, padded: bool = False,
              correction: StepTimeCorrection | None = None, widen_to: torch.Tensor | None = None) -> torch.Tensor:
