@@ -15,7 +15,7 @@ SGL_BIN := $(SGL_VENV)/bin
 SGL_STAMP := $(SGL_VENV)/.installed
 
 .PHONY: install install-sglang demo test test-core test-sglang test-fast bench serve-bench serve-64 padding-cost step-costs step-costs-here drafter-depth-cost linear-layouts \
-	calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare train-throughput data-throughput gpu-bundle clean
+	bench-sampled calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare train-throughput data-throughput gpu-bundle clean
 
 install: $(STAMP)
 
@@ -69,6 +69,14 @@ bench: install
 	$(BIN)/blockpilot bench --num-prompts $(BENCH_PROMPTS) --block-sizes $(BENCH_SIZES) --block-size auto --repeats 2 \
 		--max-new-tokens 256 --batch-size $(BENCH_BATCH) --max-batch-size $(BENCH_BATCH) --verify both \
 		--output-dir runs/bench-batch$(BENCH_BATCH)
+
+# Sampled requests (temperature 1, the paper's setting): plain vs fixed sizes 3 and 4 vs the policy's,
+# each with the drafter's sampled drafts and with argmax drafts (SGLang DFLASH's way), full verify,
+# batch 1, side by side (about 10 min here).
+bench-sampled: install
+	$(BIN)/blockpilot prepare
+	$(BIN)/blockpilot bench --temperature 1 --seed 0 --num-prompts 8 --block-sizes 3,4 --block-size auto \
+		--repeats 2 --max-new-tokens 96 --verify full --compare-draft-sampling --output-dir runs/bench-sampled
 
 # The BlockPilot SGLang server against SGLang without speculation, same model and flags, concurrency
 # 1/8/16, alternating (about 25 min here; outside CI). SERVE_VARIANTS: policy mixed dflash fixed-N fixed-N-full;

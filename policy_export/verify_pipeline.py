@@ -38,8 +38,9 @@ def _engine_and_rule(recipe, batch_size: int):
 
 def _sequences(engine, records, reference_dir: Path, max_new_tokens: int, batch_size: int, temperature: float = 0.0):
     """Outputs of `records` (greedy, or sampled at `temperature` seeded per prompt; generated once
-    into `reference_dir`, resumable), ready for replay."""
-    from blockpilot.runtime.replay import prepare
+    into `reference_dir`, resumable), ready for replay: sampled ones with the engine's drafts
+    (sampled drafts by default, so with the target's probability of every token)."""
+    from blockpilot.runtime.replay import prepare, token_probabilities
     from blockpilot.runtime.training.datagen import generate_responses, read_responses
 
     generate_responses(engine, records, reference_dir, max_new_tokens=max_new_tokens, shard_size=batch_size,
@@ -49,8 +50,10 @@ def _sequences(engine, records, reference_dir: Path, max_new_tokens: int, batch_
     layers = list(engine.drafter.config.target_layer_ids)
     tokens = [o["prompt_ids"] + o["response_ids"] for o in outputs]
     features = engine.target.sequence_features(tokens, layers)
-    return [prepare(engine.drafter, o["id"], t, len(o["prompt_ids"]), f, max_new_tokens, temperature)
-            for o, t, f in zip(outputs, tokens, features)]
+    probs = (token_probabilities(engine.target, tokens, temperature) if temperature and engine.sampled_drafts
+             else [None] * len(outputs))
+    return [prepare(engine.drafter, o["id"], t, len(o["prompt_ids"]), f, max_new_tokens, temperature, p)
+            for o, t, f, p in zip(outputs, tokens, features, probs)]
 
 
 def calibrate_stage(recipe) -> Path:

@@ -13,6 +13,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -25,31 +26,35 @@ from .sampling import SamplingParams
 from .step_verify import VerifyMode
 
 
-# (block size: int or "auto" for the policy's choice, verify mode: "full" or "auto", draft plan on)
-Variant = tuple
+class Variant(NamedTuple):
+    size: int | str  # "auto": the policy's choice per request
+    verify: str  # "full" or "auto"
+    plan: bool  # the draft plan on
+    sampled_drafts: bool = True  # sampled requests draft from the drafter's distribution
 
 
 def variant_name(variant: Variant) -> str:
-    size, verify, plan = variant
-    if size == 1:
+    if variant.size == 1:
         return "plain"
-    block = str(size)  # "auto": the policy's size per request
-    if verify != "auto":
-        return block
-    return f"{block} +verify" if plan else f"{block} +verify -plan"
+    name = str(variant.size)
+    if variant.verify == "auto":
+        name += " +verify" if variant.plan else " +verify -plan"
+    return name if variant.sampled_drafts else name + " argmax drafts"
 
 
 def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_sizes: list[int], *,
               repeats: int = 3, max_new_tokens: int = 256, batch_size: int = 1,
               sampling: SamplingParams | None = None, show_progress: bool = True, include_auto: bool = False,
-              verify_modes: list[str] = ("full",), compare_plan: bool = False) -> dict:
+              verify_modes: list[str] = ("full",), compare_plan: bool = False,
+              compare_draft_sampling: bool = False) -> dict:
     """Run every prompt at every block size (1 = plain decoding) `repeats` times, interleaved.
 
     With `include_auto`, one more block size, "auto", leaves each request's size to the engine's
     block-size chooser (the policy). Every speculative size runs once per verify mode in
     `verify_modes` ("full": every draft verified; "auto": the per-step verify rule), side by side;
     "auto" is skipped, with a note, when the engine has no step-cost table. With `compare_plan`,
-    every "auto" variant also runs with the draft plan off (`VerifyRule.draft_plan`, "-plan").
+    every "auto" variant also runs with the draft plan off (`VerifyRule.draft_plan`, "-plan"). With
+    `compare_draft_sampling` (sampled requests), every speculative variant also runs with argmax drafts.
     """
     sizes: list[int | str] = sorted(set([1, *block_sizes]))
     for size in sizes:
@@ -65,8 +70,12 @@ def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_size
     rule = engine.verify_rule
     plans = {VerifyMode.FULL: [rule.draft_plan],
              VerifyMode.AUTO: [rule.draft_plan, not rule.draft_plan] if compare_plan else [rule.draft_plan]}
-    variants: list[Variant] = [(1, "full", rule.draft_plan)] + [
-        (size, mode.value, plan) for size in sizes if size != 1 for mode in modes for plan in plans[mode]]
+    draft_sampling = [engine.sampled_drafts, False] if compare_draft_sampling and engine.sampled_drafts else [
+        engine.sampled_drafts]
+    variants: list[Variant] = [Variant(1, "full", rule.draft_plan, engine.sampled_drafts)] + [
+        Variant(size, mode.value, plan, sampled) for size in sizes if size != 1 for mode in modes
+        for plan in plans[mode] for sampled in draft_sampling]
+    own_sampling = engine.sampled_drafts
     prompts = [encode_prompt(engine.target.tokenizer, r) for r in records]
     base = sampling or SamplingParams()
     runs = {v: [] for v in variants}  # per repeat: totals
@@ -77,7 +86,7 @@ def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_size
         for repeat in range(repeats):
             order = variants[repeat % len(variants):] + variants[: repeat % len(variants)]
             for variant in order:
-                size, verify, plan = variant
+                size, verify, plan, engine.sampled_drafts = variant
                 rule.draft_plan = plan
                 totals = {"new_tokens": 0, "decode_tokens": 0, "decode_s": 0.0, "wall_s": 0.0, "target_forwards": 0,
                           "drafted": 0, "verified": 0}
@@ -106,7 +115,8 @@ def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_size
                     bar.update(len(chunk))
                 runs[variant].append(totals)
     finally:
-        rule.draft_plan = plans[VerifyMode.FULL][0]  # the engine's own setting again, whatever happened
+        rule.draft_plan = plans[VerifyMode.FULL][0]  # the engine's own settings again, whatever happened
+        engine.sampled_drafts = own_sampling
     bar.close()
     return _summarise(engine, records, variants, runs, tokens, per_prompt, repeats, max_new_tokens, batch_size, base)
 
@@ -134,6 +144,7 @@ def _summarise(engine, records, variants, runs, tokens, per_prompt, repeats, max
             "block_size": variant[0],
             "verify": variant[1],
             "draft_plan": variant[2] if variant[1] == "auto" else None,
+            "sampled_drafts": variant.sampled_drafts,
             "acceptance_length": committed / forwards if forwards else 0.0,
             "target_forwards_per_token": forwards / committed if committed else 0.0,
             "drafted_per_step": last["drafted"] / last["target_forwards"] if last["target_forwards"] else 0.0,

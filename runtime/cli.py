@@ -35,6 +35,9 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--draft-plan", choices=["on", "off"],
                        help="plan each step before drafting: rows whose drafts are not expected to pay at this "
                             "batch size draft less or not at all (default: on)")
+    group.add_argument("--draft-sampling", choices=["sampled", "argmax"],
+                       help="sampled requests' drafts: samples of the drafter's distribution, verified by "
+                            "speculative sampling (default), or its argmax (SGLang DFLASH's way)")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +67,8 @@ def _engine_config(args):
         config.verify = args.verify
     if getattr(args, "draft_plan", None) is not None:
         config.draft_plan = args.draft_plan == "on"
+    if getattr(args, "draft_sampling", None) in ("sampled", "argmax"):
+        config.sampled_drafts = args.draft_sampling == "sampled"
     return config
 
 
@@ -121,7 +126,8 @@ def cmd_bench(args) -> None:
     verify_modes = ["full", "auto"] if args.verify == "both" else [args.verify]
     report = run_bench(engine, records, args.block_sizes, repeats=args.repeats, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, sampling=_sampling(args), include_auto=args.block_size == "auto",
-                       verify_modes=verify_modes, compare_plan=args.compare_plan)
+                       verify_modes=verify_modes, compare_plan=args.compare_plan,
+                       compare_draft_sampling=args.compare_draft_sampling)
     out = Path(args.output_dir)
     save_report(report, out / "bench.json", out / "bench.png")
     print(format_table(report))
@@ -351,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "side by side (auto needs a step-cost table)")
     p.add_argument("--compare-plan", action="store_true",
                    help="also run every auto-verify variant with the draft plan off ('-plan'), side by side")
+    p.add_argument("--compare-draft-sampling", action="store_true",
+                   help="sampled requests: also run every speculative variant with argmax drafts "
+                        "('argmax drafts', SGLang DFLASH's way), side by side")
     _engine_args(p)
     _sampling_args(p)
     p.set_defaults(func=cmd_bench)

@@ -51,6 +51,9 @@ class EngineConfig:
     # plan each step before the drafter runs (`VerifyRule.plan`): rows whose drafts are not expected
     # to pay at this batch size draft less or not at all
     draft_plan: bool = True
+    # sampled requests draft samples of the drafter's distribution, verified by speculative sampling
+    # (`sampling.py`); false: they draft its argmax, as greedy ones do (SGLang DFLASH's own way)
+    sampled_drafts: bool = True
     # on a CPU: 2 runs every linear by the GEMM kernel measured fastest on this machine per row count, so
     # a multi-token verify streams the weights once (`cpu_linear.py`); 1 torch's own F.linear, as a server
     # without speculation runs them (the name is from when the choice was between two weight layouts)
@@ -147,7 +150,7 @@ def build_engine(config: EngineConfig, untrained_drafter_if_missing: bool = True
     engine = SpeculativeEngine(target, drafter, max_batch_size=config.max_batch_size,
                                default_block_size=None if auto else config.block_size,
                                max_block_size=config.max_block_size, verify_rule=verify_rule,
-                               cpu_weight_layouts=config.cpu_weight_layouts)
+                               cpu_weight_layouts=config.cpu_weight_layouts, sampled_drafts=bool(config.sampled_drafts))
     if policy_path is not None:
         policy = load_block_size_policy(policy_path, target, drafter)
         for size in policy.candidate_sizes:

@@ -8,6 +8,11 @@ leave as they finish; prompts are processed once (KV caches for target and draft
            --verify rule--> [bonus, d1..d_k] (k <= B-1: the prefix that pays, `step_verify.py`)
            --target--> target tokens; accept the longest matching prefix, commit it plus one
            target token, move on.
+
+A greedy request's drafts are the drafter's argmax. A sampled request's are samples from the
+drafter's distribution at the request's settings, verified by speculative sampling (`sampling.py`);
+`sampled_drafts=False` drafts the argmax for them too (SGLang's DFLASH does, with its target-only
+verify), which the bench compares side by side.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -25,7 +30,7 @@ from .blocks import DEFAULT_MAX_BLOCK_SIZE, MAX_BLOCK_SIZE, BlockSizeSource
 from .cpu_linear import kernel_rule_of, use_measured_kernels
 from .drafter import DFlashDraftModel
 from .requests import GenerationRequest, GenerationResult, RequestStats
-from .sampling import choose_tokens
+from .sampling import SamplingParams, choose_tokens, request_distribution, sample_drafts, speculative_chain_tokens
 from .step_verify import DraftOutlook, VerifyMode, VerifyRule
 from .target import TargetModel
 from .text import RequestText
@@ -76,6 +81,15 @@ def draft_logits(target: TargetModel, drafter: DFlashDraftModel, proposed: torch
     return target.lm_head(out[blocks.to_device(blocks.draft_slots(host), device)])
 
 
+class Drafts(NamedTuple):
+    """One step's proposals: every row's block with its drafts filled in (packed), each packed
+    token's calibrated confidence (0 at the bonus; None without the rule), and per row the
+    distribution its drafts were sampled from ([drafts, V]; None for argmax drafts)."""
+    tokens: torch.Tensor
+    confidence: torch.Tensor | None = None
+    probs: list[torch.Tensor | None] | None = None
+
+
 def propose_drafts(target: TargetModel, drafter: DFlashDraftModel, proposed: torch.Tensor,
                    layout: blocks.RaggedLayout, draft_cache) -> torch.Tensor:
     """Fill every row's mask positions with the drafter's proposals (its argmax)."""
@@ -89,7 +103,7 @@ class SpeculativeEngine:
     def __init__(self, target: TargetModel, drafter: DFlashDraftModel | None = None, *,
                  max_batch_size: int = 8, default_block_size: int | None = None,
                  max_block_size: int = DEFAULT_MAX_BLOCK_SIZE, block_size_chooser: BlockSizeChooser | None = None,
-                 verify_rule: VerifyRule | None = None, cpu_weight_layouts: int = 2):
+                 verify_rule: VerifyRule | None = None, cpu_weight_layouts: int = 2, sampled_drafts: bool = True):
         if drafter is not None:
             drafter.check_fits(target)
             drafter.to(target.device, target.dtype)
@@ -110,6 +124,7 @@ class SpeculativeEngine:
         self.default_source = BlockSizeSource.FIXED if default_block_size else BlockSizeSource.DEFAULT
         self.block_size_chooser = block_size_chooser
         self.verify_rule = verify_rule or VerifyRule()
+        self.sampled_drafts = sampled_drafts  # sampled requests draft from the drafter's distribution
         self.eos_ids = target.eos_token_ids
         self.capture_layers = tuple(drafter.config.target_layer_ids) if drafter else ()
         self.validate_block_size(self.default_block_size, "default block size")
@@ -224,17 +239,16 @@ class SpeculativeEngine:
         bonus = torch.tensor([s.tokens[-1] for s in running])
         mask_id = self.drafter.config.mask_token_id if self.drafter else 0
         # 2. draft: one drafter forward fills every row's masks, and says how sure it is of each draft
-        proposed, confidence = self._propose(running, blocks.to_device(blocks.block_tokens(bonus, host, mask_id), device),
-                                             host.to(device), draft_cache)
+        drafts = self._propose(running, blocks.to_device(blocks.block_tokens(bonus, host, mask_id), device),
+                               host.to(device), draft_cache)
         # 3. choose: the prefix of its drafts each row verifies (the whole block unless the rule is on)
-        verified = self._choose_verified(running, host, confidence)
+        verified = self._choose_verified(running, host, drafts.confidence)
         step_host = blocks.RaggedLayout.build(verified + 1, starts)
         step = step_host.to(device)
-        proposed = proposed[blocks.to_device(torch.nonzero(host.col <= verified[host.row]).squeeze(1), device)]
+        proposed = drafts.tokens[blocks.to_device(torch.nonzero(host.col <= verified[host.row]).squeeze(1), device)]
         # 4. verify: one target forward; the target's own token at every verified position
         hidden, features = self.target.forward(proposed, step, target_cache, 0, self.capture_layers)
-        chosen = choose_tokens(self.target.lm_head(hidden), step.row,
-                               [s.request.sampling for s in running], [s.generator for s in running])
+        chosen = self._verify_tokens(self.target.lm_head(hidden), step, step_host, running, proposed, drafts.probs)
         # 5. accept: the longest prefix of drafts equal to the target's tokens; tokens and accepted lengths
         # come to the host together
         accepted = blocks.accept_lengths(proposed, chosen, step)
@@ -272,21 +286,48 @@ class SpeculativeEngine:
         return planned
 
     def _propose(self, running: list[_Running], proposed: torch.Tensor, layout: blocks.RaggedLayout,
-                 draft_cache) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The proposal seam: the drafter fills the blocks and gives each packed token's confidence
-        (calibrated; 0 at the bonus), or None without drafts. Tests substitute proposals here."""
+                 draft_cache) -> Drafts:
+        """The proposal seam: the drafter fills the blocks (argmax; a sample for sampled requests
+        under `sampled_drafts`) and gives each packed token's confidence (calibrated; 0 at the
+        bonus), or no confidences without drafts. Tests substitute proposals here."""
         if self.drafter is None or layout.max_width == 1:
-            return proposed, None
+            return Drafts(proposed)
         logits = draft_logits(self.target, self.drafter, proposed, layout, draft_cache)
         host = layout.on_host()
         slots = blocks.draft_slots(host)
+        drafted, probs = logits.argmax(dim=-1), None
+        if self.sampled_drafts and not all(s.request.sampling.greedy for s in running):
+            probs = [None] * len(running)
+            for r, state in enumerate(running):
+                where = torch.nonzero(host.row[slots] == r).squeeze(1)
+                if not state.request.sampling.greedy and len(where):
+                    where = blocks.to_device(where, logits.device)
+                    drafted[where], probs[r] = sample_drafts(logits[where], state.request.sampling, state.generator)
         proposed = proposed.clone()
-        proposed[blocks.to_device(slots, proposed.device)] = logits.argmax(dim=-1)
+        proposed[blocks.to_device(slots, proposed.device)] = drafted
         confidence = torch.zeros(layout.num_tokens)
         if any(s.verify is VerifyMode.AUTO for s in running):  # the rule chooses on the host
             temperatures = torch.tensor([s.request.sampling.temperature for s in running])[host.row[slots]]
             confidence[slots] = self.verify_rule.confidences(logits, host.col[slots], temperatures).cpu()
-        return proposed, confidence
+        return Drafts(proposed, confidence, probs)
+
+    @staticmethod
+    def _verify_tokens(logits: torch.Tensor, step: blocks.RaggedLayout, step_host: blocks.RaggedLayout,
+                       running: list[_Running], proposed: torch.Tensor,
+                       draft_probs: list[torch.Tensor | None] | None) -> torch.Tensor:
+        """The token the accept compares with each verified position's next draft: the target's own
+        choice (`choose_tokens`), or for rows with sampled drafts the speculative-sampling outcome
+        (`speculative_chain_tokens`: the surviving drafts, then the stop's token)."""
+        chained = [r for r, probs in enumerate(draft_probs or []) if probs is not None and step_host.widths[r] > 1]
+        params = [SamplingParams() if r in chained else s.request.sampling for r, s in enumerate(running)]
+        chosen = choose_tokens(logits, step.row, params, [s.generator for s in running])
+        for r in chained:
+            state, start, width = running[r], int(step_host.offsets[r]), int(step_host.widths[r])
+            uniforms = torch.rand(1, width, generator=state.generator, device=logits.device)
+            chosen[start:start + width] = speculative_chain_tokens(
+                request_distribution(logits[start:start + width], state.request.sampling)[None],
+                proposed[None, start + 1:start + width], draft_probs[r][None, :width - 1], uniforms)[0]
+        return chosen
 
     def _choose_verified(self, running: list[_Running], layout: blocks.RaggedLayout,
                          confidence: torch.Tensor | None) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Replayed greedy decoding with the per-step verify rule: what `--verify auto` does to a known
-greedy output, from drafter forwards alone (see `replay.py` for why replay gives the engine's counts).
+"""Replayed decoding with the per-step verify rule: what `--verify auto` does to a known output
+(greedy, or sampled: `replay.py`), from drafter forwards alone (see `replay.py` for why replay gives
+the engine's counts).
 
 At every step the drafter proposes the request's block, the rule (`step_verify.VerifyRule`) picks
 how many drafts the target would verify from their calibrated confidences and the step-cost table,
@@ -17,7 +18,7 @@ import torch
 
 from . import blocks
 from .drafter import DFlashDraftModel
-from .replay import ReplaySequence, draft_block_at
+from .replay import ReplaySequence, coins_at, draft_block_at, survival_chances
 from .step_verify import DraftOutlook, VerifyMode, VerifyRule, confidence_grid
 from .target import TargetModel
 
@@ -116,9 +117,15 @@ def draft_profiles(target: TargetModel, drafter: DFlashDraftModel, sequences: li
     return profiles
 
 
+def _surviving(logits, labels, sequences, positions) -> torch.Tensor:
+    """[n, k] bool: each draft survives, given the output (argmax drafts: equal to it; sampled
+    drafts: a coin below its chance, `replay.survival_chances`)."""
+    return coins_at(sequences, positions, logits.shape[1] + 1) < survival_chances(logits, labels, sequences, positions)
+
+
 def _outcomes(target, drafter, sequences, positions, width, rule) -> tuple[torch.Tensor, torch.Tensor]:
     logits, labels = draft_logits_at(target, drafter, sequences, positions, width)
-    matched = torch.cumprod((logits.argmax(-1) == labels).long(), 1).sum(1)
+    matched = torch.cumprod(_surviving(logits, labels, sequences, positions).long(), 1).sum(1)
     columns = torch.arange(1, width).expand(len(positions), -1)
     temperatures = torch.tensor([s.temperature for s in sequences]).repeat_interleave(width - 1)
     confidence = rule.confidences(logits.flatten(0, 1), columns.flatten(), temperatures).view(len(positions), width - 1)
@@ -199,7 +206,7 @@ def calibration_samples(target: TargetModel, drafter: DFlashDraftModel, sequence
         for start in range(0, len(positions), rows_per_call):
             chunk = positions[start:start + rows_per_call]
             logits, labels = draft_logits_at(target, drafter, [s] * len(chunk), chunk, width)
-            samples.add(logits, logits.argmax(-1) == labels)
+            samples.add(logits, _surviving(logits, labels, [s] * len(chunk), chunk))
     return samples
 
 

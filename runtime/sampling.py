@@ -1,14 +1,22 @@
 """Sampling parameters and the target-side token choice used by verification.
 
-Verification is lossless in the DFlash way: at every block position the target's own token is
-chosen exactly as plain decoding would choose it (argmax, or a sample from the temperature /
-top-k / top-p / min-p distribution), and a draft token is accepted only while it equals that
-choice. Every committed token is therefore a token the target itself chose given the committed
-prefix. For a greedy draft (a point mass) this is the speculative-sampling rule itself: the draft
-d survives with the target's probability p(d); after a rejection the token is a sample from p with d
-removed and renormalised; the bonus token a sample from p.
+Verification is lossless in two ways, both the speculative-sampling rule:
 
-:func:`sample_tokens` is the one home of the target's filtered distribution (SGLang's own order:
+* **Argmax drafts** (greedy requests always; sampled ones where drafts are not sampled): at every
+  block position the target's own token is chosen exactly as plain decoding would choose it (argmax,
+  or a sample from the temperature / top-k / top-p / min-p distribution), and a draft is accepted
+  only while it equals that choice. For a draft that is a point mass this is speculative sampling
+  itself: the draft d survives with the target's probability p(d); after a rejection the token is a
+  sample from p with d removed and renormalised; the bonus token a sample from p.
+* **Sampled drafts** (sampled requests): each draft is a sample from the drafter's distribution q at
+  the request's settings and survives with probability min(1, p(d) / q(d)); at the first rejection
+  the token is a sample from max(0, p - q) renormalised, and after a run of survivors the bonus is a
+  sample from p (:func:`speculative_chain_tokens`). A DFlash drafter drafts a block's positions in
+  parallel, so q at one position does not depend on the draft before it and the rule holds along
+  the chain. A draft then survives with probability sum(min(p, q)) instead of p(argmax q): at
+  temperature 1 the drafter's first draft survives about twice as often.
+
+:func:`filtered_probs` is the one home of the target's filtered distribution (SGLang's own order:
 temperature, softmax, top-k, top-p on the sorted probabilities, min-p against the top one); the
 runtime's engine and the SGLang plugin's verify both draw from it.
 """
@@ -81,9 +89,17 @@ def filtered_probs(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: tor
 def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
                   min_ps: torch.Tensor, greedy: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of `logits` [N, V] as plain decoding picks it: the argmax where `greedy`
-    [N] (bool) is set, else a sample from :func:`filtered_probs`."""
+    [N] (bool) is set, else a sample from :func:`filtered_probs`. Rows that filter nothing skip its
+    sort of the vocabulary (a few ms a row on a CPU)."""
     tokens = logits.argmax(dim=-1)
-    rows = torch.nonzero(~greedy.to(torch.bool)).flatten()
+    sampled = ~greedy.to(torch.bool)
+    filtering = ((top_ks > 0) & (top_ks < logits.shape[-1])) | (top_ps < 1) | (min_ps > 0)
+    rows = torch.nonzero(sampled & ~filtering).flatten()
+    if rows.numel():
+        probs = torch.softmax(logits[rows].float() / temperatures[rows].float().view(-1, 1), dim=-1)
+        uniforms = torch.rand(rows.numel(), generator=generator, device=logits.device)
+        tokens[rows] = sample_categorical(probs, uniforms).to(tokens.dtype)
+    rows = torch.nonzero(sampled & filtering).flatten()
     if rows.numel():
         kept, ids = filtered_probs(logits[rows], temperatures[rows], top_ks[rows], top_ps[rows], min_ps[rows])
         picked = torch.multinomial(kept, 1, generator=generator)
@@ -112,3 +128,75 @@ def choose_tokens(logits: torch.Tensor, rows: torch.Tensor, params: list[Samplin
             where = torch.nonzero(rows == r).squeeze(1)
             tokens[where] = sample_from_logits(logits[where], p, g)
     return tokens
+
+
+def filtered_distribution(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor,
+                          top_ps: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
+    """[N, V] :func:`filtered_probs` normalised and back in vocabulary order: the distribution each
+    row of `logits` is sampled from."""
+    kept, ids = filtered_probs(logits, temperatures, top_ks, top_ps, min_ps)
+    dense = torch.zeros_like(kept).scatter_(1, ids, kept)
+    return dense / dense.sum(dim=-1, keepdim=True)
+
+
+def request_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[M, V] the distribution a sampled request draws from at each row of `logits` [M, V]."""
+    if params.top_k == 0 and params.top_p >= 1 and params.min_p == 0:
+        return torch.softmax(logits.float() / params.temperature, dim=-1)  # nothing filtered: no sort
+    n = logits.shape[0]
+
+    def each(value, dtype):
+        return torch.full((n,), value, dtype=dtype, device=logits.device)
+
+    return filtered_distribution(logits, each(params.temperature, torch.float32), each(params.top_k, torch.long),
+                                 each(params.top_p, torch.float32), each(params.min_p, torch.float32))
+
+
+def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of `probs` [M, V] (unnormalised, non-negative), by inverting its CDF at
+    `uniforms` [M] in [0, 1): no host sync, and a row's draw depends on its own uniform only."""
+    cdf = probs.float().cumsum(dim=-1)
+    points = (uniforms.float() * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, points, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+
+
+def sample_drafts(draft_logits: torch.Tensor, params: SamplingParams,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sampled request's drafts for one block: a sample per row of the drafter's `draft_logits`
+    [k, V] from its distribution at the request's settings (:func:`request_distribution`), and that
+    distribution [k, V] (what :func:`speculative_chain_tokens` weighs the drafts by)."""
+    probs = request_distribution(draft_logits, params)
+    uniforms = torch.rand(probs.shape[0], generator=generator, device=probs.device)
+    return sample_categorical(probs, uniforms), probs
+
+
+def speculative_chain_tokens(target_probs: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor,
+                             uniforms: torch.Tensor) -> torch.Tensor:
+    """Speculative sampling along blocks of sampled drafts, one row per block. `target_probs`
+    [n, w, V]: the target's distribution at each verified position (column k gives the token after
+    the block's k-th token); `drafts` [n, w - 1] and the distributions they were drawn from,
+    `draft_probs` [n, w - 1, V]; `uniforms` [n, w] in [0, 1): a coin per draft and one for the stop's
+    draw. Returns the tokens [n, w] an accept by equality keeps: the surviving drafts, then at the
+    stop the token drawn there (from max(0, p - q) after a rejection, from p after the last draft);
+    past the stop -1.
+
+    Draft k survives with probability min(1, p(d) / q(d)): its coin u < p(d) / q(d), read as
+    u * q(d) < p(d), so a draft the target rules out (p(d) = 0) never survives. The residual at a
+    rejection has no mass at the rejected draft (p(d) < q(d) there), so the stop never equals it.
+    No host sync: it runs as it is on a GPU."""
+    n, width, vocab = target_probs.shape
+    drafts = drafts.long()
+    draft_probs = draft_probs.to(target_probs.dtype)
+    p_draft = target_probs[:, :-1].gather(2, drafts.unsqueeze(2)).squeeze(2)
+    q_draft = draft_probs.gather(2, drafts.unsqueeze(2)).squeeze(2)
+    survives = uniforms[:, :-1] * q_draft < p_draft
+    run = torch.cumprod(survives.long(), dim=1).sum(dim=1)  # [n] drafts before the first rejection
+    stops = torch.cat([(target_probs[:, :-1] - draft_probs).clamp(min=0), target_probs[:, -1:]], dim=1)
+    # p == q leaves no residual, and such a draft always survives; rounding aside, p is the right stand-in
+    stops = torch.where(stops.sum(dim=-1, keepdim=True) > 0, stops, target_probs)
+    at_stop = stops.gather(1, run.view(n, 1, 1).expand(n, 1, vocab)).squeeze(1)
+    stop_token = sample_categorical(at_stop, uniforms[:, -1])
+    columns = torch.arange(width, device=drafts.device).view(1, -1)
+    tokens = torch.cat([drafts, drafts.new_full((n, 1), -1)], dim=1)
+    tokens = torch.where(columns > run.view(n, 1), -1, tokens)
+    return tokens.scatter(1, run.view(n, 1), stop_token.view(n, 1))

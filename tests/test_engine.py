@@ -3,6 +3,7 @@ and losslessness of sampling (the output distribution is the target's)."""
 
 import math
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ import torch
 from blockpilot.runtime import blocks
 from blockpilot.runtime.engine import SpeculativeEngine
 from blockpilot.runtime.requests import GenerationRequest
-from blockpilot.runtime.sampling import SamplingParams, sample_from_logits
+from blockpilot.runtime import sampling
+from blockpilot.runtime.sampling import SamplingParams, request_distribution, sample_from_logits
 
 from conftest import NEAR_TIE_MARGIN, tiny_drafter, tiny_target
 
@@ -58,24 +60,28 @@ def test_the_filtered_distribution_renormalises_what_each_limit_keeps():
     assert (kept[1] > 0).sum() == 3  # top-k 3 of four equal tokens
 
 
-def exact_distribution(target, prompt, length, temperature):
-    """P(first `length` tokens) under plain sampling, by enumerating every prefix."""
+def exact_distribution(target, prompt, length, params):
+    """P(first `length` tokens) under plain sampling with `params`, by enumerating every prefix."""
     probs = {(): 1.0}
     for _ in range(length):
         nxt = {}
         prefixes = list(probs)
         with torch.inference_mode():
             logits = target.hf_model(torch.tensor([prompt + list(p) for p in prefixes])).logits[:, -1]
-        step = torch.softmax(logits.float() / temperature, dim=-1)
+        step = request_distribution(logits, params)
         for prefix, row in zip(prefixes, step):
             for token, p in enumerate(row.tolist()):
-                nxt[prefix + (token,)] = probs[prefix] * p
+                if p > 0:
+                    nxt[prefix + (token,)] = probs[prefix] * p
         probs = nxt
     return probs
 
 
 def chi_square_rejects(samples: Counter, probs: dict, n: int) -> bool:
-    """Pearson's chi-square at significance 1e-3 (cells with expected count < 5 pooled)."""
+    """Pearson's chi-square at significance 1e-3 (cells with expected count < 5 pooled); a sequence
+    the target cannot produce rejects at once."""
+    if not set(samples) <= set(probs):
+        return True
     stat, df, pooled_obs, pooled_exp = 0.0, -1, 0, 0.0
     for cell, p in probs.items():
         expected = n * p
@@ -92,26 +98,83 @@ def chi_square_rejects(samples: Counter, probs: dict, n: int) -> bool:
     return stat > critical
 
 
-def sample_sequences(engine, prompt, n, length, block_size, temperature):
-    requests = [GenerationRequest(prompt, SamplingParams(temperature=temperature, seed=seed, max_new_tokens=length),
-                                  str(seed), block_size=block_size) for seed in range(n)]
-    return Counter(tuple(r.token_ids) for r in engine.generate(requests))
+def sample_sequences(engine, prompt, n, length, block_size, params):
+    requests = [GenerationRequest(prompt, replace(params, seed=seed, max_new_tokens=length), str(seed),
+                                  block_size=block_size) for seed in range(n)]
+    results = engine.generate(requests)
+    return Counter(tuple(r.token_ids) for r in results), sum(r.stats.acceptance_length for r in results) / n
 
 
-def test_sampling_keeps_the_target_distribution(monkeypatch):
+SETTINGS = {"t=1.5": SamplingParams(temperature=1.5), "top-k 4, top-p 0.9, t=1": SamplingParams(temperature=1.0, top_k=4, top_p=0.9),
+            "min-p 0.2, t=0.8": SamplingParams(temperature=0.8, min_p=0.2)}
+
+
+@pytest.mark.parametrize("sampled_drafts", [True, False], ids=["sampled drafts", "argmax drafts"])
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_sampling_keeps_the_target_distribution(sampled_drafts, setting):
+    """The first three tokens' joint distribution, speculative (block 4: three drafts, the third
+    token often a survivor or the stop) and plain, against the target's exact one."""
+    params = SETTINGS[setting]
     target = tiny_target(vocab_size=6, seed=5)
-    engine = SpeculativeEngine(target, tiny_drafter(target, block_size=4), max_batch_size=256)
-    prompt, n, length, temperature = [1, 2, 3], 6000, 3, 1.5
-    probs = exact_distribution(target, prompt, length, temperature)
-    speculative = sample_sequences(engine, prompt, n, length, block_size=4, temperature=temperature)
-    plain = sample_sequences(engine, prompt, n, length, block_size=1, temperature=temperature)
-    assert not chi_square_rejects(plain, probs, n)
+    engine = SpeculativeEngine(target, tiny_drafter(target, block_size=4), max_batch_size=256,
+                               sampled_drafts=sampled_drafts)
+    prompt, n, length = [1, 2, 3], 6000, 3
+    probs = exact_distribution(target, prompt, length, params)
+    speculative, acceptance = sample_sequences(engine, prompt, n, length, block_size=4, params=params)
+    assert acceptance > 1.1, "the test needs drafts that survive"
     assert not chi_square_rejects(speculative, probs, n)
-    # The test has teeth: accepting every draft regardless of the target breaks the distribution.
-    monkeypatch.setattr(blocks, "accept_lengths",
-                        lambda proposed, chosen, layout: (layout.widths - 1).clamp(min=0))
-    biased = sample_sequences(engine, prompt, n, length, block_size=4, temperature=temperature)
-    assert chi_square_rejects(biased, probs, n)
+    if sampled_drafts and setting == "t=1.5":
+        plain, _ = sample_sequences(engine, prompt, n, length, block_size=1, params=params)
+        assert not chi_square_rejects(plain, probs, n)
+
+
+def test_the_sampling_test_has_teeth(monkeypatch):
+    """Accepting every draft, or drawing a rejection's token from p instead of max(0, p - q), each
+    moves the distribution far enough for the test above to see it."""
+    params = SETTINGS["t=1.5"]
+    target = tiny_target(vocab_size=6, seed=5)
+    prompt, n, length = [1, 2, 3], 6000, 3
+    probs = exact_distribution(target, prompt, length, params)
+    engine = SpeculativeEngine(target, tiny_drafter(target, block_size=4), max_batch_size=256)
+    with monkeypatch.context() as patch:
+        patch.setattr(blocks, "accept_lengths", lambda proposed, chosen, layout: (layout.widths - 1).clamp(min=0))
+        assert chi_square_rejects(sample_sequences(engine, prompt, n, length, 4, params)[0], probs, n)
+    from blockpilot.runtime import engine as engine_module
+
+    def stop_from_p(target_probs, drafts, draft_probs, uniforms):
+        return sampling.speculative_chain_tokens(target_probs, drafts, torch.zeros_like(draft_probs) + 1e-9, uniforms)
+
+    monkeypatch.setattr(engine_module, "speculative_chain_tokens", stop_from_p)
+    assert chi_square_rejects(sample_sequences(engine, prompt, n, length, 4, params)[0], probs, n)
+
+
+def test_sampled_drafts_survive_more_often_than_argmax_drafts():
+    """Same target, drafter and seeds: drafts sampled from the drafter's distribution survive with
+    sum(min(p, q)) against p(argmax q) for argmax drafts."""
+    params = SamplingParams(temperature=1.5)
+    target = tiny_target(vocab_size=6, seed=5)
+    drafter = tiny_drafter(target, block_size=4)
+    rates = {}
+    for sampled in (True, False):
+        engine = SpeculativeEngine(target, drafter, max_batch_size=256, sampled_drafts=sampled)
+        rates[sampled] = sample_sequences(engine, [1, 2, 3], 2000, 12, 4, params)[1]
+    assert rates[True] > rates[False] + 0.05, rates
+
+
+def test_speculative_chain_tokens_keep_survivors_and_draw_the_stop():
+    """Hand-made distributions: a draft the target rules out never survives and the stop is drawn
+    from max(0, p - q); drafts the target likes more than the drafter always survive, then the bonus."""
+    p = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5], [0.0, 0.0, 1.0]])
+    q = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    q_low = torch.tensor([[0.2, 0.4, 0.4], [0.3, 0.3, 0.4]])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):  # two rows in one call, each with its own coins
+        tokens = sampling.speculative_chain_tokens(torch.stack([p, p]), torch.tensor([[2, 0], [0, 2]]),
+                                                   torch.stack([q, q_low]), torch.rand(2, 3, generator=g))
+        # row 0: draft 2 (p = 0) is rejected at once; the stop comes from max(0, p - q) = [0.5, 0.5, 0]
+        assert tokens[0, 0].item() in (0, 1) and tokens[0, 1:].tolist() == [-1, -1]
+        # row 1: p(d) >= q(d) at both drafts: both survive, then the bonus from p's last row (token 2)
+        assert tokens[1].tolist() == [0, 2, 2]
 
 
 def test_same_seed_same_sample():

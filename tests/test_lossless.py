@@ -8,7 +8,7 @@ import torch
 
 from blockpilot.runtime.assets import DEFAULT_DRAFTER_DIR
 from blockpilot.runtime.drafter import DFlashDraftModel
-from blockpilot.runtime.engine import SpeculativeEngine
+from blockpilot.runtime.engine import Drafts, SpeculativeEngine
 from blockpilot.runtime.requests import GenerationRequest
 from blockpilot.runtime.sampling import SamplingParams
 
@@ -86,7 +86,7 @@ def test_accepted_drafts_commit_exactly_the_target_tokens(default_target, chat_p
             if 1 <= wrong < width:
                 future[wrong - 1] = (future[wrong - 1] + 1) % default_target.vocab_size
             proposed[start + 1: start + width] = torch.tensor(future, dtype=torch.long)
-        return proposed, None  # no confidences: every step verifies the whole block
+        return Drafts(proposed)  # no confidences: every step verifies the whole block
 
     monkeypatch.setattr(engine, "_propose", propose)
     results = run(engine, chat_prompts, [16, 4, 8, 24])

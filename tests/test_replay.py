@@ -17,7 +17,8 @@ from conftest import tiny_drafter, tiny_target
 
 
 def engine_and_replay(target, drafter, prompts, size, max_new_tokens, temperature=0.0):
-    engine = SpeculativeEngine(target, drafter, max_batch_size=len(prompts), max_block_size=max(size, drafter.config.block_size))
+    engine = SpeculativeEngine(target, drafter, max_batch_size=len(prompts), max_block_size=max(size, drafter.config.block_size),
+                               sampled_drafts=False)
     results = engine.generate([GenerationRequest(p, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                                                    seed=i), str(i), block_size=size)
                                for i, p in enumerate(prompts)])
@@ -60,6 +61,32 @@ def test_replay_of_sampled_outputs_counts_what_the_sampling_engine_did(size):
     results, rows = engine_and_replay(target, drafter, prompts, size, max_new_tokens=30, temperature=1.0)
     assert len({tuple(r.token_ids) for r in results}) > 1 and sum(sum(r["accepted_per_step"]) for r in rows) > 0
     assert_same_counts(results, rows)
+
+
+def test_replay_of_sampled_drafts_follows_the_engines_counts():
+    """With sampled drafts the engine's counts are random given its output; replaying the output
+    with a coin per draft (survival chance min(1, q(x) / p(x))) gives counts of the same
+    distribution: over many sampled outputs the drafts accepted per step agree, where replaying the
+    same outputs with argmax drafts counts clearly fewer."""
+    target = tiny_target(vocab_size=6, seed=3)
+    drafter = tiny_drafter(target, block_size=8)
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, 6, (n,), generator=generator).tolist() for n in (5, 9, 13, 7)] * 40
+    engine = SpeculativeEngine(target, drafter, max_batch_size=64, max_block_size=8)
+    results = engine.generate([GenerationRequest(p, SamplingParams(max_new_tokens=24, temperature=1.0, seed=i), str(i),
+                                                 block_size=4) for i, p in enumerate(prompts)])
+    outputs = [{"id": str(i), "prompt_ids": list(p), "response_ids": r.token_ids}
+               for i, (p, r) in enumerate(zip(prompts, results))]
+
+    def per_step(rows):
+        return sum(sum(r["accepted_per_step"]) for r in rows) / sum(len(r["accepted_per_step"]) for r in rows)
+
+    engine_rate = sum(r.stats.generated_tokens - 1 - r.stats.target_forwards for r in results) / sum(
+        r.stats.target_forwards for r in results)
+    replayed = per_step(replay_every_size(target, drafter, outputs, [4], 24, show_progress=False, sampled_at=1.0))
+    as_argmax = per_step(replay_every_size(target, drafter, outputs, [4], 24, show_progress=False))
+    assert abs(replayed - engine_rate) < 0.06, (replayed, engine_rate)
+    assert as_argmax < engine_rate - 0.15, (as_argmax, engine_rate)
 
 
 def test_a_block_that_reaches_eos_counts_only_the_tokens_kept():

@@ -138,12 +138,13 @@ def test_a_sampled_request_is_verified_by_its_temperature_and_replays_exactly():
     """At temperature T the rule prices each draft by the drafter's probability of it at T (what the
     sampled target takes it with), in the engine and in the replay of the engine's own sampled
     output alike: step for step the same decisions. Priced as greedy drafts (here the drafter's
-    probability at T = 1), the same output would have more drafts verified."""
+    probability at T = 1), the same output would have more drafts verified. Argmax drafts: their
+    survivors are the target's samples, so the output replays exactly."""
     import dataclasses
 
     target, drafter = tiny_pair()
     rule = auto_rule(2.0, draft_plan=True)
-    engine = SpeculativeEngine(target, drafter, max_batch_size=1, verify_rule=rule)
+    engine = SpeculativeEngine(target, drafter, max_batch_size=1, verify_rule=rule, sampled_drafts=False)
     prompts = prompts_for(6, lengths=(5, 9, 13, 7, 6, 11))
     results = engine.generate([GenerationRequest(p, SamplingParams(max_new_tokens=30, temperature=3.0, seed=i), str(i),
                                                  block_size=8) for i, p in enumerate(prompts)])
@@ -166,8 +167,8 @@ def test_sampling_keeps_the_target_distribution_with_the_rule(monkeypatch, per_t
     target = tiny_target(vocab_size=6, seed=5)
     engine = SpeculativeEngine(target, tiny_drafter(target, block_size=4), max_batch_size=256,
                                verify_rule=auto_rule(per_token_ms))
-    prompt, n, length, temperature = [1, 2, 3], 6000, 3, 1.5
-    probs = exact_distribution(target, prompt, length, temperature)
+    prompt, n, length, params = [1, 2, 3], 6000, 3, SamplingParams(temperature=1.5)
+    probs = exact_distribution(target, prompt, length, params)
     counts = {"drafted": 0, "verified": 0}
     original = SpeculativeEngine._count_step
 
@@ -177,7 +178,7 @@ def test_sampling_keeps_the_target_distribution_with_the_rule(monkeypatch, per_t
         original(state, drafted, verified)
 
     monkeypatch.setattr(SpeculativeEngine, "_count_step", staticmethod(count))
-    speculative = sample_sequences(engine, prompt, n, length, block_size=4, temperature=temperature)
+    speculative, _ = sample_sequences(engine, prompt, n, length, block_size=4, params=params)
     assert not chi_square_rejects(speculative, probs, n)
     assert counts["drafted"] > 0
     assert counts["verified"] > 0 if verifies else counts["verified"] < counts["drafted"]
@@ -187,5 +188,5 @@ def test_sampling_keeps_the_target_distribution_with_the_rule(monkeypatch, per_t
                             lambda proposed, chosen, layout: (layout.widths - 1).clamp(min=0))
         fresh = SpeculativeEngine(target, tiny_drafter(target, block_size=4), max_batch_size=256,
                                   verify_rule=auto_rule(per_token_ms))
-        biased = sample_sequences(fresh, prompt, n, length, block_size=4, temperature=temperature)
+        biased, _ = sample_sequences(fresh, prompt, n, length, block_size=4, params=params)
         assert chi_square_rejects(biased, probs, n)

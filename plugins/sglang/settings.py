@@ -35,12 +35,14 @@ ENV_CONFIG, ENV_POLICY, ENV_SIZES, ENV_PAD_TO, ENV_VERIFY = (
 ENV_STEP_COSTS = "BLOCKPILOT_STEP_COSTS"  # the runtime's name (step_verify.STEP_COSTS_ENV)
 ENV_DRAFT_PLAN = "BLOCKPILOT_DRAFT_PLAN"  # on | off
 ENV_TARGET_KERNELS = "BLOCKPILOT_TARGET_KERNELS"  # drafting | all | sglang
+ENV_DRAFT_SAMPLING = "BLOCKPILOT_DRAFT_SAMPLING"  # sampled | argmax
+DRAFT_SAMPLING = {"sampled": True, "argmax": False}
 TARGET_KERNELS = ("drafting", "all", "sglang")
 # A file: every timed decode step as a JSON line (rows, widths, measured and priced ms, the correction's
 # scales), to see what the plan saw. A diagnostic, not a setting: read by the worker, not `settings()`.
 ENV_STEP_LOG = "BLOCKPILOT_STEP_LOG"
 ENV_NAMES = (ENV_CONFIG, ENV_POLICY, ENV_SIZES, ENV_PAD_TO, ENV_VERIFY, ENV_STEP_COSTS, ENV_DRAFT_PLAN,
-             ENV_TARGET_KERNELS)
+             ENV_TARGET_KERNELS, ENV_DRAFT_SAMPLING)
 ON_OFF = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}
 
 
@@ -62,6 +64,9 @@ class ServerSettings:
     step_costs: Optional[str] = None  # SpsCostTable JSON; None: the shipped table when serving the shipped drafter
     verify_calibration: Optional[str] = None  # DSpark STS JSON; None: verify_calibration.json beside the drafter
     draft_plan: bool = True  # plan each step's width before drafting (VerifyRule.plan)
+    # sampled requests draft samples of the drafter's distribution, verified by speculative sampling
+    # (verify_logits.speculative_target_tokens); false: its argmax, DFLASH's target-only verify
+    sampled_drafts: bool = True
     # CPU engine: which of the target's forwards run the GEMM kernel measured fastest per row count
     # (cpu/linear_kernels.py): "all" every one (the fastest server); "drafting" those of a drafting step
     # only (the verify), prefills and plain steps SGLang's F.linear as in a server without speculation
@@ -128,6 +133,11 @@ class ServerSettings:
                 raise ValueError(f"{ENV_TARGET_KERNELS} must be one of {', '.join(TARGET_KERNELS)}, "
                                  f"got {environ[ENV_TARGET_KERNELS]!r}")
             data["target_kernels"] = value
+        if environ.get(ENV_DRAFT_SAMPLING):
+            value = environ[ENV_DRAFT_SAMPLING].strip().lower()
+            if value not in DRAFT_SAMPLING:
+                raise ValueError(f"{ENV_DRAFT_SAMPLING} must be sampled or argmax, got {environ[ENV_DRAFT_SAMPLING]!r}")
+            data["sampled_drafts"] = DRAFT_SAMPLING[value]
         return cls(**data)
 
     def size_range(self, server_max: int) -> tuple[int, int]:

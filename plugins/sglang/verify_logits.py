@@ -15,6 +15,12 @@ SGLang 0.5.23's DFLASH verify falls short of plain decoding in two ways, both cl
   either holds, :func:`sampled_target_tokens` draws the target's token at every position from its
   filtered distribution (``runtime.sampling.sample_tokens``, the runtime's own rule) and DFLASH's
   accept keeps drafts while they equal it: for a greedy draft that is speculative sampling itself.
+* **Sampled drafts.** A sampled request's drafts are samples of the drafter's distribution at the
+  request's settings (:func:`sample_block_drafts`), verified by speculative sampling against the
+  target's fully adjusted logits (:func:`speculative_target_tokens`, the runtime's
+  ``speculative_chain_tokens``): a draft survives with min(1, p/q), a rejection's token comes from
+  max(0, p - q). It survives far more often than an argmax draft under DFLASH's target-only verify.
+  Seeded rows (deterministic inference) keep argmax drafts: their text is matched token for token.
 * **Seeds.** Under ``--enable-deterministic-inference`` plain decoding draws each token with the
   request's ``sampling_seed`` (a hash of seed, position and column; SGLang's pytorch sampler), and
   DFLASH's kernel draws unseeded coins. There :func:`seeded_target_tokens` makes SGLang's own seeded
@@ -33,7 +39,8 @@ from typing import Callable, Optional
 
 import torch
 
-from blockpilot.runtime.sampling import sample_tokens
+from blockpilot.runtime.sampling import (filtered_distribution, sample_categorical, sample_tokens,
+                                         speculative_chain_tokens)
 
 # SGLang's greedy encoding: temperature 0 becomes top_k 1 (and temperature 1).
 GREEDY_TOP_K = 1
@@ -298,3 +305,69 @@ def _per_position(values: Optional[torch.Tensor], bs: int, width: int, fill, dty
     if values is None:
         return torch.full((bs * width,), fill, dtype=dtype, device=device)
     return values.view(-1)[:bs].to(device=device, dtype=dtype).repeat_interleave(width)
+
+
+@dataclass
+class SampledDrafts:
+    """A decode step's rows whose drafts are samples of the drafter's distribution, and for each of
+    them the distribution at each draft position [rows, drafts per row, V]."""
+
+    rows: list[int]
+    probs: torch.Tensor
+
+
+def rows_with_sampled_drafts(reqs, sampling_info) -> list[int]:
+    """The rows whose drafts are sampled: sampled requests, unless the batch carries seeds
+    (deterministic inference, whose seeded draw is matched token for token on argmax drafts). Read
+    from the requests on the host: no device sync."""
+    if sampling_info is None or getattr(sampling_info, "sampling_seed", None) is not None:
+        return []
+    return [i for i, req in enumerate(reqs) if sampling_temperature(req) > 0]
+
+
+def sample_block_drafts(logits: torch.Tensor, sampling_info, rows: torch.Tensor,
+                        bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drafts for the draft logits [m, V] of batch rows `rows` [m] (each draft's row): a sample of
+    the drafter's distribution at the row's temperature, top-k, top-p and min-p, and that
+    distribution [m, V]."""
+    device = logits.device
+    index = rows.to(device)
+
+    def of_rows(values, fill, dtype):
+        return _per_position(values, bs, 1, fill, dtype, device).index_select(0, index)
+
+    probs = filtered_distribution(logits, of_rows(sampling_info.temperatures, 1.0, torch.float32),
+                                  of_rows(sampling_info.top_ks, 0, torch.long),
+                                  of_rows(sampling_info.top_ps, 1.0, torch.float32),
+                                  of_rows(sampling_info.min_ps, 0.0, torch.float32))
+    return sample_categorical(probs, torch.rand(probs.shape[0], device=device)), probs
+
+
+def speculative_target_tokens(next_token_logits: torch.Tensor, sampling_info, bs: int, width: int,
+                              candidates: torch.Tensor, drafts: SampledDrafts) -> torch.Tensor:
+    """[bs, width] what DFLASH's accept by equality compares each next draft with: the target's
+    argmax in greedy rows; in rows with sampled drafts, speculative sampling's outcome over the
+    verify's adjusted logits (the surviving drafts, then the stop's token, -1 past it)."""
+    logits = next_token_logits.view(bs, width, -1)
+    tokens = logits.argmax(dim=-1)
+    if not drafts.rows:
+        return tokens
+    device, vocab = logits.device, logits.shape[-1]
+    rows = torch.tensor(drafts.rows, device=device)
+    positions = (rows.view(-1, 1) * width + torch.arange(width, device=device).view(1, -1)).view(-1)
+
+    def per_position(values, fill, dtype):
+        return _per_position(values, bs, width, fill, dtype, device).index_select(0, positions)
+
+    target_probs = filtered_distribution(logits.index_select(0, rows).reshape(-1, vocab),
+                                         per_position(sampling_info.temperatures, 1.0, torch.float32),
+                                         per_position(sampling_info.top_ks, 0, torch.long),
+                                         per_position(sampling_info.top_ps, 1.0, torch.float32),
+                                         per_position(sampling_info.min_ps, 0.0, torch.float32))
+    draft_probs = drafts.probs[:, : width - 1].to(device)
+    if draft_probs.shape[-1] != vocab:  # the draft head's vocabulary without the target's padding, or past it
+        draft_probs = torch.nn.functional.pad(draft_probs, (0, vocab - draft_probs.shape[-1]))[..., :vocab]
+    chained = speculative_chain_tokens(target_probs.view(len(drafts.rows), width, vocab),
+                                       candidates.index_select(0, rows)[:, 1:width], draft_probs,
+                                       torch.rand(len(drafts.rows), width, device=device))
+    return tokens.index_copy(0, rows, chained)

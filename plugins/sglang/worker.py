@@ -145,6 +145,7 @@ class BlockPilotWorker(DFlashWorkerV2):
         self._bp_auto_rows: Optional[torch.Tensor] = None  # [bs] bool: rows the rule may cut, this step
         self._bp_verify_width: Optional[int] = None  # the step's verify width, once the rule narrowed it
         self._bp_step_widths: Optional[list[int]] = None  # [bs] each row's block this step (the plan's)
+        self._bp_sampled_drafts: Optional[verify_logits.SampledDrafts] = None  # this step's, for its accept
         # measured / priced step times, plain and drafting (CPU engine: a returned step has run)
         self._bp_correction = StepTimeCorrection() if str(self.device) == "cpu" else None
         self._bp_step_log = os.environ.get(bp_settings.ENV_STEP_LOG) or None
@@ -338,17 +339,22 @@ class BlockPilotWorker(DFlashWorkerV2):
         # DFlashWorkerV2's argmax over the draft logits, called once per decode step right after the
         # draft forward and before the target verify is built. With the rule on, the same logits give
         # each draft's confidence and the step's verify width is chosen here.
+        # Sampled requests' drafts are samples of the drafter's distribution here.
         weight = getattr(lm_head, "weight", None)
         shard = getattr(lm_head, "shard_indices", None)
         rule_runs = self._bp_auto_rows is not None
-        if ((not rule_runs and self._bp_draft_head is None) or hidden_states.numel() == 0
+        step = int(self.block_size)
+        batch = self._bp_batch
+        sampled_rows = (verify_logits.rows_with_sampled_drafts(batch.reqs, batch.sampling_info)
+                        if self._bp_cfg.sampled_drafts and batch is not None else [])
+        if ((not rule_runs and self._bp_draft_head is None and not sampled_rows) or hidden_states.numel() == 0
                 or not is_dense_head_weight(weight) or (shard is not None and int(shard.num_added_elements))):
             return super()._greedy_sample_from_vocab_parallel_head(hidden_states=hidden_states, lm_head=lm_head,
                                                                     chunk_size=chunk_size)
-        if not rule_runs:  # the CPU engine's draft head, argmax only
-            return self._bp_drafts_and_confidence(hidden_states, weight, shard, None)[0]
-        step = int(self.block_size)
-        drafts, confidence = self._bp_drafts_and_confidence(hidden_states, weight, shard, step - 1)
+        drafts, confidence = self._bp_drafts_and_confidence(hidden_states, weight, shard, step - 1, rule_runs,
+                                                            sampled_rows)
+        if not rule_runs:
+            return drafts
         bs = drafts.shape[0] // (step - 1)
         width = self._bp_choose_verify_width(confidence.view(bs, step - 1))
         if width < step:
@@ -362,7 +368,13 @@ class BlockPilotWorker(DFlashWorkerV2):
 
     def _accept_block(self, **kwargs):
         sampling_info, bs = kwargs.get("sampling_info"), int(kwargs["bs"])
-        if kwargs.get("target_predict") is None and verify_logits.needs_own_sampling(
+        sampled_drafts, self._bp_sampled_drafts = self._bp_sampled_drafts, None
+        if kwargs.get("target_predict") is None and sampled_drafts is not None:
+            # sampled drafts: speculative sampling's outcome, which DFLASH's accept keeps by equality
+            kwargs["target_predict"] = verify_logits.speculative_target_tokens(
+                kwargs["next_token_logits"], sampling_info, bs, int(self.block_size), kwargs["candidates"],
+                sampled_drafts)
+        elif kwargs.get("target_predict") is None and verify_logits.needs_own_sampling(
                 sampling_info, is_dflash_sampling_verify_available()):
             # the target's own token at each position (sampled rows: from its filtered distribution);
             # DFLASH's accept keeps drafts while they equal it
@@ -462,30 +474,48 @@ class BlockPilotWorker(DFlashWorkerV2):
                              for c in choices])
         return auto if bool(auto.any()) else None
 
-    def _bp_drafts_and_confidence(self, hidden_states: torch.Tensor, weight: torch.Tensor, shard,
-                                  drafts_per_row: Optional[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The drafts (argmax over the target's lm_head, as DFlashWorkerV2's tp=1 path) and, with
-        `drafts_per_row` (the rule runs), their calibrated confidences (the runtime's
-        ``VerifyRule.confidences``) from the same logits, in chunks so the vocabulary-wide logits of
-        a large batch are never held at once. On the CPU engine the logits go through the draft
-        head's measured kernel (cpu/linear_kernels.py)."""
+    def _bp_drafts_and_confidence(self, hidden_states: torch.Tensor, weight: torch.Tensor, shard, drafts_per_row: int,
+                                  with_confidence: bool, sampled_rows: list[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The drafts (argmax over the target's lm_head, as DFlashWorkerV2's tp=1 path; in
+        `sampled_rows` a sample of the drafter's distribution, kept for the accept in
+        ``_bp_sampled_drafts``) and, `with_confidence` (the rule runs), their calibrated confidences
+        (the runtime's ``VerifyRule.confidences``) from the same logits, in chunks so the
+        vocabulary-wide logits of a large batch are never held at once. On the CPU engine the
+        logits go through the draft head's measured kernel (cpu/linear_kernels.py)."""
         num_org = int(shard.num_org_elements) if shard is not None else int(weight.shape[0])
         vocab_start = int(shard.org_vocab_start_index) if shard is not None else 0
         head = weight[:num_org]
         n = int(hidden_states.shape[0])
+        bs = n // drafts_per_row
         drafts = torch.empty((n,), dtype=torch.long, device=hidden_states.device)
-        confidence = torch.empty((n,), dtype=torch.float32) if drafts_per_row else None
-        positions = torch.arange(n) % drafts_per_row + 1 if drafts_per_row else None  # 1-based column in its block
-        temperatures = self._bp_draft_temperatures(n // drafts_per_row, drafts_per_row) if drafts_per_row else None
+        confidence = torch.empty((n,), dtype=torch.float32) if with_confidence else None
+        positions = torch.arange(n) % drafts_per_row + 1  # 1-based column in its block
+        temperatures = self._bp_draft_temperatures(bs, drafts_per_row) if with_confidence else None
+        row_of_draft = torch.arange(n) // drafts_per_row
+        sampled = torch.isin(row_of_draft, torch.tensor(sampled_rows, dtype=torch.long))  # [n] drafts to sample
+        probs = torch.empty((len(sampled_rows) * drafts_per_row, num_org), dtype=torch.float32,
+                            device=hidden_states.device) if sampled_rows else None
+        sampling_info = self._bp_batch.sampling_info if sampled_rows else None
         for start in range(0, n, 1024):
             end = min(n, start + 1024)
             hidden = hidden_states[start:end].to(head.dtype)
             logits = (self._bp_draft_head.logits(hidden, head) if self._bp_draft_head is not None
                       else torch.matmul(hidden, head.T))
             drafts[start:end] = logits.argmax(dim=-1) + vocab_start
+            chosen = torch.nonzero(sampled[start:end]).squeeze(1)  # host tensors: no device sync
+            if len(chosen):
+                at = blocks.to_device(chosen, logits.device)
+                tokens, probs_at = verify_logits.sample_block_drafts(
+                    logits.index_select(0, at), sampling_info, row_of_draft[start + chosen], bs)
+                drafts[start + at] = tokens + vocab_start
+                # the sampled drafts come first in their rows' order, so their slot is a running count
+                slots = blocks.to_device(torch.cumsum(sampled.long(), 0)[start + chosen] - 1, probs.device)
+                probs[slots] = probs_at
             if confidence is not None:
                 confidence[start:end] = self._bp_rule.confidences(
                     logits, positions[start:end], None if temperatures is None else temperatures[start:end]).float().cpu()
+        self._bp_sampled_drafts = (verify_logits.SampledDrafts(sampled_rows, probs.view(len(sampled_rows), drafts_per_row, -1))
+                                   if sampled_rows else None)
         return drafts, confidence
 
     def _bp_draft_temperatures(self, bs: int, drafts_per_row: int) -> Optional[torch.Tensor]:
@@ -563,6 +593,7 @@ class BlockPilotWorker(DFlashWorkerV2):
             yield
         finally:
             self._bp_cap = self._bp_auto_rows = self._bp_verify_width = self._bp_step_widths = None
+            self._bp_sampled_drafts = None
             if draft_info is not None:
                 draft_info.set_widths(None, None)
             self._bp_switch_width(self._bp_max)

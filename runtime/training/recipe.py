@@ -311,7 +311,7 @@ def run_eval_stage(recipe: DrafterRecipe) -> None:
         generate_responses(engine, records, sampled_dir, max_new_tokens=recipe.eval.max_new_tokens,
                            shard_size=recipe.eval.batch_size, temperature=temperature)
         sampled_rows = replay_every_size(engine.target, engine.drafter, read_responses(sampled_dir), sizes,
-                                         recipe.eval.max_new_tokens)
+                                         recipe.eval.max_new_tokens, sampled_at=temperature)
         summary["sampled"] = summarise_sampled(temperature, sampled_rows, costs)
     (Path(recipe.output_dir) / "eval_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_model_card(recipe, summary)

@@ -154,6 +154,18 @@ def sampling_info(bs, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, greedy_row
                            top_ps=torch.full((bs,), top_p), min_ps=torch.full((bs,), min_p))
 
 
+def fits(observed: torch.Tensor, probs: torch.Tensor) -> float:
+    """Chi-square p-value of token ids `observed` against the distribution `probs` (cells expected
+    fewer than 5 times pooled)."""
+    counts = torch.bincount(observed, minlength=VOCAB).double()
+    expected = probs.double() * len(observed)
+    keep = expected > 5
+    rest = [counts[~keep].sum(), expected[~keep].sum()]
+    f_obs = torch.cat([counts[keep], rest[0].view(1)]) if rest[1] > 0 else counts[keep]
+    f_exp = torch.cat([expected[keep], rest[1].view(1)]) if rest[1] > 0 else expected[keep]
+    return stats.chisquare(f_obs.numpy(), f_exp.numpy() * f_obs.sum().item() / f_exp.sum().item()).pvalue
+
+
 def test_the_sampled_accept_commits_the_targets_distribution_in_a_mixed_batch():
     """Many rows of one block, verified by the worker's _accept_block with SGLang's kernel missing:
     the first committed token follows the target's distribution at position 0, the second (given
@@ -177,22 +189,81 @@ def test_the_sampled_accept_commits_the_targets_distribution_in_a_mixed_batch():
     assert (commit_lens[capped] == 1).all() and (commit_lens <= torch.tensor(caps)).all()
     assert out_tokens[1, :int(commit_lens[1])].tolist() == [int(target[j].argmax()) for j in range(int(commit_lens[1]))]
     first = out_tokens[:, 0]
-
-    def fits(observed, probs):
-        counts = torch.bincount(observed, minlength=VOCAB).double()
-        expected = probs.double() * len(observed)
-        keep = expected > 5
-        rest = [counts[~keep].sum(), expected[~keep].sum()]
-        f_obs = torch.cat([counts[keep], rest[0].view(1)]) if rest[1] > 0 else counts[keep]
-        f_exp = torch.cat([expected[keep], rest[1].view(1)]) if rest[1] > 0 else expected[keep]
-        return stats.chisquare(f_obs.numpy(), f_exp.numpy() * f_obs.sum().item() / f_exp.sum().item()).pvalue
-
     assert fits(first[capped], target[0]) > 1e-4
     assert fits(first[~capped], target[0]) > 1e-4
     held = ~capped & (first == drafts[0])
     assert held.sum() > 300 and fits(out_tokens[held, 1], target[1]) > 1e-4
     # the speculative-sampling rule: the first draft survives with the target's probability of it
     assert abs(float((accept_len[~capped] >= 1).double().mean()) - float(target[0, drafts[0]])) < 0.03
+
+
+def test_sampled_drafts_commit_the_targets_distribution_through_dflashs_accept():
+    """Rows whose drafts are samples of a drafter distribution q (another per row), verified by
+    speculative sampling in the worker's _accept_block: the first committed token follows the
+    target's distribution at position 0, the second (given the first draft survived) the target's at
+    position 1; the first draft survives with probability sum(min(p, q)); rows capped at width 1
+    commit one token from position 0's distribution; the greedy row commits the argmax run."""
+    from test_worker import bare_worker
+
+    torch.manual_seed(4)
+    width, n = 3, 6000
+    target = torch.softmax(torch.randn(width, VOCAB) * 1.5, dim=-1)
+    q = torch.softmax(target.log()[None, :width - 1] + torch.randn(n, width - 1, VOCAB), dim=-1)  # [n, 2, V]
+    drafts = torch.multinomial(q.view(-1, VOCAB), 1).view(n, width - 1)
+    candidates = torch.cat([torch.full((n, 1), 5), drafts], dim=1)
+    logits = target.log().repeat(n, 1)
+    worker = bare_worker(width)
+    caps = [1 if r % 3 == 0 else width for r in range(n)]
+    worker._bp_cap = torch.tensor(caps, dtype=torch.int32)
+    rows = [r for r in range(n) if r != 1]
+    worker._bp_sampled_drafts = verify_logits.SampledDrafts(rows, q[rows])
+    accept_len, commit_lens, bonus, out_tokens, _ = worker._accept_block(
+        candidates=candidates, next_token_logits=logits, sampling_info=sampling_info(n, greedy_rows=(1,)),
+        draft_input=None, prefix_lens=torch.full((n,), 9), bs=n, target_predict=None)
+    assert worker._bp_sampled_drafts is None  # one step's
+    capped = torch.tensor(caps) == 1
+    assert (commit_lens[capped] == 1).all() and (commit_lens <= torch.tensor(caps)).all()
+    assert out_tokens[1, :int(commit_lens[1])].tolist()[:1] == [int(target[0].argmax())]
+    first, sampled = out_tokens[:, 0], torch.tensor([r != 1 for r in range(n)])
+
+    assert fits(first[capped & sampled], target[0]) > 1e-4
+    assert fits(first[~capped & sampled], target[0]) > 1e-4
+    held = ~capped & sampled & (accept_len >= 1)
+    assert held.sum() > 300 and fits(out_tokens[held, 1], target[1]) > 1e-4
+    overlap = torch.minimum(target[0][None], q[:, 0]).sum(-1)  # each row's sum(min(p, q)) at draft 1
+    survived = float((accept_len[~capped & sampled] >= 1).double().mean())
+    assert abs(survived - float(overlap[~capped & sampled].mean())) < 0.03
+
+
+def test_sampled_rows_draft_samples_of_the_drafters_distribution():
+    """In the worker's draft head: a greedy row drafts the argmax, a sampled row (top-p 0.9 at
+    temperature 2) samples from the drafter's filtered distribution, kept for its accept."""
+    from test_worker import verify_worker
+
+    greedy, sampled = make_req("g", temperature=0.0), make_req("s", temperature=2.0, top_p=0.9)
+    w = verify_worker(4, None)
+    info = sampling_info(2, temperature=2.0, top_p=0.9, greedy_rows=(0,))
+    w._bp_batch = SimpleNamespace(reqs=[greedy, sampled], sampling_info=info)
+    assert verify_logits.rows_with_sampled_drafts(w._bp_batch.reqs, info) == [1]
+    torch.manual_seed(9)
+    hidden, weight = torch.randn(2 * 3, 8), torch.randn(VOCAB, 8)
+    logits = hidden @ weight.T
+    seen = torch.zeros(3, VOCAB)
+    for _ in range(3000):
+        drafts, _ = w._bp_drafts_and_confidence(hidden, weight, None, 3, False, [1])
+        assert drafts[:3].tolist() == logits[:3].argmax(-1).tolist()
+        seen[torch.arange(3), drafts[3:]] += 1
+    kept = w._bp_sampled_drafts
+    expected = sampling.filtered_distribution(logits[3:], torch.full((3,), 2.0), torch.zeros(3, dtype=torch.long),
+                                              torch.full((3,), 0.9), torch.zeros(3))
+    assert kept.rows == [1] and torch.allclose(kept.probs[0], expected, atol=1e-6)
+    assert (seen[expected == 0] == 0).all()  # never a token top-p drops
+    assert (seen / 3000 - expected).abs().max() < 0.04
+
+
+def test_seeded_batches_keep_argmax_drafts():
+    info = SimpleNamespace(sampling_seed=torch.tensor([1, 2]))
+    assert verify_logits.rows_with_sampled_drafts([make_req("a", temperature=1.0)] * 2, info) == []
 
 
 def test_all_greedy_batches_keep_dflashs_argmax_path():
@@ -408,7 +479,7 @@ def test_sampled_rows_price_their_drafts_at_their_own_temperature():
     w._bp_batch = SimpleNamespace(reqs=[greedy, sampled])
     torch.manual_seed(9)
     hidden, weight = torch.randn(2 * 3, 8), torch.randn(VOCAB, 8)
-    drafts, confidence = w._bp_drafts_and_confidence(hidden, weight, None, 3)
+    drafts, confidence = w._bp_drafts_and_confidence(hidden, weight, None, 3, True, [])
     logits = hidden @ weight.T
     positions = torch.tensor([1, 2, 3])
     assert torch.allclose(confidence[:3], w._bp_rule.confidences(logits[:3], positions))

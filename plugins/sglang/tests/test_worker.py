@@ -71,6 +71,7 @@ def bare_worker(width: int = 16, pad_to: str = "batch") -> BlockPilotWorker:
     w._bp_states, w._bp_cap, w._bp_batch, w._bp_choices = {}, None, None, None
     w._bp_width, w._bp_auto_rows, w._bp_verify_width, w._bp_step_widths = width, None, None, None
     w._bp_correction, w._bp_step_log, w._bp_draft_head = None, None, None
+    w._bp_sampled_drafts = None
     w._bp_rule = VerifyRule()  # full verify (no step-cost table)
     w._bp_default, w._bp_default_source = width, "default"
     w._bp_policy = None
