@@ -70,13 +70,13 @@ bench: install
 		--max-new-tokens 256 --batch-size $(BENCH_BATCH) --max-batch-size $(BENCH_BATCH) --verify both \
 		--output-dir runs/bench-batch$(BENCH_BATCH)
 
-# Sampled requests (temperature 1, the paper's setting): plain vs fixed sizes 3 and 4 vs the policy's,
-# each with the drafter's sampled drafts and with argmax drafts (SGLang DFLASH's way), full verify,
-# batch 1, side by side (about 10 min here).
+# Sampled requests (temperature 1, the paper's setting): plain vs fixed sizes 3 and 4, each with the
+# drafter's sampled drafts and with argmax drafts (SGLang DFLASH's way), full verify, batch 1, side by
+# side (about 8 min here).
 bench-sampled: install
 	$(BIN)/blockpilot prepare
-	$(BIN)/blockpilot bench --temperature 1 --seed 0 --num-prompts 8 --block-sizes 3,4 --block-size auto \
-		--repeats 2 --max-new-tokens 96 --verify full --compare-draft-sampling --output-dir runs/bench-sampled
+	$(BIN)/blockpilot bench --temperature 1 --seed 0 --num-prompts 8 --block-sizes 3,4 --repeats 2 \
+		--max-new-tokens 96 --verify full --compare-draft-sampling --output-dir runs/bench-sampled
 
 # The BlockPilot SGLang server against SGLang without speculation, same model and flags, concurrency
 # 1/8/16, alternating (about 25 min here; outside CI). SERVE_VARIANTS: policy mixed dflash fixed-N fixed-N-full;
