@@ -203,10 +203,10 @@ class ConfidenceCalibration:
     1..i-1 were. Positions past the last temperature use the last one.
 
     `sampled` (optional, beside DSpark's fields): the same fit on the target's answers sampled at
-    temperature 1, whose drafts are taken when they equal the target's sample. A request sampling
-    at temperature T prices its draft at position i by the drafter's probability of it at T x
-    sampled[i] (drafter v3's raw probability at T = 1 misstates first drafts by an ECE of 0.135, the
-    fit by 0.028: `blockpilot calibrate-verify --config configs/policy-smollm2.yaml`)."""
+    temperature 1, against the survival of the drafts a sampled request makes (samples of the
+    drafter's distribution; `replay.survival_chances`). A request sampling at temperature T prices
+    its draft at position i by the drafter's top probability at T x sampled[i] (drafter v3: ECE
+    about 0.1 at every position, `blockpilot calibrate-verify --config configs/policy-smollm2.yaml`)."""
 
     temperatures: list[float]
     dataset: str = ""

@@ -139,8 +139,9 @@ def write_model_card(recipe, summary: dict) -> None:
                      for c in summary["curve"])
     sampled_header = f" at temperature {sampled['temperature']:g} |" if sampled else ""
     sampled_lines = (f"Acceptance at temperature {sampled['temperature']:g}: replayed on the target's answers sampled "
-                     f"at that temperature (seeded per prompt; exact for sampled speculative decoding, whose "
-                     f"accepted tokens are the target's samples). Best fixed size there: "
+                     f"at that temperature (seeded per prompt), with sampled drafts: a draft survives given the "
+                     f"output token x with min(1, q(x) / p(x)), the engine's counts in distribution (runtime/replay.py). "
+                     f"Best fixed size there: "
                      f"{sampled['best_fixed_by_acceptance']}; per-prompt oracle: {sampled['oracle_mean_acceptance']}.\n"
                      + _position_lines(sampled.get("position_accuracy")) if sampled else "")
     costs = summary["step_costs"]
