@@ -154,11 +154,13 @@ def coins_at(sequences: list[ReplaySequence], positions: list[int], width: int) 
     """[n, width - 1] uniform coins for the drafts of a `width`-wide block whose bonus token sits at
     `positions[i]` of `sequences[i]`: one fixed stream per sequence and position, so every replay of
     the same block (another rule, another call) flips the same coins, the first k of a wider block's
-    included. A draft survives where its coin is below its chance (`survival_chances`)."""
-    coins = torch.empty(len(sequences), max(width - 1, 0))
+    included. A draft survives where its coin is below its chance (`survival_chances`). Argmax
+    drafts' chances are 0 or 1, so their rows keep coins of 0 and draw nothing."""
+    coins = torch.zeros(len(sequences), max(width - 1, 0))
     for i, (s, q) in enumerate(zip(sequences, positions)):
-        stream = torch.Generator().manual_seed(zlib.crc32(s.id.encode()) * 100_003 + int(q))
-        coins[i] = torch.rand(max(width - 1, 0), generator=stream)
+        if s.sampled_drafts:
+            stream = torch.Generator().manual_seed(zlib.crc32(s.id.encode()) * 100_003 + int(q))
+            coins[i] = torch.rand(max(width - 1, 0), generator=stream)
     return coins
 
 

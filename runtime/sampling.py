@@ -86,6 +86,11 @@ def filtered_probs(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: tor
     return probs_sort, probs_idx
 
 
+def filters_something(top_ks: torch.Tensor, top_ps: torch.Tensor, min_ps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[N] bool: the rows whose top-k, top-p or min-p drops some token (the others need no sort)."""
+    return ((top_ks > 0) & (top_ks < vocab)) | (top_ps < 1) | (min_ps > 0)
+
+
 def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
                   min_ps: torch.Tensor, greedy: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of `logits` [N, V] as plain decoding picks it: the argmax where `greedy`
@@ -93,7 +98,7 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torc
     sort of the vocabulary (a few ms a row on a CPU)."""
     tokens = logits.argmax(dim=-1)
     sampled = ~greedy.to(torch.bool)
-    filtering = ((top_ks > 0) & (top_ks < logits.shape[-1])) | (top_ps < 1) | (min_ps > 0)
+    filtering = filters_something(top_ks, top_ps, min_ps, logits.shape[-1])
     rows = torch.nonzero(sampled & ~filtering).flatten()
     if rows.numel():
         probs = torch.softmax(logits[rows].float() / temperatures[rows].float().view(-1, 1), dim=-1)
@@ -133,16 +138,18 @@ def choose_tokens(logits: torch.Tensor, rows: torch.Tensor, params: list[Samplin
 def filtered_distribution(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor,
                           top_ps: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
     """[N, V] :func:`filtered_probs` normalised and back in vocabulary order: the distribution each
-    row of `logits` is sampled from."""
-    kept, ids = filtered_probs(logits, temperatures, top_ks, top_ps, min_ps)
-    dense = torch.zeros_like(kept).scatter_(1, ids, kept)
-    return dense / dense.sum(dim=-1, keepdim=True)
+    row of `logits` is sampled from. Rows that filter nothing are a softmax (no sort)."""
+    dense = torch.softmax(logits.float() / temperatures.float().view(-1, 1), dim=-1)
+    rows = torch.nonzero(filters_something(top_ks, top_ps, min_ps, logits.shape[-1])).flatten()
+    if rows.numel():
+        kept, ids = filtered_probs(logits[rows], temperatures[rows], top_ks[rows], top_ps[rows], min_ps[rows])
+        dense[rows] = torch.zeros_like(kept).scatter_(1, ids, kept)
+        dense[rows] /= dense[rows].sum(dim=-1, keepdim=True)
+    return dense
 
 
 def request_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """[M, V] the distribution a sampled request draws from at each row of `logits` [M, V]."""
-    if params.top_k == 0 and params.top_p >= 1 and params.min_p == 0:
-        return torch.softmax(logits.float() / params.temperature, dim=-1)  # nothing filtered: no sort
     n = logits.shape[0]
 
     def each(value, dtype):

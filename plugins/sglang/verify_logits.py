@@ -300,6 +300,19 @@ def seeded_target_tokens(next_token_logits: torch.Tensor, sampling_info, bs: int
     return tokens.view(bs, width)
 
 
+def _filtered_distribution_at(logits: torch.Tensor, sampling_info, bs: int, width: int,
+                              positions: torch.Tensor) -> torch.Tensor:
+    """The filtered distribution (runtime.sampling.filtered_distribution) of `logits` [m, V], row i
+    under the settings of the batch's flat position `positions[i]` (row r's positions are r * width
+    .. r * width + width - 1)."""
+    def at(values, fill, dtype):
+        return _per_position(values, bs, width, fill, dtype, logits.device).index_select(0, positions)
+
+    return filtered_distribution(logits, at(sampling_info.temperatures, 1.0, torch.float32),
+                                 at(sampling_info.top_ks, 0, torch.long), at(sampling_info.top_ps, 1.0, torch.float32),
+                                 at(sampling_info.min_ps, 0.0, torch.float32))
+
+
 def _per_position(values: Optional[torch.Tensor], bs: int, width: int, fill, dtype, device) -> torch.Tensor:
     """A per-request sampling value [bs] (or [bs, 1]) repeated for each of the row's `width` positions."""
     if values is None:
@@ -330,17 +343,8 @@ def sample_block_drafts(logits: torch.Tensor, sampling_info, rows: torch.Tensor,
     """Drafts for the draft logits [m, V] of batch rows `rows` [m] (each draft's row): a sample of
     the drafter's distribution at the row's temperature, top-k, top-p and min-p, and that
     distribution [m, V]."""
-    device = logits.device
-    index = rows.to(device)
-
-    def of_rows(values, fill, dtype):
-        return _per_position(values, bs, 1, fill, dtype, device).index_select(0, index)
-
-    probs = filtered_distribution(logits, of_rows(sampling_info.temperatures, 1.0, torch.float32),
-                                  of_rows(sampling_info.top_ks, 0, torch.long),
-                                  of_rows(sampling_info.top_ps, 1.0, torch.float32),
-                                  of_rows(sampling_info.min_ps, 0.0, torch.float32))
-    return sample_categorical(probs, torch.rand(probs.shape[0], device=device)), probs
+    probs = _filtered_distribution_at(logits, sampling_info, bs, 1, rows.to(logits.device))
+    return sample_categorical(probs, torch.rand(probs.shape[0], device=logits.device)), probs
 
 
 def speculative_target_tokens(next_token_logits: torch.Tensor, sampling_info, bs: int, width: int,
@@ -355,15 +359,8 @@ def speculative_target_tokens(next_token_logits: torch.Tensor, sampling_info, bs
     device, vocab = logits.device, logits.shape[-1]
     rows = torch.tensor(drafts.rows, device=device)
     positions = (rows.view(-1, 1) * width + torch.arange(width, device=device).view(1, -1)).view(-1)
-
-    def per_position(values, fill, dtype):
-        return _per_position(values, bs, width, fill, dtype, device).index_select(0, positions)
-
-    target_probs = filtered_distribution(logits.index_select(0, rows).reshape(-1, vocab),
-                                         per_position(sampling_info.temperatures, 1.0, torch.float32),
-                                         per_position(sampling_info.top_ks, 0, torch.long),
-                                         per_position(sampling_info.top_ps, 1.0, torch.float32),
-                                         per_position(sampling_info.min_ps, 0.0, torch.float32))
+    target_probs = _filtered_distribution_at(logits.index_select(0, rows).reshape(-1, vocab), sampling_info, bs,
+                                             width, positions)
     draft_probs = drafts.probs[:, : width - 1].to(device)
     if draft_probs.shape[-1] != vocab:  # the draft head's vocabulary without the target's padding, or past it
         draft_probs = torch.nn.functional.pad(draft_probs, (0, vocab - draft_probs.shape[-1]))[..., :vocab]

@@ -493,6 +493,8 @@ class BlockPilotWorker(DFlashWorkerV2):
         temperatures = self._bp_draft_temperatures(bs, drafts_per_row) if with_confidence else None
         row_of_draft = torch.arange(n) // drafts_per_row
         sampled = torch.isin(row_of_draft, torch.tensor(sampled_rows, dtype=torch.long))  # [n] drafts to sample
+        # the sampled drafts come first in their rows' order, so their slot in `probs` is a running count
+        slot_of_draft = torch.cumsum(sampled.long(), 0) - 1
         probs = torch.empty((len(sampled_rows) * drafts_per_row, num_org), dtype=torch.float32,
                             device=hidden_states.device) if sampled_rows else None
         sampling_info = self._bp_batch.sampling_info if sampled_rows else None
@@ -508,9 +510,7 @@ class BlockPilotWorker(DFlashWorkerV2):
                 tokens, probs_at = verify_logits.sample_block_drafts(
                     logits.index_select(0, at), sampling_info, row_of_draft[start + chosen], bs)
                 drafts[start + at] = tokens + vocab_start
-                # the sampled drafts come first in their rows' order, so their slot is a running count
-                slots = blocks.to_device(torch.cumsum(sampled.long(), 0)[start + chosen] - 1, probs.device)
-                probs[slots] = probs_at
+                probs[blocks.to_device(slot_of_draft[start + chosen], probs.device)] = probs_at
             if confidence is not None:
                 confidence[start:end] = self._bp_rule.confidences(
                     logits, positions[start:end], None if temperatures is None else temperatures[start:end]).float().cpu()
