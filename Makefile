@@ -15,7 +15,7 @@ SGL_BIN := $(SGL_VENV)/bin
 SGL_STAMP := $(SGL_VENV)/.installed
 
 .PHONY: install install-sglang demo test test-core test-sglang test-fast bench serve-bench serve-64 padding-cost step-costs step-costs-here drafter-depth-cost linear-layouts \
-	bench-sampled calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare train-throughput data-throughput gpu-bundle clean
+	bench-sampled calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare train-throughput data-throughput data-dtypes drafter-data-cpu gpu-bundle clean
 
 install: $(STAMP)
 
@@ -135,6 +135,26 @@ data-throughput: install
 	$(BIN)/blockpilot prepare
 	$(BIN)/blockpilot train-drafter --config configs/drafter-smollm2-v4-gpu.yaml --stage bench-data \
 		--set data.batch_size=4 --set data.max_new_tokens=16 --set data.instruction_max_tokens=16
+
+# The same generator on this CPU at a batch that keeps 2 cores busy, float32 against bfloat16, one after
+# the other (nothing else may run meanwhile).
+data-dtypes: install
+	$(BIN)/blockpilot prepare
+	for dtype in float32 bfloat16; do $(BIN)/blockpilot train-drafter --config configs/drafter-smollm2-v4-gpu.yaml \
+		--stage bench-data --set data.cpu_dtype=$$dtype --set data.batch_size=64 --set data.max_new_tokens=128 \
+		--set data.instruction_max_tokens=64 || exit 1; done
+
+# Adds the target's responses to the drafter's carried store (runtime/assets/.../data) on a CPU, for
+# DATA_MINUTES: new instructions the target writes, its answers, second turns, then the stdlib prompts;
+# it stops between chunks and keeps what it made, and the next run goes on from there. Commit the store after.
+DATA_MINUTES ?= 60
+DATA_CPU_SET ?= --set data.cpu_dtype=bfloat16 --set data.batch_size=64 --set data.instructions=4000 \
+	--set data.self_questions=0
+drafter-data-cpu: install
+	$(BIN)/blockpilot prepare
+	$(BIN)/blockpilot train-drafter --config configs/drafter-smollm2-v4-gpu.yaml --stage data \
+		--minutes $(DATA_MINUTES) $(DATA_CPU_SET)
+	$(BIN)/python -m blockpilot.runtime.training.response_store info runtime/assets/smollm2-135m-instruct-dflash/data
 
 # What a prepared GPU command reads (GPU_RUN=checks: examples/gpu/run_gpu_checks.sh; drafter: run_drafter.sh),
 # in pieces that each travel beside the checkout in one copy to a GPU machine reached only by copying

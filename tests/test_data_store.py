@@ -46,6 +46,19 @@ def test_batched_generator_is_the_targets_greedy_decoding(model_type):
         assert all(r.finish_reason == "length" for r in results)  # this tiny target has no EOS
 
 
+def test_the_data_stage_generates_in_cpu_dtype_on_a_cpu(monkeypatch):
+    from blockpilot.runtime.target import TargetModel
+    from blockpilot.runtime.training import recipe as recipe_module
+    loaded = []
+    monkeypatch.setattr(TargetModel, "load", classmethod(lambda cls, path, dtype="float32": loaded.append(dtype) or tiny_target()))
+    recipe = recipe_module.DrafterRecipe.from_yaml(ROOT / "configs/drafter-smollm2-v4-gpu.yaml")
+    recipe.model = "unused"
+    recipe_module._data_generator(recipe)
+    recipe.data.cpu_dtype = "bfloat16"
+    generator = recipe_module._data_generator(recipe)
+    assert loaded == ["float32", "bfloat16"] and generator.batch_size == recipe.data.batch_size
+
+
 def test_sampled_rows_do_not_depend_on_their_batch():
     from blockpilot.runtime.training.datagen import DeviceGenerator
     target = tiny_target(vocab_size=64, seed=2)

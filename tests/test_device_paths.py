@@ -39,6 +39,22 @@ def test_device_generator_is_the_targets_greedy_decoding(default_target, chat_pr
                                                   for t in expected]
 
 
+def test_bfloat16_generator_is_the_targets_greedy_decoding_in_bfloat16(chat_prompts):
+    """The data stage in bf16 (on a GPU, and on a CPU with `data.cpu_dtype`): each row is HF `generate`'s
+    greedy output in bf16 on the same device, except at the reference's own near-ties."""
+    from blockpilot.runtime.assets import ensure_default_model
+    from blockpilot.runtime.target import TargetModel
+    from blockpilot.runtime.training.datagen import DeviceGenerator
+    target = TargetModel.load(ensure_default_model(), "bfloat16")
+    prompts = chat_prompts[:3]
+    results = DeviceGenerator(target, batch_size=2, check_every=3).generate(_requests(prompts, 24))
+    for prompt, result in zip(prompts, results):
+        with torch.inference_mode():
+            reference = target.hf_model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                                 max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
+        assert_matches_reference(target, prompt, result.token_ids, reference)
+
+
 def test_device_generator_stops_rows_at_their_own_eos():
     """A row whose text ends early keeps its tokens up to its EOS, not the batch's padding after it."""
     from blockpilot.runtime.training.datagen import DeviceGenerator

@@ -202,18 +202,14 @@ def _decode(target: TargetModel, cache: SlotKVCache, tokens: torch.Tensor, posit
     """One token per cache slot at `positions`: logits [slots, vocab]."""
     rows = torch.arange(len(tokens), device=tokens.device)
     visible = torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None]  # [slots, kv_len]
-    groups = target.num_heads // target.num_kv_heads
-    scale = target.head_dim ** -0.5
+    mask = visible[:, None, None, :]
 
     def attend(layer, q, k, v):
         cache.keys[layer][rows, :, positions] = k
         cache.values[layer][rows, :, positions] = v
         keys, values = cache.keys[layer][:, :, :kv_len], cache.values[layer][:, :, :kv_len]
-        # query heads grouped under their key/value head: each cached key is read once, not once per query head
-        q = q.unflatten(1, (target.num_kv_heads, groups))  # [slots, kv_heads, groups, dim]
-        scores = (q @ keys.transpose(-1, -2)).float() * scale  # [slots, kv_heads, groups, kv_len]
-        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-        out = scores.softmax(-1).to(values.dtype) @ values
+        # SDPA reads the cache's strided slice in place (a matmul there copies it: 2.5x slower in bf16 on a CPU)
+        out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask, enable_gqa=True)
         return out.flatten(1)
 
     hidden, _ = target.decoder_layers(target.embed_tokens(tokens), positions, attend)
