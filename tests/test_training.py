@@ -122,7 +122,7 @@ def test_short_training_run_learns_a_copying_target():
         pattern = [rng.randrange(1, 32) for _ in range(3)]
         tokens = np.array((pattern * 8)[:20])
         with torch.no_grad():
-            hs = target.hf_model(torch.tensor([tokens]), output_hidden_states=True).hidden_states
+            hs = target.hf_model(torch.from_numpy(tokens[None]), output_hidden_states=True).hidden_states
         feats = torch.cat([hs[i + 1][0] for i in drafter.config.target_layer_ids], -1).numpy().astype(np.float16)
         sequences.append(Sequence(str(i), tokens, 4, feats))
     weights = position_weights(4, 4, 0.9)
@@ -136,7 +136,7 @@ def test_short_training_run_learns_a_copying_target():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     after = expected_acceptance(drafter.eval(), target, sequences[:8], 4, 0, anchors=4)
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
     assert after > before + 0.5, (before, after)

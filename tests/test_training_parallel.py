@@ -161,22 +161,41 @@ def test_training_throughput_reports_supervised_positions_per_second(tmp_path, n
     assert result["hardware"].endswith("(no GPU)") or "validation on" in result["hardware"]
 
 
-@cuda
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
 @pytest.mark.parametrize("soft", [0.0, 0.5])
-def test_chunked_head_loss_under_bf16_autocast_on_cuda(soft):
+def test_chunked_head_loss_under_bf16_autocast(soft, device):
+    """On a GPU, and on a CPU with `train.cpu_autocast`: the loss and its gradient near float32's."""
     torch.manual_seed(0)
     hidden = torch.randn(300, 64, requires_grad=True)
     head, teacher = torch.randn(500, 64) / 8, torch.randn(300, 64)
     targets, weights = torch.randint(0, 500, (300,)), torch.rand(300)
     expected = _plain_loss(hidden, head, targets, weights, teacher, soft)
     (expected_grad,) = torch.autograd.grad(expected, hidden)
-    on_gpu = hidden.detach().cuda().requires_grad_(True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss, _ = head_loss(on_gpu, head.cuda(), targets.cuda(), weights.cuda(), teacher.cuda(), soft,
-                            chunk_positions=64)
+    on_device = hidden.detach().to(device).requires_grad_(True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss, _ = head_loss(on_device, head.to(device), targets.to(device), weights.to(device), teacher.to(device),
+                            soft, chunk_positions=64)
     loss.backward()
-    assert abs(float(loss) - float(expected)) < 0.02 * float(expected)
-    assert torch.allclose(on_gpu.grad.float().cpu(), expected_grad, atol=2e-3, rtol=0.05)
+    assert abs(float(loss.detach()) - float(expected.detach())) < 0.02 * float(expected.detach())
+    assert torch.allclose(on_device.grad.float().cpu(), expected_grad, atol=2e-3, rtol=0.05)
+    assert not torch.equal(on_device.grad.float().cpu(), expected_grad)  # bf16 ran: not float32's bits
+
+
+def test_cpu_autocast_trains_as_float32_does(tmp_path, no_tokenizer):
+    """`train.cpu_autocast`: the same steps in bf16 autocast log losses within bf16 rounding of float32's."""
+    import json
+    from dataclasses import replace
+
+    from blockpilot.runtime.training.train_drafter import train
+
+    logs = {}
+    for autocast in (False, True):
+        recipe, target, sequences = _tiny_run(tmp_path / str(autocast), steps=4)
+        recipe = replace(recipe, train=replace(recipe.train, cpu_autocast=autocast))
+        train(recipe, target, sequences, tmp_path / str(autocast) / "log.jsonl")
+        logs[autocast] = [json.loads(line)["loss"] for line in (tmp_path / str(autocast) / "log.jsonl").read_text().splitlines()]
+    assert len(logs[True]) == len(logs[False]) == 4
+    assert np.allclose(logs[True], logs[False], rtol=0.03) and logs[True] != logs[False]
 
 
 @cuda

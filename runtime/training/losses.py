@@ -17,6 +17,10 @@ import torch
 import torch.nn.functional as F
 
 LOSS_CHUNK_POSITIONS = 4096  # [4096, 49K] float32 logits: 0.8 GB per tensor on a GPU
+# Log-probabilities are floored here before exp: below about -87, exp's float32 result underflows to a
+# denormal, which a CPU's vectorised exp computes ~25x slower (a whole chunk slowed with it); e^-80 is
+# 2e-35, nothing beside a probability.
+EXP_FLOOR = -80.0
 
 
 def position_weights(block_size: int, anchors: int, decay: float = 0.9, gamma: float | None = None) -> torch.Tensor:
@@ -48,14 +52,14 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             losses = -log_q.gather(1, labels[:, None]).squeeze(1)
             if soft:
                 log_p = F.linear(teacher[rows], head).float().log_softmax(-1)
-                p = log_p.exp()
+                p = log_p.clamp(min=EXP_FLOOR).exp_()
                 losses = (1 - soft) * losses + soft * (p * (log_p - log_q)).sum(-1)
                 del log_p
             scale = weights[rows] / normaliser
             total += (losses * scale).sum()
             if grad is not None:
                 # d/dlogits of (1 - s) * CE + s * KL(p || q) is q - (1 - s) * onehot - s * p
-                g = log_q.exp_()
+                g = log_q.clamp_(min=EXP_FLOOR).exp_()
                 g[torch.arange(len(labels), device=g.device), labels] -= 1 - soft
                 if soft:
                     g -= soft * p

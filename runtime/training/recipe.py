@@ -63,6 +63,9 @@ class TrainConfig:
     # distribution at each position (the features stage then stores the target's final hidden state)
     soft_target_weight: float = 0.0
     init_from: str | None = None  # a saved drafter of this shape to continue from (else a fresh one)
+    # bf16 autocast on a CPU too (as on a GPU; master weights stay float32): AMX runs the big matmuls
+    # several times faster than float32 (`make train-throughput` with --set train.cpu_autocast=true)
+    cpu_autocast: bool = False
     checkpoint_every: int = 100
     validate_every: int = 250
     validate_block_sizes: list[int] = field(default_factory=list)  # replayed acceptance also at these sizes

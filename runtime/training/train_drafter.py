@@ -335,7 +335,7 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
     device = training_device()
     drafter.to(device)
     heads = target if device.type == "cpu" else DeviceHeads(target, device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" or cfg.cpu_autocast
                 else contextlib.nullcontext())
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.95), fused=device.type == "cuda")
