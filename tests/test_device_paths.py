@@ -223,23 +223,32 @@ def cuda_engine(request):
     torch.cuda.empty_cache()
 
 
-@pytest.fixture(scope="module")
-def cuda_prompts(cuda_engine):
+def _prompts(engine) -> list[list[int]]:
     from blockpilot.runtime.prompts import encode_prompt
 
     texts = ["Write a Python function that checks whether a number is prime.",
              "Explain in two sentences why the sky is blue.",
              "Give me three tips for writing clear emails.",
              "What is the difference between a list and a tuple in Python?"]
-    return [encode_prompt(cuda_engine.target.tokenizer, t) for t in texts]
+    return [encode_prompt(engine.target.tokenizer, t) for t in texts]
+
+
+def _references(engine, prompts) -> list[list[int]]:
+    """The model's own greedy `generate` on the engine's device, in its dtype."""
+    model, device = engine.target.hf_model, engine.target.device
+    with torch.inference_mode():
+        return [model.generate(torch.tensor([p], device=device), max_new_tokens=CUDA_NEW_TOKENS, do_sample=False)
+                [0, len(p):].tolist() for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def cuda_prompts(cuda_engine):
+    return _prompts(cuda_engine)
 
 
 @pytest.fixture(scope="module")
 def cuda_references(cuda_engine, cuda_prompts):
-    """The model's own greedy `generate` on the same device, in the same dtype."""
-    model = cuda_engine.target.hf_model
-    return [model.generate(torch.tensor([p], device="cuda"), max_new_tokens=CUDA_NEW_TOKENS, do_sample=False)
-            [0, len(p):].tolist() for p in cuda_prompts]
+    return _references(cuda_engine, cuda_prompts)
 
 
 def _greedy(engine, prompts, sizes, max_new_tokens=CUDA_NEW_TOKENS, verify=None):
@@ -261,6 +270,29 @@ def test_greedy_on_cuda_is_the_models_own(cuda_engine, cuda_prompts, cuda_refere
     for prompt, result, reference, size in zip(cuda_prompts, results, cuda_references, sizes):
         assert result.stats.block_size_source == ("request" if size else "policy")
         assert_matches_reference(cuda_engine.target, prompt, result.token_ids, reference)
+
+
+@pytest.fixture(scope="module")
+def cpu_bf16_engine():
+    """The shipped pair and policy on the CPU in bfloat16 (`--dtype bfloat16`: faster than float32 where
+    the CPU has AMX), and the model's own greedy output there."""
+    from blockpilot.runtime.config import EngineConfig, build_engine
+
+    engine = build_engine(EngineConfig(dtype="bfloat16", block_size="auto", max_batch_size=4))
+    prompts = _prompts(engine)
+    return engine, prompts, _references(engine, prompts)
+
+
+@pytest.mark.parametrize("sizes", [[1] * 4, [4] * 4, [16] * 4, [1, 4, 16, 24], [None, 1, None, 8]],
+                         ids=["plain", "4", "16", "mixed", "auto-mixed"])
+@pytest.mark.parametrize("verify", ["full", "auto"])
+def test_greedy_in_bfloat16_on_the_cpu_is_the_models_own(cpu_bf16_engine, sizes, verify):
+    engine, prompts, references = cpu_bf16_engine
+    assert engine.target.dtype == torch.bfloat16 and next(engine.drafter.parameters()).dtype == torch.bfloat16
+    results = _greedy(engine, prompts, sizes, verify=verify)
+    for prompt, result, reference, size in zip(prompts, results, references, sizes):
+        assert result.stats.block_size_source == ("request" if size else "policy")
+        assert_matches_reference(engine.target, prompt, result.token_ids, reference)
 
 
 def _syncs(run) -> int:
