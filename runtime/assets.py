@@ -49,16 +49,27 @@ def cache_dir() -> Path:
 
 
 @functools.cache
-def machine_name() -> str:
+def machine_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     """The CPU model: what machine-specific measurements (step costs, GEMM kernel rules) are keyed by.
     Two CPUs price the same step very differently: with torch's F.linear a 3-token verify costs 1.06x a
-    1-token one on one 2-core x86 and 2.0x on another (docs/measurements.md, "Step costs")."""
+    1-token one on one 2-core x86 and 2.0x on another (docs/measurements.md, "Step costs").
+
+    Cloud VMs name Xeons of different generations alike ("Intel(R) Xeon(R) Processor"), and AMX changes
+    what a step costs more than the name says (a float32 decode step took 48 ms there with kernel rules
+    measured on a Xeon without AMX, 30 ms with its own), so a CPU with AMX is named " with AMX"."""
+    name, flags = "", set()
     try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+        with open(cpuinfo) as lines:
+            for line in lines:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not name:
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
     except OSError:
-        name = ""
-    return name or platform.processor() or platform.machine() or "unknown"
+        pass
+    name = name or platform.processor() or platform.machine() or "unknown"
+    return f"{name} with AMX" if "amx_tile" in flags else name
 
 
 @functools.cache

@@ -422,6 +422,23 @@ def test_this_machines_own_table_is_read_before_the_shipped_ones(tmp_path, monke
     assert epyc.costs.setup["machine"] == "AMD EPYC" and epyc.costs.setup["cpu_weight_layouts"] == 1
 
 
+def test_a_cpu_with_amx_is_a_machine_of_its_own(tmp_path):
+    """One model name, two machines: measurements (step costs, GEMM kernel rules) made on a Xeon without
+    AMX are not this one's. The first processor's lines name it; an AMD EPYC keeps its shipped name."""
+    from blockpilot.runtime import assets
+
+    def cpuinfo(name, flags):
+        path = tmp_path / f"cpuinfo-{len(list(tmp_path.iterdir()))}"
+        path.write_text("".join(f"processor\t: {i}\nmodel name\t: {name}\nflags\t\t: {flags}\n\n" for i in range(2)))
+        return path
+
+    xeon = "Intel(R) Xeon(R) Processor"
+    assert assets.machine_name(cpuinfo(xeon, "fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8")) == f"{xeon} with AMX"
+    assert assets.machine_name(cpuinfo(xeon, "fpu avx2 avx512f avx512_vnni")) == xeon
+    assert assets.machine_name(cpuinfo("AMD EPYC", "fpu avx2 avx512f avx512_bf16")) == "AMD EPYC"
+    assert assets.machine_name(tmp_path / "missing") != ""
+
+
 def test_a_table_measured_on_another_machine_is_warned_about_once(tmp_path, caplog):
     from blockpilot.runtime import assets
     from blockpilot.runtime.config import warn_if_measured_elsewhere
