@@ -266,7 +266,7 @@ def test_train_checkpoints_resumes_and_saves_a_plain_fc(tmp_path, monkeypatch):
     for i in range(40):
         tokens = np.array([rng.randrange(1, 32) for _ in range(3)] * 6)
         with torch.no_grad():
-            hs = target.hf_model(torch.tensor([tokens]), output_hidden_states=True).hidden_states
+            hs = target.hf_model(torch.from_numpy(np.asarray(tokens)[None]), output_hidden_states=True).hidden_states
         feats = torch.cat([hs[j + 1][0] for j in layer_ids], -1).numpy().astype(np.float16)
         sequences.append(Sequence(f"seq-{i}", tokens, 4, feats))
     train_part, validation = split_by_part(sequences)
@@ -372,11 +372,11 @@ def test_soft_target_loss_is_zero_for_a_drafter_that_matches_the_target():
         own = drafter_hidden(drafter, target, batch.features, batch.tokens, batch.positions, batch.visible)
     mirrored = batch._replace(teacher=own)
     soft_only, _ = step_loss(drafter, target, mirrored, weights, soft_target_weight=1.0)
-    assert abs(float(soft_only)) < 1e-4
+    assert abs(float(soft_only.detach())) < 1e-4
     hard, _ = step_loss(drafter, target, batch, weights)
     assert torch.equal(hard, step_loss(drafter, target, batch._replace(teacher=None), weights)[0])
     mixed, _ = step_loss(drafter, target, batch, weights, soft_target_weight=0.5)
-    assert float(mixed) != float(hard) and float(mixed) > 0
+    assert float(mixed.detach()) != float(hard.detach()) and float(mixed.detach()) > 0
     with _pytest.raises(ValueError, match="final hidden"):
         step_loss(drafter, target, TrainingBatch(*batch[:5], None), weights, soft_target_weight=0.5)
 
