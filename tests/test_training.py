@@ -266,7 +266,7 @@ def test_train_checkpoints_resumes_and_saves_a_plain_fc(tmp_path, monkeypatch):
     for i in range(40):
         tokens = np.array([rng.randrange(1, 32) for _ in range(3)] * 6)
         with torch.no_grad():
-            hs = target.hf_model(torch.from_numpy(np.asarray(tokens)[None]), output_hidden_states=True).hidden_states
+            hs = target.hf_model(torch.from_numpy(tokens[None]), output_hidden_states=True).hidden_states
         feats = torch.cat([hs[j + 1][0] for j in layer_ids], -1).numpy().astype(np.float16)
         sequences.append(Sequence(f"seq-{i}", tokens, 4, feats))
     train_part, validation = split_by_part(sequences)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 LOSS_CHUNK_POSITIONS = 4096  # [4096, 49K] float32 logits: 0.8 GB per tensor on a GPU
 # Log-probabilities are floored here before exp: below about -87, exp's float32 result underflows to a
-# denormal, which a CPU's vectorised exp computes ~25x slower (a whole chunk slowed with it); e^-80 is
+# denormal, which a CPU's vectorised exp computes many times slower (a whole chunk slowed with it); e^-80 is
 # 2e-35, nothing beside a probability.
 EXP_FLOOR = -80.0
 

@@ -32,8 +32,8 @@ class DataConfig:
     store: str | None = None
     check_every: int = 8  # generation steps between looks for finished rows (each look waits for the device)
     device_dtype: str = "bfloat16"  # the target's dtype for generating on a GPU
-    # ... and on a CPU (null: the recipe's `dtype`): bfloat16 generates ~1.8x faster than float32 on a CPU
-    # with AMX (`make data-throughput` prints both); the responses stay the target's, now in bf16 as on a GPU
+    # ... and on a CPU (null: the recipe's `dtype`): bfloat16 generates ~2x faster than float32 on a CPU
+    # with AMX (`make data-dtypes` prints both); the responses stay the target's, now in bf16 as on a GPU
     cpu_dtype: str | None = None
     # SHA-256 (16 hex) of `training_prompts()` as built when the recipe was made: the set depends on
     # the interpreter's standard library, so a rebuild checks it (prompt_sets.check_prompt_set).
@@ -63,8 +63,8 @@ class TrainConfig:
     # distribution at each position (the features stage then stores the target's final hidden state)
     soft_target_weight: float = 0.0
     init_from: str | None = None  # a saved drafter of this shape to continue from (else a fresh one)
-    # bf16 autocast on a CPU too (as on a GPU; master weights stay float32): AMX runs the big matmuls
-    # several times faster than float32 (`make train-throughput` with --set train.cpu_autocast=true)
+    # bf16 autocast on a CPU too (as on a GPU; master weights stay float32): 1.5-1.6x float32's rate on a
+    # CPU with AMX (`make train-throughput TRAIN_BENCH_SET="--set train.cpu_autocast=true"` against without)
     cpu_autocast: bool = False
     checkpoint_every: int = 100
     validate_every: int = 250
