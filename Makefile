@@ -15,7 +15,7 @@ SGL_BIN := $(SGL_VENV)/bin
 SGL_STAMP := $(SGL_VENV)/.installed
 
 .PHONY: install install-sglang demo test test-core test-sglang test-fast bench serve-bench serve-64 padding-cost step-costs step-costs-here drafter-depth-cost linear-layouts \
-	bench-sampled calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare train-throughput data-throughput data-dtypes drafter-data-cpu gpu-bundle clean
+	bench-sampled calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare train-throughput data-throughput data-dtypes drafter-data-cpu drafter-train-cpu gpu-bundle clean
 
 install: $(STAMP)
 
@@ -155,6 +155,25 @@ drafter-data-cpu: install
 	$(BIN)/blockpilot train-drafter --config configs/drafter-smollm2-v4-gpu.yaml --stage data \
 		--minutes $(DATA_MINUTES) $(DATA_CPU_SET)
 	$(BIN)/python -m blockpilot.runtime.training.response_store info runtime/assets/smollm2-135m-instruct-dflash/data
+
+# A drafter v4 candidate trained on this CPU between GPU runs (configs/drafter-smollm2-v4-cpu.yaml): the
+# shipped drafter continued on the carried store for TRAIN_MINUTES of training (features first, once:
+# ~1 min per store shard on 2 cores), the eval stage on MT-Bench into the candidate's folder, then the
+# shipped drafter and the candidate replayed side by side on the same MT-Bench answers. It never writes
+# the shipped asset; a candidate that beats it is copied there (docs/drafter-training.md). Stages resume:
+# to continue a newly shipped drafter, first remove the work folder's checkpoints/ (its features stay).
+DRAFTER_V4_CPU := configs/drafter-smollm2-v4-cpu.yaml
+SHIPPED_DRAFTER := runtime/assets/smollm2-135m-instruct-dflash
+BLOCKPILOT_CACHE_DIR = $(shell $(BIN)/python -c "from blockpilot.runtime.assets import cache_dir; print(cache_dir())")
+TRAIN_MINUTES ?= 60
+drafter-train-cpu: install
+	$(BIN)/blockpilot prepare
+	mkdir -p $(BLOCKPILOT_CACHE_DIR)/drafter-smollm2-shipped  # the recipe's train.init_from
+	cp $(SHIPPED_DRAFTER)/config.json $(SHIPPED_DRAFTER)/model.safetensors $(BLOCKPILOT_CACHE_DIR)/drafter-smollm2-shipped/
+	$(BIN)/blockpilot train-drafter --config $(DRAFTER_V4_CPU) --stage train --minutes $(TRAIN_MINUTES)
+	$(BIN)/blockpilot train-drafter --config $(DRAFTER_V4_CPU) --stage eval
+	$(BIN)/python examples/compare_drafters.py $(SHIPPED_DRAFTER) $(BLOCKPILOT_CACHE_DIR)/drafter-smollm2-v4-cpu/candidate \
+		--sizes 2-8 --reference $(BLOCKPILOT_CACHE_DIR)/drafter-smollm2-v4-cpu/eval-reference
 
 # What a prepared GPU command reads (GPU_RUN=checks: examples/gpu/run_gpu_checks.sh; drafter: run_drafter.sh),
 # in pieces that each travel beside the checkout in one copy to a GPU machine reached only by copying

@@ -11,6 +11,7 @@ to what the engine would commit.
 import argparse
 
 from blockpilot.runtime.assets import cache_dir, ensure_default_model
+from blockpilot.runtime.config import parse_sizes
 from blockpilot.runtime.drafter import DFlashDraftModel
 from blockpilot.runtime.replay import replay_every_size
 from blockpilot.runtime.target import TargetModel
@@ -19,10 +20,10 @@ from blockpilot.runtime.training.model_card import POSITION_ACCURACY_SIZE, posit
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("drafters", nargs="+")
-parser.add_argument("--sizes", default="2,3,4")
+parser.add_argument("--sizes", default="2,3,4", help="block sizes replayed, e.g. 2,3,4 or 2-8")
 parser.add_argument("--reference", default=str(cache_dir() / "drafter-smollm2-v2" / "eval-reference"))
 args = parser.parse_args()
-sizes = sorted({*map(int, args.sizes.split(",")), POSITION_ACCURACY_SIZE})
+sizes = sorted({*parse_sizes(args.sizes), POSITION_ACCURACY_SIZE})
 target = TargetModel.load(ensure_default_model(), "float32")
 outputs = read_responses(args.reference)
 print(f"{len(outputs)} MT-Bench first turns, greedy, from {args.reference}")

@@ -264,10 +264,16 @@ def eval_stage(recipe: PolicyRecipe) -> None:
                        "step_costs": {k: costs[k] for k in ("dtype", "threads", "context_tokens", "batch_size")}}
     table = format_comparison(report)
     print(table)
+    _write_eval_report(recipe, report, table)  # kept even if the per-step analysis below is stopped
     variation = variation_report(recipe, engine, rows, costs)
     report["within_request_variation"] = variation
     print(f"within-request variation: {json.dumps(variation['tokens_per_s'])} tokens/s (projected); the per-step "
           f"oracle's choice equals the request's best size in {variation['per_step_choice_equals_request_best']:.0%} of steps")
+    _write_eval_report(recipe, report, table)
+
+
+def _write_eval_report(recipe: PolicyRecipe, report: dict, table: str) -> None:
+    """eval_report.json/.txt/.png into the work dir and the recipe's report_dir."""
     for directory in {recipe.path(""), *([Path(recipe.report_dir)] if recipe.report_dir else [])}:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -464,3 +464,22 @@ def test_train_drafter_cli_refuses_misused_stage_options():
                               *args], capture_output=True, text=True, timeout=120)
         assert run.returncode != 0 and message in run.stderr, run.stderr[-500:]
         assert "Traceback" not in run.stderr
+
+
+def test_cpu_candidate_recipe_trains_as_the_gpu_recipe_and_never_writes_the_shipped_drafter(tmp_path, monkeypatch):
+    """`make drafter-train-cpu`'s recipe continues the shipped drafter on the same store, shapes and loss
+    as the GPU recipe (its candidate is what a GPU run would continue), and writes into the cache only."""
+    from pathlib import Path
+
+    from blockpilot.runtime.training.recipe import DrafterRecipe
+    monkeypatch.setenv("BLOCKPILOT_CACHE", str(tmp_path / "cache"))
+    configs = Path(__file__).parents[1] / "configs"
+    cpu = DrafterRecipe.from_yaml(configs / "drafter-smollm2-v4-cpu.yaml")
+    gpu = DrafterRecipe.from_yaml(configs / "drafter-smollm2-v4-gpu.yaml")
+    assert cpu.data.store == gpu.data.store and cpu.drafter == gpu.drafter and cpu.train.init_from == gpu.train.init_from
+    for name in ("sequences_per_step", "anchors_per_sequence", "learning_rate", "loss_decay", "soft_target_weight",
+                 "vocab_shortlist"):
+        assert getattr(cpu.train, name) == getattr(gpu.train, name), name
+    assert cpu.train.cpu_autocast
+    for path in (cpu.work_dir, cpu.output_dir, cpu.train.init_from):
+        assert Path(path).is_relative_to(tmp_path / "cache"), path

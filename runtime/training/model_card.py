@@ -157,12 +157,13 @@ context from target layers {layer_ids};
 mask token `<empty_output>` (id 16).
 
 ## Training
-- Data: the target's own greedy responses (float32, up to {recipe.data.max_new_tokens} new tokens; the
-  engine's plain decoding on a CPU, the HF model's batched `generate` on a GPU) to
+- Data: the target's own greedy responses (up to {recipe.data.max_new_tokens} new tokens, in float32 or
+  bfloat16: `data.cpu_dtype` on a CPU, `data.device_dtype` on a GPU) to
   {training.get('sequences', '?')} training prompts built offline from the Python standard library
   (code writing/explaining, language topics, documentation paragraphs), hand-written chat requests,
-  templated assistant tasks (writing, role-play, reasoning, maths, extraction, science/humanities)
-  and questions the target wrote itself (`data.self_questions`);
+  templated assistant tasks (writing, role-play, reasoning, maths, extraction, science/humanities),
+  questions and instructions the target wrote itself (`data.self_questions`, `data.instructions`)
+  and second turns on them;
   {training.get('response_tokens', '?')} response tokens. MT-Bench is never used for training.
   The standard-library prompts depend on the Python version that builds them: {pinned}
 - Steps: {training.get('steps', '?')} (of this run; see the notes for what it continued), wall time
