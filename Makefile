@@ -168,8 +168,6 @@ BLOCKPILOT_CACHE_DIR = $(shell $(BIN)/python -c "from blockpilot.runtime.assets 
 TRAIN_MINUTES ?= 60
 drafter-train-cpu: install
 	$(BIN)/blockpilot prepare
-	mkdir -p $(BLOCKPILOT_CACHE_DIR)/drafter-smollm2-shipped  # the recipe's train.init_from
-	cp $(SHIPPED_DRAFTER)/config.json $(SHIPPED_DRAFTER)/model.safetensors $(BLOCKPILOT_CACHE_DIR)/drafter-smollm2-shipped/
 	$(BIN)/blockpilot train-drafter --config $(DRAFTER_V4_CPU) --stage train --minutes $(TRAIN_MINUTES)
 	$(BIN)/blockpilot train-drafter --config $(DRAFTER_V4_CPU) --stage eval
 	$(BIN)/python examples/compare_drafters.py $(SHIPPED_DRAFTER) $(BLOCKPILOT_CACHE_DIR)/drafter-smollm2-v4-cpu/candidate \
@@ -195,7 +193,7 @@ eval-verify: install
 # `drafter-compare` trains recipe variants for the same minutes from v1 on the same data, side by side.
 DRAFTER_V2 := configs/drafter-smollm2-v2.yaml
 DRAFTER_V1_COMMIT := 205eb63
-DRAFTER_V1_DIR = $(shell $(BIN)/python -c "from blockpilot.runtime.assets import cache_dir; print(cache_dir() / 'drafter-smollm2-v1')")
+DRAFTER_V1_DIR = $(BLOCKPILOT_CACHE_DIR)/drafter-smollm2-v1
 COMPARE_MINUTES ?= 10
 # more variants, e.g. COMPARE_MORE='--variant "soft-deeper:train.soft_target_weight=0.5,drafter.num_layers=3"'
 COMPARE_MORE ?=
