@@ -15,7 +15,7 @@ SGL_BIN := $(SGL_VENV)/bin
 SGL_STAMP := $(SGL_VENV)/.installed
 
 .PHONY: install install-sglang demo test test-core test-sglang test-fast bench serve-bench serve-64 padding-cost step-costs step-costs-here drafter-depth-cost linear-layouts \
-	bench-sampled calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare train-throughput data-throughput data-dtypes drafter-data-cpu drafter-train-cpu gpu-bundle clean
+	bench-sampled calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare train-throughput data-throughput data-dtypes drafter-data-cpu drafter-train-cpu drafter-compare-v4 gpu-bundle clean
 
 install: $(STAMP)
 
@@ -171,6 +171,20 @@ drafter-train-cpu: install
 	$(BIN)/blockpilot train-drafter --config $(DRAFTER_V4_CPU) --stage train --minutes $(TRAIN_MINUTES)
 	$(BIN)/blockpilot train-drafter --config $(DRAFTER_V4_CPU) --stage eval
 	$(BIN)/python examples/compare_drafters.py $(SHIPPED_DRAFTER) $(BLOCKPILOT_CACHE_DIR)/drafter-smollm2-v4-cpu/candidate \
+		--sizes 2-8 --reference $(BLOCKPILOT_CACHE_DIR)/drafter-smollm2-v4-cpu/eval-reference
+
+# Drafter v4's recipe, chosen by measurement on the carried store: each variant continues the shipped
+# drafter for COMPARE_MINUTES of training (bf16 autocast) and is then replayed on the store's held-out
+# part, and all beside the shipped drafter on MT-Bench (work folder's compare/: table, JSON, plot).
+drafter-compare-v4: install
+	$(BIN)/blockpilot prepare
+	$(BIN)/blockpilot train-drafter --config $(DRAFTER_V4_CPU) --stage compare --minutes $(COMPARE_MINUTES) \
+		--set "train.validate_block_sizes=[2,4,6,8]" \
+		--variant "block4:train.loss_decay=0.8" \
+		--variant "block8:drafter.block_size=8" \
+		--variant "block8-gamma7:drafter.block_size=8,train.loss_gamma=7" \
+		--variant "block8-3layers:drafter.block_size=8,drafter.num_layers=3" $(COMPARE_MORE)
+	$(BIN)/python examples/compare_drafters.py $(SHIPPED_DRAFTER) $(BLOCKPILOT_CACHE_DIR)/drafter-smollm2-v4-cpu/compare/*/drafter \
 		--sizes 2-8 --reference $(BLOCKPILOT_CACHE_DIR)/drafter-smollm2-v4-cpu/eval-reference
 
 # What a prepared GPU command reads (GPU_RUN=checks: examples/gpu/run_gpu_checks.sh; drafter: run_drafter.sh),

@@ -9,6 +9,7 @@ module as buffers, so the exported ONNX graph takes the raw features `prefill_fe
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -55,6 +56,18 @@ class PolicyMLP(nn.Module):
         mean = torch.tensor(spec.mean) if spec.mean is not None else None
         std = torch.tensor(spec.std) if spec.std is not None else None
         return cls(PolicyModelConfig(spec.dim, num_classes, **kwargs), mean, std)
+
+    def always(self, class_index: int) -> "PolicyMLP":
+        """A copy that picks class `class_index` for every input: the same graph (it exports, loads and
+        checks like any policy), with zero output weights and that class's bias above the others'."""
+        if not 0 <= class_index < self.config.num_classes:
+            raise ValueError(f"class {class_index} is not one of this policy's {self.config.num_classes}")
+        constant = copy.deepcopy(self).eval()
+        with torch.no_grad():
+            constant.output.weight.zero_()
+            constant.output.bias.zero_()
+            constant.output.bias[class_index] = 1.0
+        return constant
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = (features - self.feature_mean) / self.feature_std

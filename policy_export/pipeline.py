@@ -213,31 +213,57 @@ def _choices(model, ids: list[str], features: np.ndarray, sizes: list[int]) -> d
     return {pid: sizes[c] for pid, c in zip(ids, picked)}
 
 
+SURE_WIN = 0.95  # a trained policy ships over one size only if it wins in this share of resamples
+
+
 def export_stage(recipe: PolicyRecipe) -> None:
-    """Export whichever objective's policy gives more projected tokens/s on the validation prompts."""
+    """Export one size for every request (the best on the training prompts) unless a trained policy
+    beats it on the validation prompts surely, in at least `SURE_WIN` of bootstrap resamples of them;
+    of the objectives' policies that do, the one that projects most tokens/s. Where one size suits
+    nearly every prompt (a CPU's cost cliff), a trained policy's few other picks win or lose by noise,
+    and shipping it would cost speed on other prompts."""
     from blockpilot.runtime.policy import PolicyFeatureSpec, drafter_fingerprint
 
     from .export import export_policy
-    from .train import OBJECTIVES, compare_policies, split_of
+    from .train import OBJECTIVES, compare_policies, paired_win_rate, score_choices, split_of
 
     rows, ids, features, costs, oracle = _load(recipe, "collect")
-    validation = [p for p in ids if p in oracle and split_of(p, recipe.train) == "validation"]
+    scored = [p for p in ids if p in oracle]
+    validation = [p for p in scored if split_of(p, recipe.train) == "validation"]
+    fitting = [p for p in scored if split_of(p, recipe.train) == "train"]
+    constant_size = max(recipe.sizes, key=lambda s: score_choices(
+        rows, costs, {p: s for p in fitting})["projected_tokens_per_s"])
+    trained = {objective: _load_model(recipe, objective) for objective in OBJECTIVES}
+    constant = f"constant-{constant_size}"
+    models = {constant: (trained["speed"][0].always(recipe.sizes.index(constant_size)),
+                         {"constant_size": constant_size, "prompts": len(fitting), "candidate_sizes": recipe.sizes}),
+              **trained}
+    one_size = {p: constant_size for p in validation}
     candidates = {}
-    for objective in OBJECTIVES:
-        model, summary = _load_model(recipe, objective)
-        report = compare_policies(rows, costs, validation, recipe.sizes, _choices(model, ids, features, recipe.sizes), oracle)
+    for objective, (model, summary) in models.items():
+        choices = _choices(model, ids, features, recipe.sizes)
+        report = compare_policies(rows, costs, validation, recipe.sizes, choices, oracle)
+        report["win_rate_over_one_size"] = (None if objective == constant else
+                                            paired_win_rate(rows, costs, {p: choices[p] for p in validation}, one_size))
         candidates[objective] = (report["variants"]["policy"]["projected_tokens_per_s"], model, summary, report)
-    objective = max(candidates, key=lambda k: candidates[k][0])
+    sure = [k for k, c in candidates.items() if k != constant and c[3]["win_rate_over_one_size"] >= SURE_WIN]
+    objective = max(sure, key=lambda k: candidates[k][0]) if sure else constant
     _, model, summary, report = candidates[objective]
     engine = _engine(recipe, 1)
     spec = PolicyFeatureSpec.for_drafter(engine.drafter)
     spec = spec.with_normalisation(features[[ids.index(p) for p in ids if split_of(p, recipe.train) == "train"]])
     spec.mean, spec.std = model.feature_mean.tolist(), model.feature_std.tolist()
     training = {"objective": objective, "validation_projected_tokens_per_s": {k: v[0] for k, v in candidates.items()},
+                "validation_win_rate_over_one_size": {k: v[3]["win_rate_over_one_size"] for k, v in candidates.items()},
                 "validation_report": report, **summary}
     figures = export_policy(model, spec, recipe.sizes, engine.target.fingerprint(), drafter_fingerprint(engine.drafter),
                             training, recipe.output)
-    recipe.path("export_summary.json").write_text(json.dumps({"objective": objective, **figures}, indent=2) + "\n")
+    recipe.path("export_summary.json").write_text(json.dumps(
+        {"objective": objective, "validation_projected_tokens_per_s": training["validation_projected_tokens_per_s"],
+         "validation_win_rate_over_one_size": training["validation_win_rate_over_one_size"], **figures}, indent=2) + "\n")
+    print(f"validation ({len(validation)} prompts), projected tokens/s: " + ", ".join(
+        f"{k} {v[0]:.2f}" + (f" (beats {constant} in {v[3]['win_rate_over_one_size']:.0%} of resamples)"
+                             if k != constant else "") for k, v in candidates.items()))
     print(f"export: {recipe.output} (objective {objective}); ORT {figures.get('ort_latency_ms_batch1')} ms per request")
 
 

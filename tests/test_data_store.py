@@ -185,3 +185,8 @@ def test_the_prepared_gpu_command_rehearses_on_the_cpu(tmp_path):
     assert "=== " in run.stdout and "done" in run.stdout.splitlines()[-1]
     added = [line for line in run.stdout.splitlines() if line.startswith("data: ")]
     assert added and "new responses" in added[0] and not added[0].startswith("data: 0 new")
+    # the drafter came back grown as v4's recipe grows the shipped one: a layer more, blocks of 8
+    import tarfile
+    with tarfile.open(out / "meta.tgz") as meta:
+        config = json.load(meta.extractfile("config.json"))
+    assert config["num_hidden_layers"] == 2 and config["block_size"] == 8

@@ -118,6 +118,21 @@ def test_export_check_catches_a_graph_that_disagrees(setup):
         check_against_pytorch(other, setup["path"].read_bytes(), setup["spec"], 16, 0)
 
 
+def test_a_constant_policy_exports_and_picks_its_size_for_every_prompt(setup, tmp_path):
+    model, spec, target, drafter = setup["model"], setup["spec"], setup["target"], setup["drafter"]
+    constant = model.always(CANDIDATES.index(3))
+    assert model.output.weight.abs().sum() > 0  # the trained policy is untouched
+    path = tmp_path / "constant.onnx"
+    export_policy(constant, spec, CANDIDATES, target.fingerprint(), drafter_fingerprint(drafter), SUMMARY, path)
+    generator = torch.Generator().manual_seed(5)
+    raw = torch.tensor(spec.mean) + 3 * torch.tensor(spec.std) * torch.randn(40, spec.dim, generator=generator)
+    policy = BlockSizePolicy.load(path, target, drafter)
+    assert policy.choose(raw.float().numpy()) == [3] * 40
+    assert policy.choose(setup["raw"]) == [3] * len(PROMPTS)
+    with pytest.raises(ValueError, match="class 3 is not one of this policy's 3"):
+        model.always(3)
+
+
 def test_export_refuses_pieces_that_do_not_fit(setup, tmp_path):
     args = (setup["target"].fingerprint(), drafter_fingerprint(setup["drafter"]), SUMMARY, tmp_path / "p.onnx")
     with pytest.raises(ValueError, match="3 classes for 2 candidate sizes"):
@@ -382,6 +397,21 @@ def test_train_policy_learns_a_separable_rule_and_scores_choices():
     assert variants["oracle-speed"]["acceptance_length"] == 4.0
     assert variants["policy"]["acceptance_length"] > variants[f"fixed-{report['best_fixed_size']}"]["acceptance_length"]
     assert report["gap_closed_to_oracle"] >= 0.8
+
+
+def test_paired_win_rate_says_how_surely_a_gain_holds_over_resampled_prompts():
+    from blockpilot.policy_export.train import paired_win_rate
+
+    costs = {"target_ms": {"2": 10.0, "3": 10.0}, "drafter_ms": {"2": 0.0, "3": 0.0}}
+    # every prompt: 9 tokens; size 2 takes 6 forwards, size 3 takes 4, except p3 where 3 takes 8
+    rows = [{"id": f"p{i}", "block_size": s, "generated_tokens": 10, "target_forwards": f}
+            for i in range(10) for s, f in ((2, 6), (3, 4 if i != 3 else 8))]
+    twos, threes = {f"p{i}": 2 for i in range(10)}, {f"p{i}": 3 for i in range(10)}
+    assert paired_win_rate(rows, costs, threes, twos) > 0.95  # better on 9 of 10 prompts
+    assert paired_win_rate(rows, costs, twos, threes) < 0.05
+    assert paired_win_rate(rows, costs, twos, twos) == 0.0  # a tie is no win
+    only_p3 = {**twos, "p3": 3}  # worse on one prompt, the same on the rest: never a win
+    assert paired_win_rate(rows, costs, only_p3, twos) == 0.0
 
 
 def test_relative_speeds_are_per_prompt_fractions_of_the_best_size():

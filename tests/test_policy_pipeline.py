@@ -57,7 +57,14 @@ train: {{hidden_size: 16, max_epochs: 30}}
     summary = json.loads((tmp_path / "work" / "train_summary.json").read_text())
     assert set(summary) == {"acceptance", "speed", "expected-speed"}
     exported = json.loads((tmp_path / "work" / "export_summary.json").read_text())
-    assert exported["objective"] in summary and exported["ort_latency_ms_batch1"] > 0
+    assert exported["ort_latency_ms_batch1"] > 0
+    # every objective's policy and one size for all were scored on validation: one size ships unless a
+    # policy beats it surely, then the best of those that do
+    scores, wins = exported["validation_projected_tokens_per_s"], exported["validation_win_rate_over_one_size"]
+    constant = [k for k in scores if k.startswith("constant-")]
+    assert set(scores) == set(wins) == set(summary) | set(constant) and len(constant) == 1
+    sure = [k for k in summary if wins[k] >= 0.95]
+    assert exported["objective"] == (max(sure, key=scores.get) if sure else constant[0])
     report = json.loads((tmp_path / "work" / "eval_report.json").read_text())
     assert {"fixed-2", "fixed-3", "fixed-4", "policy", "oracle-speed", "random", "constant-policy-mode",
             "policy-acceptance-objective", "policy-speed-objective", "policy-expected-speed-objective"
@@ -66,6 +73,8 @@ train: {{hidden_size: 16, max_epochs: 30}}
     assert (tmp_path / "docs" / "eval_report.png").read_bytes()[:4] == b"\x89PNG"
     assert "best fixed size" in (tmp_path / "docs" / "eval_report.txt").read_text()
     assert sum(report["policy_choice_distribution"].values()) == 12
+    if exported["objective"] in constant:  # a constant policy picks its size for every prompt
+        assert report["policy_choice_distribution"][exported["objective"].split("-")[1]] == 12
     # the oracle is at least as good as every fixed size, by construction of the labels
     oracle = report["variants"]["oracle-speed"]["projected_tokens_per_s"]
     assert all(oracle >= report["variants"][f"fixed-{s}"]["projected_tokens_per_s"] - 1e-9 for s in (2, 3, 4))

@@ -303,6 +303,15 @@ def test_train_checkpoints_resumes_and_saves_a_plain_fc(tmp_path, monkeypatch):
     assert [json.loads(line)["step"] for line in (tmp_path / "budget.jsonl").read_text().splitlines()] == [1, 2]
     with pytest.raises(ValueError, match="not both"):
         train(budget, target, sequences, tmp_path / "budget.jsonl", total_minutes=1.0, more_minutes=1.0)
+    # decaying within the budget: a run of 500 steps stopped by 1 s of training ends its schedule anyway
+    timed = recipe(500)
+    timed.work_dir = str(tmp_path / "timed")
+    timed.train = dataclasses.replace(timed.train, warmup_steps=1, validate_every=10 ** 6, checkpoint_every=10 ** 6,
+                                      decay_within_budget=True)
+    train(timed, target, sequences, tmp_path / "timed.jsonl", total_minutes=1 / 60)
+    rates = [json.loads(line)["lr"] for line in (tmp_path / "timed.jsonl").read_text().splitlines()]
+    peak = timed.train.learning_rate
+    assert 3 < len(rates) < 500 and rates == sorted(rates, reverse=True) and rates[-1] < 0.2 * peak
     # a deeper recipe continues it with a residual layer that adds nothing yet: the same predictions
     from blockpilot.runtime.training.train_drafter import starting_weights
     deeper = drafter_module.DFlashDraftModel.for_target(target, num_layers=2, num_target_features=2, block_size=4)
@@ -317,6 +326,20 @@ def test_train_checkpoints_resumes_and_saves_a_plain_fc(tmp_path, monkeypatch):
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(r["val_replayed_acceptance_length"] >= 1.0 for r in records if r["step"] % 2 == 0)
     assert not torch.equal(second.fc.weight, first.fc.weight)
+
+
+def test_learning_rate_warms_up_then_decays_by_steps_or_by_the_time_budget():
+    from blockpilot.runtime.training.recipe import TrainConfig
+    from blockpilot.runtime.training.train_drafter import learning_rate_at
+
+    cfg = TrainConfig(steps=110, warmup_steps=10, learning_rate=1.0)
+    assert learning_rate_at(cfg, 0) == pytest.approx(0.1) and learning_rate_at(cfg, 9) == pytest.approx(1.0)
+    assert learning_rate_at(cfg, 10) == pytest.approx(1.0) and learning_rate_at(cfg, 60) == pytest.approx(0.55)
+    assert learning_rate_at(cfg, 110) == pytest.approx(0.1) and learning_rate_at(cfg, 500) == pytest.approx(0.1)
+    # half the budget spent at a tenth of the steps: the schedule is where the time says
+    assert learning_rate_at(cfg, 20, budget_spent=0.5) == pytest.approx(0.55)
+    assert learning_rate_at(cfg, 100, budget_spent=0.1) == learning_rate_at(cfg, 100)  # the further one counts
+    assert learning_rate_at(cfg, 5, budget_spent=0.9) == pytest.approx(0.6)  # warm-up goes by steps
 
 
 def _teacher_sequences(target, drafter, count=24, length=20, seed=0):
@@ -437,6 +460,9 @@ def test_recipe_variants_parse_and_apply(tmp_path, monkeypatch):
         with_overrides(base, {"train.sof": 1})
     with _pytest.raises(ValueError, match="not key=value"):
         parse_variant("x:train.loss_decay")
+    # a list's commas stay in the list
+    assert parse_variant("b8:train.validate_block_sizes=[2,4,8],drafter.block_size=8")[1] == {
+        "train.validate_block_sizes": [2, 4, 8], "drafter.block_size": 8}
 
 
 def test_position_accuracy_reads_the_replayed_steps():
@@ -467,8 +493,8 @@ def test_train_drafter_cli_refuses_misused_stage_options():
 
 
 def test_cpu_candidate_recipe_trains_as_the_gpu_recipe_and_never_writes_the_shipped_drafter(tmp_path, monkeypatch):
-    """`make drafter-train-cpu`'s recipe continues the shipped drafter on the same store, shapes and loss
-    as the GPU recipe (its candidate is what a GPU run would continue), and writes into the cache only."""
+    """`make drafter-train-cpu`'s recipe continues the shipped drafter on the same store, drafter shape and
+    loss as the GPU recipe (its candidate is what a GPU run would continue), and writes into the cache only."""
     from pathlib import Path
 
     from blockpilot.runtime.training.recipe import DrafterRecipe
@@ -479,8 +505,8 @@ def test_cpu_candidate_recipe_trains_as_the_gpu_recipe_and_never_writes_the_ship
     assert cpu.data.store == gpu.data.store and cpu.drafter == gpu.drafter
     shipped = Path(__file__).parents[1] / "runtime" / "assets" / "smollm2-135m-instruct-dflash"
     assert cpu.train.init_from == gpu.output_dir == str(shipped.relative_to(configs.parent))  # starts from the shipped drafter
-    for name in ("sequences_per_step", "anchors_per_sequence", "learning_rate", "loss_decay", "soft_target_weight",
-                 "vocab_shortlist"):
+    for name in ("learning_rate", "loss_decay", "loss_gamma", "soft_target_weight", "vocab_shortlist",
+                 "decay_within_budget"):  # the batch is each machine's own
         assert getattr(cpu.train, name) == getattr(gpu.train, name), name
     assert cpu.train.cpu_autocast
     for path in (cpu.work_dir, cpu.output_dir):

@@ -32,19 +32,22 @@ data:
   self_questions: 4
   follow_ups: true
   num_prompts: 6
-drafter:
-  num_layers: 1
+drafter:  # as v4's recipe grows the shipped drafter: one layer more, blocks twice as wide
+  num_layers: 2
   num_target_features: 2
-  block_size: 4
+  block_size: 8
 train:
   init_from: {root}/cache/init
   steps: 2
+  decay_within_budget: true
   sequences_per_step: 2
   anchors_per_sequence: 2
   vocab_shortlist: 256
   soft_target_weight: 0.5
   checkpoint_every: 2
   validate_every: 2
+  validate_block_sizes: [4, 8]
+  validate_sequences: 2
 """
 
 

@@ -66,9 +66,16 @@ class TrainConfig:
     # bf16 autocast on a CPU too (as on a GPU; master weights stay float32): 1.5-1.6x float32's rate on a
     # CPU with AMX (`make train-throughput TRAIN_BENCH_SET="--set train.cpu_autocast=true"` against without)
     cpu_autocast: bool = False
+    # With a time budget (--minutes), the learning rate's cosine also runs over that budget: it decays by
+    # whichever is further on, the steps or the training time. A run on a machine whose step rate is not
+    # known beforehand (a GPU reached for minutes) still ends its schedule when its time ends.
+    decay_within_budget: bool = False
     checkpoint_every: int = 100
     validate_every: int = 250
     validate_block_sizes: list[int] = field(default_factory=list)  # replayed acceptance also at these sizes
+    # the first this many held-out sequences (None: all): a replay runs on the CPU, and a run with minutes
+    # to spend must not spend them validating a store that grew
+    validate_sequences: int | None = None
     seed: int = 0
 
 
@@ -347,14 +354,17 @@ def with_overrides(recipe: DrafterRecipe, overrides: dict[str, object]) -> Draft
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, object]]:
-    """"soft:train.soft_target_weight=0.7,drafter.block_size=4" -> ("soft", {...}); values read as YAML."""
+    """"soft:train.soft_target_weight=0.7,drafter.block_size=4" -> ("soft", {...}); values read as YAML
+    (a list's commas stay inside its brackets: "train.validate_block_sizes=[2,4,8]")."""
+    import re
+
     import yaml
 
     name, _, settings = spec.partition(":")
     if not name or not name.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"variant {spec!r}: start with a name (letters, digits, - and _), then ':' and settings")
     overrides = {}
-    for item in filter(None, settings.split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", settings)):
         key, equals, value = item.partition("=")
         if not equals:
             raise ValueError(f"variant {spec!r}: {item!r} is not key=value")
@@ -365,7 +375,8 @@ def parse_variant(spec: str) -> tuple[str, dict[str, object]]:
 def run_compare_stage(recipe: DrafterRecipe, variants: list[str], minutes: float) -> dict:
     """Recipe variants trained for the same training time on the same data, from the same start (the
     recipe's `train.init_from`, or scratch): held-out replayed acceptance per variant (JSON, table, PNG
-    in `work_dir/compare`). How a recipe change is chosen: by learning per CPU-hour, side by side."""
+    in `work_dir/compare`; each variant's drafter in `compare/NAME/drafter`). How a recipe change is
+    chosen: by learning per CPU-hour, side by side."""
     import json
 
     import torch
@@ -387,7 +398,8 @@ def run_compare_stage(recipe: DrafterRecipe, variants: list[str], minutes: float
         variant = with_overrides(recipe, overrides)
         variant.work_dir = str(out_dir / name)
         log_path = out_dir / name / "train_log.jsonl"
-        train(variant, target, sequences, log_path, total_minutes=minutes)
+        drafter = train(variant, target, sequences, log_path, total_minutes=minutes)
+        drafter.to(target.dtype).save(out_dir / name / "drafter")  # for a replay on MT-Bench, or to ship
         records = [json.loads(line) for line in log_path.read_text().splitlines()]
         validated = ([start] if start else []) + [r for r in records if "val_replayed_acceptance_length" in r]
         results[name] = {"overrides": overrides, "steps": records[-1]["step"], "train_s": records[-1]["train_s"],

@@ -309,6 +309,18 @@ def batch_to(batch: TrainingBatch, device: torch.device) -> TrainingBatch:
     return TrainingBatch(*(moved(t) if t is not None else None for t in batch))
 
 
+def learning_rate_at(cfg, step: int, budget_spent: float | None = None) -> float:
+    """Linear warm-up over `cfg.warmup_steps`, then a cosine from `cfg.learning_rate` down to a tenth of
+    it over the rest of `cfg.steps`, or over the rest of a time budget where `budget_spent` (the fraction
+    of it used) is further on."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if budget_spent is not None:
+        progress = max(progress, budget_spent)
+    return cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
 def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path,
           total_minutes: float | None = None, more_minutes: float | None = None,
           workers: Workers | None = None) -> DFlashDraftModel:
@@ -324,6 +336,7 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
     workers = workers or join()
     cfg, shape = recipe.train, recipe.drafter
     train_set, validation = split_by_part(sequences)
+    validation = validation[:cfg.validate_sequences]  # None: all of them
     checkpoint = recipe.checkpoint_dir / "last.pt"
     drafter = DFlashDraftModel.for_target(target, num_layers=shape.num_layers,
                                           num_target_features=shape.num_target_features,
@@ -357,11 +370,11 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
     shortlist = vocabulary_shortlist(train_set, cfg.vocab_shortlist)
     shortlist = shortlist.to(device) if shortlist is not None else None
 
-    def learning_rate(s):
-        if s < cfg.warmup_steps:
-            return cfg.learning_rate * (s + 1) / cfg.warmup_steps
-        progress = (s - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    def learning_rate(s: int, seconds: float) -> float:
+        spent = None  # the fraction of this run's time budget spent
+        if cfg.decay_within_budget and time_budget_s is not None and time_budget_s > trained_before:
+            spent = (seconds - trained_before) / (time_budget_s - trained_before)
+        return learning_rate_at(cfg, s, spent)
 
     def batch_of(s: int) -> TrainingBatch:
         """This process's slice of step `s`'s global batch, drawn from the step number alone: every process
@@ -384,7 +397,7 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
     while step < cfg.steps:
         step_began = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step)
+            group["lr"] = learning_rate(step, train_s)
         batch = batch_to(upcoming.pop(step).result(), device)
         if step + ahead < cfg.steps:
             upcoming[step + ahead] = builder.submit(batch_of, step + ahead)
@@ -408,7 +421,7 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
         now = time.perf_counter()
         out_of_time = time_budget_s is not None and train_s >= time_budget_s
         record = {"step": step, "loss": round(totals[0] / workers.world_size, 4),
-                  "accuracy": round(totals[1] / max(totals[2], 1), 4), "lr": learning_rate(step - 1),
+                  "accuracy": round(totals[1] / max(totals[2], 1), 4), "lr": optimizer.param_groups[0]["lr"],
                   "elapsed_s": round(now - began, 1), "train_s": round(train_s, 3), "positions": supervised,
                   "supervised_per_s": round(supervised / max(train_s - trained_before, 1e-9), 1)}
         if workers.main:
