@@ -163,6 +163,10 @@ drafter-data-cpu: install
 # the shipped asset; a candidate that beats it is copied there (docs/drafter-training.md). Stages resume:
 # to continue a newly shipped drafter, first remove the work folder's checkpoints/ (its features stay).
 DRAFTER_V4_CPU := configs/drafter-smollm2-v4-cpu.yaml
+# the CPU recipe's work_dir
+DRAFTER_V4_CPU_WORK = $(BLOCKPILOT_CACHE_DIR)/drafter-smollm2-v4-cpu
+# the shipped drafter beside others, replayed on the eval stage's MT-Bench answers
+REPLAY_BESIDE_SHIPPED = $(BIN)/python examples/compare_drafters.py --sizes 2-8 --reference $(DRAFTER_V4_CPU_WORK)/eval-reference $(SHIPPED_DRAFTER)
 SHIPPED_DRAFTER := runtime/assets/smollm2-135m-instruct-dflash
 BLOCKPILOT_CACHE_DIR = $(shell $(BIN)/python -c "from blockpilot.runtime.assets import cache_dir; print(cache_dir())")
 TRAIN_MINUTES ?= 60
@@ -170,8 +174,7 @@ drafter-train-cpu: install
 	$(BIN)/blockpilot prepare
 	$(BIN)/blockpilot train-drafter --config $(DRAFTER_V4_CPU) --stage train --minutes $(TRAIN_MINUTES)
 	$(BIN)/blockpilot train-drafter --config $(DRAFTER_V4_CPU) --stage eval
-	$(BIN)/python examples/compare_drafters.py $(SHIPPED_DRAFTER) $(BLOCKPILOT_CACHE_DIR)/drafter-smollm2-v4-cpu/candidate \
-		--sizes 2-8 --reference $(BLOCKPILOT_CACHE_DIR)/drafter-smollm2-v4-cpu/eval-reference
+	$(REPLAY_BESIDE_SHIPPED) $(DRAFTER_V4_CPU_WORK)/candidate
 
 # Drafter v4's recipe, chosen by measurement on the carried store: each variant continues the shipped
 # drafter for COMPARE_MINUTES of training (bf16 autocast) and is then replayed on the store's held-out
@@ -184,8 +187,7 @@ drafter-compare-v4: install
 		--variant "block8:drafter.block_size=8" \
 		--variant "block8-gamma7:drafter.block_size=8,train.loss_gamma=7" \
 		--variant "block8-3layers:drafter.block_size=8,drafter.num_layers=3" $(COMPARE_MORE)
-	$(BIN)/python examples/compare_drafters.py $(SHIPPED_DRAFTER) $(BLOCKPILOT_CACHE_DIR)/drafter-smollm2-v4-cpu/compare/*/drafter \
-		--sizes 2-8 --reference $(BLOCKPILOT_CACHE_DIR)/drafter-smollm2-v4-cpu/eval-reference
+	$(REPLAY_BESIDE_SHIPPED) $(DRAFTER_V4_CPU_WORK)/compare/*/drafter
 
 # What a prepared GPU command reads (GPU_RUN=checks: examples/gpu/run_gpu_checks.sh; drafter: run_drafter.sh),
 # in pieces that each travel beside the checkout in one copy to a GPU machine reached only by copying

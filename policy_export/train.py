@@ -124,16 +124,19 @@ def train_policy(ids: list[str], features: np.ndarray, labels: dict[str, int], s
     return best, summary
 
 
+def per_prompt_costs(rows: list[dict], costs: dict, choices: dict[str, int]) -> np.ndarray:
+    """[prompts, 3]: each prompt's committed tokens, target forwards and projected ms at its chosen size,
+    in the order of `choices`."""
+    by_key = {(r["id"], r["block_size"]): r for r in rows}
+    picked = [(by_key[(prompt_id, size)], size) for prompt_id, size in choices.items()]
+    return np.array([(r["generated_tokens"] - 1, r["target_forwards"], r["target_forwards"] * step_ms(costs, size))
+                     for r, size in picked], dtype=np.float64).reshape(-1, 3)
+
+
 def score_choices(rows: list[dict], costs: dict, choices: dict[str, int]) -> dict:
     """Acceptance length, target forwards per token and projected tokens/s of running each prompt at
     its chosen size (aggregated over prompts: total tokens over total forwards / total time)."""
-    by_key = {(r["id"], r["block_size"]): r for r in rows}
-    tokens = forwards = time_ms = 0.0
-    for prompt_id, size in choices.items():
-        row = by_key[(prompt_id, size)]
-        tokens += row["generated_tokens"] - 1
-        forwards += row["target_forwards"]
-        time_ms += row["target_forwards"] * step_ms(costs, size)
+    tokens, forwards, time_ms = per_prompt_costs(rows, costs, choices).sum(axis=0).tolist()
     return {"acceptance_length": round(tokens / forwards, 4), "target_forwards_per_token": round(forwards / tokens, 4),
             "projected_tokens_per_s": round(tokens / time_ms * 1e3, 3), "prompts": len(choices)}
 
@@ -143,20 +146,13 @@ def paired_win_rate(rows: list[dict], costs: dict, challenger: dict[str, int], i
     """The fraction of bootstrap resamples of the prompts (drawn with replacement, the same draw for
     both) in which `challenger`'s choices project more tokens/s than `incumbent`'s: how sure a gain
     measured on a few prompts is to hold on others."""
-    import numpy as np
-
-    by_key = {(r["id"], r["block_size"]): r for r in rows}
-
-    def per_prompt(choices):
-        picked = [by_key[(p, choices[p])] for p in incumbent]
-        tokens = np.array([r["generated_tokens"] - 1 for r in picked], dtype=np.float64)
-        time_ms = np.array([r["target_forwards"] * step_ms(costs, choices[p]) for r, p in zip(picked, incumbent)])
-        return tokens, time_ms
-
-    (tokens_c, time_c), (tokens_i, time_i) = per_prompt(challenger), per_prompt(incumbent)
+    mine = per_prompt_costs(rows, costs, {p: challenger[p] for p in incumbent})
+    theirs = per_prompt_costs(rows, costs, incumbent)
     draws = np.random.default_rng(seed).integers(0, len(incumbent), size=(resamples, len(incumbent)))
-    wins = tokens_c[draws].sum(1) / time_c[draws].sum(1) > tokens_i[draws].sum(1) / time_i[draws].sum(1)
-    return float(wins.mean())
+
+    def speed(table):  # tokens per ms of each resample
+        return table[draws, 0].sum(1) / table[draws, 2].sum(1)
+    return float((speed(mine) > speed(theirs)).mean())
 
 
 def compare_policies(rows: list[dict], costs: dict, prompt_ids: list[str], sizes: list[int],
