@@ -15,7 +15,7 @@ SGL_BIN := $(SGL_VENV)/bin
 SGL_STAMP := $(SGL_VENV)/.installed
 
 .PHONY: install install-sglang demo test test-core test-sglang test-fast bench serve-bench serve-64 padding-cost step-costs step-costs-here drafter-depth-cost linear-layouts \
-	bench-sampled calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare train-throughput data-throughput data-dtypes drafter-data-cpu drafter-train-cpu drafter-compare-v4 gpu-bundle clean
+	bench-sampled calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare train-throughput data-throughput data-dtypes drafter-data-cpu drafter-train-cpu ship-drafter refit drafter-compare-v4 gpu-bundle clean
 
 install: $(STAMP)
 
@@ -160,7 +160,7 @@ drafter-data-cpu: install
 # shipped drafter continued on the carried store for TRAIN_MINUTES of training (features first, once:
 # ~1 min per store shard on 2 cores), the eval stage on MT-Bench into the candidate's folder, then the
 # shipped drafter and the candidate replayed side by side on the same MT-Bench answers. It never writes
-# the shipped asset; a candidate that beats it is copied there (docs/drafter-training.md). Stages resume:
+# the shipped asset; a candidate that beats it is shipped by `make ship-drafter`. Stages resume:
 # to continue a newly shipped drafter, first remove the work folder's checkpoints/ (its features stay).
 DRAFTER_V4_CPU := configs/drafter-smollm2-v4-cpu.yaml
 # the CPU recipe's work_dir
@@ -170,11 +170,30 @@ REPLAY_BESIDE_SHIPPED = $(BIN)/python examples/compare_drafters.py --sizes 2-8 -
 SHIPPED_DRAFTER := runtime/assets/smollm2-135m-instruct-dflash
 BLOCKPILOT_CACHE_DIR = $(shell $(BIN)/python -c "from blockpilot.runtime.assets import cache_dir; print(cache_dir())")
 TRAIN_MINUTES ?= 60
+# recipe overrides for both stages, e.g. the shipped drafter's own shape:
+# TRAIN_CPU_SET='--set drafter.num_layers=2 --set drafter.block_size=4 --set train.validate_block_sizes=[2,4]'
+TRAIN_CPU_SET ?=
 drafter-train-cpu: install
 	$(BIN)/blockpilot prepare
-	$(BIN)/blockpilot train-drafter --config $(DRAFTER_V4_CPU) --stage train --minutes $(TRAIN_MINUTES)
-	$(BIN)/blockpilot train-drafter --config $(DRAFTER_V4_CPU) --stage eval
+	$(BIN)/blockpilot train-drafter --config $(DRAFTER_V4_CPU) --stage train --minutes $(TRAIN_MINUTES) $(TRAIN_CPU_SET)
+	$(BIN)/blockpilot train-drafter --config $(DRAFTER_V4_CPU) --stage eval $(TRAIN_CPU_SET)
 	$(REPLAY_BESIDE_SHIPPED) $(DRAFTER_V4_CPU_WORK)/candidate
+
+# Ship the CPU recipe's evaluated candidate (the same TRAIN_CPU_SET as it was trained with): weights,
+# config and summaries into the shipped asset, its model card rewritten there; then refit what names
+# the drafter it was fitted for.
+ship-drafter: install
+	$(BIN)/blockpilot train-drafter --config $(DRAFTER_V4_CPU) --stage ship $(TRAIN_CPU_SET)
+	$(MAKE) --no-print-directory refit
+
+# After a new drafter: the policy (collect replays it on the kept greedy references, then train,
+# export with its one-size guard, evaluate on MT-Bench into docs/policy-smollm2) and the verify rule
+# (calibration beside the drafter, then its evaluation into docs/verify-smollm2).
+POLICY_RECIPE := configs/policy-smollm2.yaml
+refit: install
+	$(BIN)/blockpilot prepare
+	for stage in collect train-policy export-policy eval-policy calibrate-verify eval-verify; do \
+		$(BIN)/blockpilot $$stage --config $(POLICY_RECIPE) || exit 1; done
 
 # Drafter v4's recipe, chosen by measurement on the carried store: each variant continues the shipped
 # drafter for COMPARE_MINUTES of training (bf16 autocast) and is then replayed on the store's held-out
@@ -199,11 +218,11 @@ gpu-bundle: install
 # The verify rule's calibration (held-apart prompts) and its held-out evaluation (MT-Bench, projected).
 calibrate-verify: install
 	$(BIN)/blockpilot prepare
-	$(BIN)/blockpilot calibrate-verify --config configs/policy-smollm2.yaml
+	$(BIN)/blockpilot calibrate-verify --config $(POLICY_RECIPE)
 
 eval-verify: install
 	$(BIN)/blockpilot prepare
-	$(BIN)/blockpilot eval-verify --config configs/policy-smollm2.yaml
+	$(BIN)/blockpilot eval-verify --config $(POLICY_RECIPE)
 
 # Drafter v2: v1 continued with soft targets on chat-like data. Each stage resumes.
 # `drafter-compare` trains recipe variants for the same minutes from v1 on the same data, side by side.

@@ -127,6 +127,32 @@ def step_costs(recipe: PolicyRecipe, engine) -> dict:
     return json.loads(path.read_text())
 
 
+def _counts_made_with(recipe: PolicyRecipe, spec: CollectConfig, engine) -> dict:
+    """What a stage's counts depend on. The greedy references depend on the target alone and are
+    kept; the counts replayed on them change with the drafter (a newly shipped one above all)."""
+    from blockpilot.runtime.policy import drafter_fingerprint
+
+    made_with = {"target": engine.target.fingerprint(), "drafter": drafter_fingerprint(engine.drafter),
+                 "dtype": recipe.dtype, "sizes": recipe.sizes, "max_new_tokens": spec.max_new_tokens,
+                 "method": spec.method}
+    return json.loads(json.dumps(made_with))  # as it reads back from the file
+
+
+def _drop_stale_counts(runs: Path, made_with: dict) -> None:
+    """Remove counts collected with another drafter, target or size set than this run's (a resumed
+    collection would otherwise train the policy on the previous drafter's acceptance without a word);
+    then record what the counts about to be written are made with, beside them."""
+    record = runs.with_name(runs.stem + "_made_with.json")
+    if runs.exists():
+        before = json.loads(record.read_text()) if record.exists() else {}
+        changed = [key for key in made_with if before.get(key) != made_with[key]]
+        if changed:
+            print(f"{runs.name}: collected with another {', '.join(changed)} than now; collecting again")
+            runs.unlink()
+    runs.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(made_with, indent=2) + "\n")
+
+
 def collect_stage(recipe: PolicyRecipe, which: str = "collect") -> None:
     """Counts for every prompt at every candidate size, plus each prompt's prefill features.
 
@@ -140,6 +166,7 @@ def collect_stage(recipe: PolicyRecipe, which: str = "collect") -> None:
     records = _records(spec)
     step_costs(recipe, engine)
     runs = recipe.path(f"{which}_runs.jsonl")
+    _drop_stale_counts(runs, _counts_made_with(recipe, spec, engine))
     if spec.method == "run":
         run_every_size(engine, records, recipe.sizes, runs, max_new_tokens=spec.max_new_tokens,
                        batch_size=spec.batch_size)

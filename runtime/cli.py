@@ -393,11 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train-drafter", help="train a DFlash drafter for a target (resumable stages)")
     p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/drafter-smollm2.yaml")
-    p.add_argument("--stage", choices=["data", "train", "eval", "all", "compare", "bench-data", "bench-train"],
+    p.add_argument("--stage", choices=["data", "train", "eval", "ship", "all", "compare", "bench-data", "bench-train"],
                    default="all",
                    help="compare: train each --variant for --minutes on the same data, side by side; "
                         "bench-data: print the data stage's generated tokens/s; "
-                        "bench-train: print training's supervised positions/s (synthetic data)")
+                        "bench-train: print training's supervised positions/s (synthetic data); "
+                        "ship: copy the evaluated candidate into the default drafter's asset folder")
     p.add_argument("--steps", type=int, default=20, help="bench-train: steps timed, after 3 warm-up steps")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a recipe setting, e.g. --set data.batch_size=8 (repeatable)")

@@ -149,3 +149,39 @@ verify: {{calibration_prompts: 10, calibration_max_new_tokens: 12, calibration_b
         if "full verify" in name:
             assert v["cut_rate"] == 0.0
     assert (tmp_path / "docs" / "verify_eval.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_counts_collected_with_another_drafter_or_sizes_are_collected_again(tiny_pair, tmp_path, capsys):
+    """A collection resumes from its counts only while they were made with this drafter and these
+    sizes: after a new drafter ships, the policy must not learn the previous drafter's acceptance."""
+    from blockpilot.policy_export.pipeline import CollectConfig, PolicyRecipe, collect_stage
+    from blockpilot.runtime.drafter import DFlashDraftModel
+
+    other = DFlashDraftModel.load(tiny_pair / "drafter")  # the same drafter trained on: its layers moved
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, weight in other.named_parameters():
+            if "layers" in name:
+                weight.add_(0.1 * torch.randn_like(weight))
+    other.save(tmp_path / "other-drafter")
+    spec = CollectConfig(prompts=str(prompts_file(tmp_path / "p.jsonl", 4, "p")), max_new_tokens=6, batch_size=8)
+    runs = tmp_path / "work" / "collect_runs.jsonl"
+
+    def collect(drafter, sizes="2-3"):
+        collect_stage(PolicyRecipe(work_dir=str(tmp_path / "work"), output=str(tmp_path / "p.onnx"),
+                                   model=str(tiny_pair / "target"), drafter=str(drafter), candidate_sizes=sizes,
+                                   collect=spec))
+        return [json.loads(line) for line in runs.read_text().splitlines()]
+
+    first = collect(tiny_pair / "drafter")
+    assert sorted({r["block_size"] for r in first}) == [2, 3] and len(first) == 8
+    marked = [{**r, "acceptance_length": -1.0} for r in first]  # stands in for counts of an earlier drafter
+    runs.write_text("".join(json.dumps(r) + "\n" for r in marked))
+    assert collect(tiny_pair / "drafter") == marked  # same drafter, target and sizes: kept as collected
+    again = collect(tmp_path / "other-drafter")
+    assert all(r["acceptance_length"] >= 1.0 for r in again) and len(again) == 8
+    assert "collected with another drafter than now" in capsys.readouterr().out
+    wider = collect(tmp_path / "other-drafter", sizes="2-4")
+    assert sorted({r["block_size"] for r in wider}) == [2, 3, 4]
+    made_with = json.loads((tmp_path / "work" / "collect_runs_made_with.json").read_text())
+    assert made_with["sizes"] == [2, 3, 4] and made_with["method"] == "replay"

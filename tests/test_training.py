@@ -221,6 +221,49 @@ def test_model_card_shows_acceptance_at_a_temperature_beside_greedy(tmp_path, mo
     assert "Acceptance at temperature 1: replayed on the target's answers sampled" in card
 
 
+def test_ship_stage_copies_an_evaluated_candidate_into_the_asset_and_writes_its_card(tmp_path, monkeypatch):
+    import dataclasses
+    import json
+    import shutil
+    from pathlib import Path
+
+    import pytest as _pytest
+
+    from blockpilot.runtime import assets
+    from blockpilot.runtime.training import model_card
+    from blockpilot.runtime.training.model_card import summarise_curve
+    from blockpilot.runtime.training.recipe import SHIPPED_DRAFTER_FILES, DrafterRecipe, run_ship_stage
+
+    monkeypatch.setenv("BLOCKPILOT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(assets, "DEFAULT_DRAFTER_DIR", tmp_path / "asset")
+    monkeypatch.setattr(model_card, "DOCS", tmp_path / "docs")
+    repo = Path(__file__).parents[1]
+    recipe = dataclasses.replace(DrafterRecipe.from_yaml(repo / "configs" / "drafter-smollm2-v4-cpu.yaml"),
+                                 output_dir=str(tmp_path / "candidate"))
+    candidate, asset = tmp_path / "candidate", tmp_path / "asset"
+    candidate.mkdir()
+    asset.mkdir()
+    shutil.copy(repo / "runtime" / "assets" / "smollm2-135m-instruct-dflash" / "config.json", candidate)
+    (candidate / "model.safetensors").write_bytes(b"candidate weights")
+    with _pytest.raises(SystemExit, match="lacks training_summary.json, eval_summary.json"):
+        run_ship_stage(recipe)  # not trained and evaluated: nothing is copied
+    assert not any(asset.iterdir())
+    (candidate / "training_summary.json").write_text(json.dumps({"steps": 7}))
+    costs = {"target_ms": {1: 40.0, 4: 60.0}, "drafter_ms": {4: 10.0}, "dtype": "float32", "threads": 2,
+             "context_tokens": 128}
+    rows = [{"id": "a", "block_size": 1, "generated_tokens": 41, "target_forwards": 40},
+            {"id": "a", "block_size": 4, "generated_tokens": 41, "target_forwards": 10, "accepted_per_step": [3, 1]}]
+    (candidate / "eval_summary.json").write_text(json.dumps(summarise_curve(rows, costs)))
+    run_ship_stage(recipe)
+    for name in SHIPPED_DRAFTER_FILES:
+        assert (asset / name).read_bytes() == (candidate / name).read_bytes()
+    card = (asset / "README.md").read_text()
+    assert "![curve](../../../docs/drafter-acceptance.png)" in card and "| 4 | 4.00 |" in card
+    assert (tmp_path / "docs" / "drafter-acceptance.png").read_bytes()[:4] == b"\x89PNG"
+    with _pytest.raises(SystemExit, match="is the shipped drafter itself"):
+        run_ship_stage(dataclasses.replace(recipe, output_dir=str(asset)))
+
+
 def test_model_card_counts_read_the_same_from_memory_and_from_json():
     import json
 
@@ -308,7 +351,11 @@ def test_train_checkpoints_resumes_and_saves_a_plain_fc(tmp_path, monkeypatch):
     timed.work_dir = str(tmp_path / "timed")
     timed.train = dataclasses.replace(timed.train, warmup_steps=1, validate_every=10 ** 6, checkpoint_every=10 ** 6,
                                       decay_within_budget=True)
-    train(timed, target, sequences, tmp_path / "timed.jsonl", total_minutes=1 / 60)
+    from blockpilot.runtime.training import train_drafter
+    ticks = iter(range(10 ** 6))
+    with monkeypatch.context() as clock:  # each reading of the clock 20 ms later: ~50 steps, whatever the load
+        clock.setattr(train_drafter.time, "perf_counter", lambda: 0.02 * next(ticks))
+        train(timed, target, sequences, tmp_path / "timed.jsonl", total_minutes=1 / 60)
     rates = [json.loads(line)["lr"] for line in (tmp_path / "timed.jsonl").read_text().splitlines()]
     peak = timed.train.learning_rate
     assert 3 < len(rates) < 500 and rates == sorted(rates, reverse=True) and rates[-1] < 0.2 * peak

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from blockpilot.policy_export.collect import per_prompt_scores
 
+from .. import assets
 from ..step_cost import step_ms
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -125,7 +126,7 @@ def write_model_card(recipe, summary: dict) -> None:
     training = json.loads((out / "training_summary.json").read_text()) if (out / "training_summary.json").exists() else {}
     layer_ids = json.loads((out / "config.json").read_text())["dflash_config"]["target_layer_ids"]
     # The shipped drafter's curve goes into the docs; a candidate's stays beside it.
-    shipped = out.resolve() == (DOCS.parent / "runtime" / "assets" / "smollm2-135m-instruct-dflash").resolve()
+    shipped = out.resolve() == assets.DEFAULT_DRAFTER_DIR.resolve()
     png = DOCS / "drafter-acceptance.png" if shipped else out / "drafter-acceptance.png"
     plot_curve(summary, png)
     image = "../../../docs/drafter-acceptance.png" if shipped else "drafter-acceptance.png"

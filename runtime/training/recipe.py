@@ -338,6 +338,37 @@ def run_eval_stage(recipe: DrafterRecipe) -> None:
     print(f"eval: model card written to {recipe.output_dir}/README.md")
 
 
+SHIPPED_DRAFTER_FILES = ("config.json", "model.safetensors", "training_summary.json", "eval_summary.json")
+
+
+def run_ship_stage(recipe: DrafterRecipe) -> None:
+    """Ship the recipe's evaluated candidate (`output_dir`): its weights, config and summaries into the
+    default drafter's asset folder, and its model card written there (the curve into docs/). The
+    policy and the verify rule's calibration name the drafter they were fitted for: refit them next
+    (`make refit`)."""
+    import dataclasses
+    import json
+    import shutil
+
+    from .. import assets
+    from .model_card import write_model_card
+
+    asset = assets.DEFAULT_DRAFTER_DIR
+    candidate = Path(recipe.output_dir)
+    if candidate.resolve() == asset.resolve():
+        raise SystemExit(f"--stage ship: {candidate} is the shipped drafter itself; nothing to ship")
+    missing = [name for name in SHIPPED_DRAFTER_FILES if not (candidate / name).exists()]
+    if missing:
+        raise SystemExit(f"--stage ship: {candidate} lacks {', '.join(missing)}: train and evaluate it first "
+                         f"(--stage train, then --stage eval)")
+    for name in SHIPPED_DRAFTER_FILES:
+        shutil.copyfile(candidate / name, asset / name)
+    write_model_card(dataclasses.replace(recipe, output_dir=str(asset)),
+                     json.loads((asset / "eval_summary.json").read_text()))
+    print(f"ship: {candidate} -> {asset} (model card and docs/drafter-acceptance.png rewritten); "
+          f"refit the policy and the verify calibration next: make refit")
+
+
 def with_overrides(recipe: DrafterRecipe, overrides: dict[str, object]) -> DrafterRecipe:
     """A copy of `recipe` with `section.field` settings replaced (e.g. {"train.soft_target_weight": 0.5})."""
     import copy
