@@ -147,7 +147,9 @@ def _drop_stale_counts(runs: Path, made_with: dict) -> None:
         before = json.loads(record.read_text()) if record.exists() else {}
         changed = [key for key in made_with if before.get(key) != made_with[key]]
         if changed:
-            print(f"{runs.name}: collected with another {', '.join(changed)} than now; collecting again")
+            why = (f"collected with another {', '.join(changed)} than now" if before
+                   else f"no record of the drafter it was collected with ({record.name})")
+            print(f"{runs.name}: {why}; collecting again")
             runs.unlink()
     runs.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(made_with, indent=2) + "\n")
