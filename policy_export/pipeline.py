@@ -127,31 +127,21 @@ def step_costs(recipe: PolicyRecipe, engine) -> dict:
     return json.loads(path.read_text())
 
 
-def _counts_made_with(recipe: PolicyRecipe, spec: CollectConfig, engine) -> dict:
-    """What a stage's counts depend on. The greedy references depend on the target alone and are
-    kept; the counts replayed on them change with the drafter (a newly shipped one above all)."""
-    from blockpilot.runtime.policy import drafter_fingerprint
-
-    made_with = {"target": engine.target.fingerprint(), "drafter": drafter_fingerprint(engine.drafter),
-                 "dtype": recipe.dtype, "sizes": recipe.sizes, "max_new_tokens": spec.max_new_tokens,
-                 "method": spec.method}
-    return json.loads(json.dumps(made_with))  # as it reads back from the file
-
-
-def _drop_stale_counts(runs: Path, made_with: dict) -> None:
-    """Remove counts collected with another drafter, target or size set than this run's (a resumed
-    collection would otherwise train the policy on the previous drafter's acceptance without a word);
-    then record what the counts about to be written are made with, beside them."""
-    record = runs.with_name(runs.stem + "_made_with.json")
-    if runs.exists():
+def _drop_stale(output: Path, made_with: dict) -> None:
+    """Remove a stage output made from other inputs than this run's (a resumed collection would
+    otherwise train the policy on, say, the previous drafter's acceptance without a word); then record
+    what the output about to be written is made with, beside it (`<name>_made_with.json`)."""
+    made_with = json.loads(json.dumps(made_with))  # as it reads back from the file
+    record = output.with_name(output.stem + "_made_with.json")
+    if output.exists():
         before = json.loads(record.read_text()) if record.exists() else {}
         changed = [key for key in made_with if before.get(key) != made_with[key]]
         if changed:
-            why = (f"collected with another {', '.join(changed)} than now" if before
-                   else f"no record of the drafter it was collected with ({record.name})")
-            print(f"{runs.name}: {why}; collecting again")
-            runs.unlink()
-    runs.parent.mkdir(parents=True, exist_ok=True)
+            why = (f"made with another {', '.join(changed)} than now" if before
+                   else f"no record of what it was made with ({record.name})")
+            print(f"{output.name}: {why}; collecting again")
+            output.unlink()
+    output.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(made_with, indent=2) + "\n")
 
 
@@ -161,6 +151,8 @@ def collect_stage(recipe: PolicyRecipe, which: str = "collect") -> None:
     `method: replay` (the default) generates each prompt's greedy output once and replays every size
     on it (runtime/replay.py: the engine's exact counts, drafter forwards only, ~5x cheaper here);
     `method: run` runs the engine at every size and keeps the raw decode times too."""
+    from blockpilot.runtime.policy import drafter_fingerprint
+
     from .collect import prefill_feature_matrix, run_every_size
 
     spec = getattr(recipe, which)
@@ -168,7 +160,13 @@ def collect_stage(recipe: PolicyRecipe, which: str = "collect") -> None:
     records = _records(spec)
     step_costs(recipe, engine)
     runs = recipe.path(f"{which}_runs.jsonl")
-    _drop_stale_counts(runs, _counts_made_with(recipe, spec, engine))
+    features_path = recipe.path(f"{which}_features.npz")
+    # The greedy references depend on the target alone and are kept; the prefill features on the target
+    # and the layers the drafter reads; the counts replayed on the references on the drafter as well.
+    target = {"target": engine.target.fingerprint(), "dtype": recipe.dtype}
+    _drop_stale(features_path, {**target, "layers": engine.capture_layers})
+    _drop_stale(runs, {**target, "drafter": drafter_fingerprint(engine.drafter), "sizes": recipe.sizes,
+                       "max_new_tokens": spec.max_new_tokens, "method": spec.method})
     if spec.method == "run":
         run_every_size(engine, records, recipe.sizes, runs, max_new_tokens=spec.max_new_tokens,
                        batch_size=spec.batch_size)
@@ -182,7 +180,6 @@ def collect_stage(recipe: PolicyRecipe, which: str = "collect") -> None:
         rows = replay_every_size(engine.target, engine.drafter, outputs, recipe.sizes, spec.max_new_tokens)
         response = {o["id"]: o["response_ids"] for o in outputs}
         runs.write_text("".join(json.dumps({**r, "token_ids": response[r["id"]]}) + "\n" for r in rows))
-    features_path = recipe.path(f"{which}_features.npz")
     if not features_path.exists():
         features = prefill_feature_matrix(engine, records)
         np.savez(features_path, ids=np.array([r.id for r in records]), features=features)

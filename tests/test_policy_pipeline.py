@@ -178,9 +178,14 @@ def test_counts_collected_with_another_drafter_or_sizes_are_collected_again(tiny
     marked = [{**r, "acceptance_length": -1.0} for r in first]  # stands in for counts of an earlier drafter
     runs.write_text("".join(json.dumps(r) + "\n" for r in marked))
     assert collect(tiny_pair / "drafter") == marked  # same drafter, target and sizes: kept as collected
+    features = tmp_path / "work" / "collect_features.npz"
+    features_written = features.stat().st_mtime_ns
     again = collect(tmp_path / "other-drafter")
     assert all(r["acceptance_length"] >= 1.0 for r in again) and len(again) == 8
-    assert "collected with another drafter than now" in capsys.readouterr().out
+    assert "collect_runs.jsonl: made with another drafter than now" in capsys.readouterr().out
+    assert features.stat().st_mtime_ns == features_written  # same target, same layers read: kept
+    made_with = json.loads((tmp_path / "work" / "collect_features_made_with.json").read_text())
+    assert made_with["layers"] == [1, 1] and "drafter" not in made_with
     wider = collect(tmp_path / "other-drafter", sizes="2-4")
     assert sorted({r["block_size"] for r in wider}) == [2, 3, 4]
     made_with = json.loads((tmp_path / "work" / "collect_runs_made_with.json").read_text())
