@@ -14,7 +14,7 @@ SGL_VENV := .venv-sglang
 SGL_BIN := $(SGL_VENV)/bin
 SGL_STAMP := $(SGL_VENV)/.installed
 
-.PHONY: install install-sglang demo test test-core test-sglang test-fast bench serve-bench serve-64 padding-cost step-costs step-costs-here drafter-depth-cost linear-layouts \
+.PHONY: install install-sglang demo test test-core test-sglang test-fast bench serve-bench serve-64 draft-vocab-sizes bench-draft-vocab padding-cost step-costs step-costs-here drafter-depth-cost linear-layouts \
 	bench-sampled calibrate-verify eval-verify drafter-v1-weights drafter-v2 drafter-compare train-throughput data-throughput data-dtypes drafter-data-cpu drafter-train-cpu ship-drafter refit drafter-compare-v4 gpu-bundle clean
 
 install: $(STAMP)
@@ -97,6 +97,18 @@ serve-64: install install-sglang
 	$(BIN)/blockpilot prepare
 	$(SGL_BIN)/python -m blockpilot.plugins.sglang.serve_bench --concurrency 64 --rounds 1 --max-new-tokens 48 \
 		--variants mixed --output-dir runs/serve-64
+
+# Draft vocabularies of several sizes beside every token, for the shipped drafter: MT-Bench acceptance
+# (replayed) and the draft's cost here (measured interleaved; nothing else may run). About 8 min.
+draft-vocab-sizes: install
+	$(BIN)/blockpilot prepare
+	$(BIN)/python examples/draft_vocab_sizes.py --output runs/draft_vocab_sizes.json
+
+# Decoding at block 3 from the draft vocabulary and from every token, side by side with plain decoding.
+bench-draft-vocab: install
+	$(BIN)/blockpilot prepare
+	$(BIN)/blockpilot bench --num-prompts $(BENCH_PROMPTS) --block-sizes 3 --repeats 3 --verify full \
+		--max-new-tokens 256 --compare-draft-vocab --output-dir runs/bench-draft-vocab
 
 # Ragged vs padded-to-widest decode steps for mixed-width batches (the SGLang plugin pads).
 padding-cost: install

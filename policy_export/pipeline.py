@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -114,10 +115,13 @@ def _records(spec: CollectConfig):
 
 
 def step_costs(recipe: PolicyRecipe, engine) -> dict:
-    """The deployment machine's step-cost table, measured once and kept in work_dir."""
+    """The deployment machine's step-cost table, measured once and kept in work_dir (again after the
+    drafter or its draft vocabulary changed: a step's draft cost is theirs)."""
     from blockpilot.runtime.step_cost import TABLE_REPEATS, measure_step_costs
 
     path = recipe.path("step_costs.json")
+    _drop_stale(path, {"target": engine.target.fingerprint(), "dtype": recipe.dtype, **drafter_inputs(engine.drafter),
+                       "sizes": sorted({1, *recipe.sizes})})
     if path.exists():
         return json.loads(path.read_text())
     log.warning("measuring the step-cost table once (keep the machine otherwise idle): %s", path)
@@ -127,10 +131,21 @@ def step_costs(recipe: PolicyRecipe, engine) -> dict:
     return json.loads(path.read_text())
 
 
+def drafter_inputs(drafter) -> dict:
+    """What counts and step costs depend on of the drafter: its weights and shape, and the tokens it
+    drafts from."""
+    from blockpilot.runtime.policy import drafter_fingerprint
+
+    vocabulary = drafter.vocabulary if drafter is not None else None
+    return {"drafter": drafter_fingerprint(drafter) if drafter is not None else None,
+            "draft_vocab": vocabulary.describe() if vocabulary is not None else "full"}
+
+
 def _drop_stale(output: Path, made_with: dict) -> None:
-    """Remove a stage output made from other inputs than this run's (a resumed collection would
-    otherwise train the policy on, say, the previous drafter's acceptance without a word); then record
-    what the output about to be written is made with, beside it (`<name>_made_with.json`)."""
+    """Remove a stage output (a file, or a folder of references) made from other inputs than this
+    run's (a resumed collection would otherwise train the policy on, say, the previous drafter's
+    acceptance without a word); then record what the output about to be written is made with, beside
+    it (`<name>_made_with.json`)."""
     made_with = json.loads(json.dumps(made_with))  # as it reads back from the file
     record = output.with_name(output.stem + "_made_with.json")
     if output.exists():
@@ -139,8 +154,8 @@ def _drop_stale(output: Path, made_with: dict) -> None:
         if changed:
             why = (f"made with another {', '.join(changed)} than now" if before
                    else f"no record of what it was made with ({record.name})")
-            print(f"{output.name}: {why}; collecting again")
-            output.unlink()
+            print(f"{output.name}: {why}; making it again")
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
     output.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(made_with, indent=2) + "\n")
 
@@ -151,8 +166,6 @@ def collect_stage(recipe: PolicyRecipe, which: str = "collect") -> None:
     `method: replay` (the default) generates each prompt's greedy output once and replays every size
     on it (runtime/replay.py: the engine's exact counts, drafter forwards only, ~5x cheaper here);
     `method: run` runs the engine at every size and keeps the raw decode times too."""
-    from blockpilot.runtime.policy import drafter_fingerprint
-
     from .collect import prefill_feature_matrix, run_every_size
 
     spec = getattr(recipe, which)
@@ -165,7 +178,7 @@ def collect_stage(recipe: PolicyRecipe, which: str = "collect") -> None:
     # and the layers the drafter reads; the counts replayed on the references on the drafter as well.
     target = {"target": engine.target.fingerprint(), "dtype": recipe.dtype}
     _drop_stale(features_path, {**target, "layers": engine.capture_layers})
-    _drop_stale(runs, {**target, "drafter": drafter_fingerprint(engine.drafter), "sizes": recipe.sizes,
+    _drop_stale(runs, {**target, **drafter_inputs(engine.drafter), "sizes": recipe.sizes,
                        "max_new_tokens": spec.max_new_tokens, "method": spec.method})
     if spec.method == "run":
         run_every_size(engine, records, recipe.sizes, runs, max_new_tokens=spec.max_new_tokens,
@@ -175,6 +188,7 @@ def collect_stage(recipe: PolicyRecipe, which: str = "collect") -> None:
         from blockpilot.runtime.training.datagen import generate_responses, read_responses
 
         reference = recipe.path(f"{which}-reference")
+        _drop_stale(reference, {**target, "max_new_tokens": spec.max_new_tokens})  # the target's answers alone
         generate_responses(engine, records, reference, max_new_tokens=spec.max_new_tokens, shard_size=spec.batch_size)
         outputs = read_responses(reference)
         rows = replay_every_size(engine.target, engine.drafter, outputs, recipe.sizes, spec.max_new_tokens)

@@ -43,6 +43,10 @@ def _sequences(engine, records, reference_dir: Path, max_new_tokens: int, batch_
     from blockpilot.runtime.replay import prepare, token_probabilities
     from blockpilot.runtime.training.datagen import generate_responses, read_responses
 
+    from .pipeline import _drop_stale
+
+    _drop_stale(reference_dir, {"target": engine.target.fingerprint(), "dtype": str(engine.target.dtype),
+                                "max_new_tokens": max_new_tokens, "temperature": temperature})
     generate_responses(engine, records, reference_dir, max_new_tokens=max_new_tokens, shard_size=batch_size,
                        temperature=temperature)
     wanted = {r.id for r in records}

@@ -31,6 +31,7 @@ class Variant(NamedTuple):
     verify: str  # "full" or "auto"
     plan: bool  # the draft plan on
     sampled_drafts: bool = True  # sampled requests draft from the drafter's distribution
+    every_token: bool = False  # drafts from every token, not the drafter's draft vocabulary
 
 
 def variant_name(variant: Variant) -> str:
@@ -39,14 +40,15 @@ def variant_name(variant: Variant) -> str:
     name = str(variant.size)
     if variant.verify == "auto":
         name += " +verify" if variant.plan else " +verify -plan"
-    return name if variant.sampled_drafts else name + " argmax drafts"
+    name = name if variant.sampled_drafts else name + " argmax drafts"
+    return name + " every token" if variant.every_token else name
 
 
 def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_sizes: list[int], *,
               repeats: int = 3, max_new_tokens: int = 256, batch_size: int = 1,
               sampling: SamplingParams | None = None, show_progress: bool = True, include_auto: bool = False,
               verify_modes: list[str] = ("full",), compare_plan: bool = False,
-              compare_draft_sampling: bool = False) -> dict:
+              compare_draft_sampling: bool = False, compare_draft_vocab: bool = False) -> dict:
     """Run every prompt at every block size (1 = plain decoding) `repeats` times, interleaved.
 
     With `include_auto`, one more block size, "auto", leaves each request's size to the engine's
@@ -55,6 +57,8 @@ def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_size
     "auto" is skipped, with a note, when the engine has no step-cost table. With `compare_plan`,
     every "auto" variant also runs with the draft plan off (`VerifyRule.draft_plan`, "-plan"). With
     `compare_draft_sampling` (sampled requests), every speculative variant also runs with argmax drafts.
+    With `compare_draft_vocab` (a drafter with a draft vocabulary), every speculative variant also
+    drafts from every token ("every token").
     """
     sizes: list[int | str] = sorted(set([1, *block_sizes]))
     for size in sizes:
@@ -72,9 +76,13 @@ def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_size
              VerifyMode.AUTO: [rule.draft_plan, not rule.draft_plan] if compare_plan else [rule.draft_plan]}
     draft_sampling = [engine.sampled_drafts, False] if compare_draft_sampling and engine.sampled_drafts else [
         engine.sampled_drafts]
+    vocabulary = engine.drafter.vocabulary if engine.drafter is not None else None
+    if compare_draft_vocab and vocabulary is None:
+        print("bench: the drafter drafts from every token already, so no 'every token' variants")
+    vocabularies = [False, True] if compare_draft_vocab and vocabulary is not None else [False]
     variants: list[Variant] = [Variant(1, "full", rule.draft_plan, engine.sampled_drafts)] + [
-        Variant(size, mode.value, plan, sampled) for size in sizes if size != 1 for mode in modes
-        for plan in plans[mode] for sampled in draft_sampling]
+        Variant(size, mode.value, plan, sampled, every_token) for size in sizes if size != 1 for mode in modes
+        for plan in plans[mode] for sampled in draft_sampling for every_token in vocabularies]
     own_sampling = engine.sampled_drafts
     prompts = [encode_prompt(engine.target.tokenizer, r) for r in records]
     base = sampling or SamplingParams()
@@ -86,8 +94,10 @@ def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_size
         for repeat in range(repeats):
             order = variants[repeat % len(variants):] + variants[: repeat % len(variants)]
             for variant in order:
-                size, verify, plan, engine.sampled_drafts = variant
+                size, verify, plan, engine.sampled_drafts, every_token = variant
                 rule.draft_plan = plan
+                if engine.drafter is not None:
+                    engine.drafter.vocabulary = None if every_token else vocabulary
                 totals = {"new_tokens": 0, "decode_tokens": 0, "decode_s": 0.0, "wall_s": 0.0, "target_forwards": 0,
                           "drafted": 0, "verified": 0}
                 for start in range(0, len(prompts), batch_size):
@@ -117,6 +127,8 @@ def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_size
     finally:
         rule.draft_plan = plans[VerifyMode.FULL][0]  # the engine's own settings again, whatever happened
         engine.sampled_drafts = own_sampling
+        if engine.drafter is not None:
+            engine.drafter.vocabulary = vocabulary
     bar.close()
     return _summarise(engine, records, variants, runs, tokens, per_prompt, repeats, max_new_tokens, batch_size, base)
 
@@ -145,6 +157,9 @@ def _summarise(engine, records, variants, runs, tokens, per_prompt, repeats, max
             "verify": variant[1],
             "draft_plan": variant[2] if variant[1] == "auto" else None,
             "sampled_drafts": variant.sampled_drafts,
+            "draft_vocab": None if variant.size == 1 else "every token" if variant.every_token else (
+                len(engine.drafter.vocabulary) if engine.drafter is not None and engine.drafter.vocabulary is not None
+                else "every token"),
             "acceptance_length": committed / forwards if forwards else 0.0,
             "target_forwards_per_token": forwards / committed if committed else 0.0,
             "drafted_per_step": last["drafted"] / last["target_forwards"] if last["target_forwards"] else 0.0,

@@ -22,6 +22,9 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--drafter", help="DFlash drafter directory, 'default' or 'none'")
     group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     group.add_argument("--device", help="cpu (default), cuda (or cuda:N), or auto: a GPU where CUDA is available")
+    group.add_argument("--draft-vocab", help="token ids drafts come from (a torch-saved 1-D list, SGLang's "
+                                             "--speculative-token-map format), or 'full' for every token "
+                                             "(default: draft_vocab.pt beside the drafter, if any)")
     group.add_argument("--max-batch-size", type=int)
     group.add_argument("--max-block-size", type=int)
     group.add_argument("--cpu-weight-layouts", type=int, choices=[1, 2],
@@ -55,7 +58,7 @@ def _engine_config(args):
     from .config import EngineConfig
 
     config = EngineConfig.from_yaml(args.config) if args.config else EngineConfig()
-    for name in ("model", "drafter", "dtype", "device", "max_batch_size", "max_block_size", "step_costs",
+    for name in ("model", "drafter", "draft_vocab", "dtype", "device", "max_batch_size", "max_block_size", "step_costs",
                  "verify_calibration", "cpu_weight_layouts"):
         if getattr(args, name, None) is not None:
             setattr(config, name, getattr(args, name))
@@ -127,7 +130,8 @@ def cmd_bench(args) -> None:
     report = run_bench(engine, records, args.block_sizes, repeats=args.repeats, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, sampling=_sampling(args), include_auto=args.block_size == "auto",
                        verify_modes=verify_modes, compare_plan=args.compare_plan,
-                       compare_draft_sampling=args.compare_draft_sampling)
+                       compare_draft_sampling=args.compare_draft_sampling,
+                       compare_draft_vocab=args.compare_draft_vocab)
     out = Path(args.output_dir)
     save_report(report, out / "bench.json", out / "bench.png")
     print(format_table(report))
@@ -360,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-draft-sampling", action="store_true",
                    help="sampled requests: also run every speculative variant with argmax drafts "
                         "('argmax drafts', SGLang DFLASH's way), side by side")
+    p.add_argument("--compare-draft-vocab", action="store_true",
+                   help="also run every speculative variant drafting from every token ('every token'), "
+                        "beside the drafter's draft vocabulary")
     _engine_args(p)
     _sampling_args(p)
     p.set_defaults(func=cmd_bench)

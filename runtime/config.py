@@ -34,6 +34,9 @@ DEFAULT_DTYPE = "float32"
 class EngineConfig:
     model: str | None = None  # HF directory of the target; None = the embedded default (SmolLM2-135M-Instruct)
     drafter: str | None = "default"  # drafter directory, "default" (shipped for the default model) or None
+    # the tokens drafts come from (runtime/draft_vocab.py): unset, draft_vocab.pt beside the drafter if it
+    # has one; "full" every token; else a file of token ids (SGLang's --speculative-token-map format)
+    draft_vocab: str | None = None
     dtype: str = DEFAULT_DTYPE
     device: str = "cpu"  # "cpu", "cuda" (or "cuda:N"), or "auto": a GPU where CUDA is available
     # fixed size for every request, None for the drafter's training size, or "auto": the policy's choice
@@ -130,6 +133,7 @@ def resolve_drafter_dir(config: EngineConfig) -> Path | None:
 def build_engine(config: EngineConfig, untrained_drafter_if_missing: bool = True):
     """Load target and drafter (and, with block_size "auto", the policy) as configured; wrap them in a
     `SpeculativeEngine`."""
+    from .draft_vocab import DraftVocabulary, resolve_draft_vocab_path
     from .drafter import DFlashDraftModel
     from .engine import SpeculativeEngine
     from .target import TargetModel, resolve_device, resolve_dtype
@@ -139,6 +143,7 @@ def build_engine(config: EngineConfig, untrained_drafter_if_missing: bool = True
     drafter_dir = resolve_drafter_dir(config)
     policy_path = engine_policy_path(config, drafter_dir)  # a missing --policy fails before any model loads
     verify_rule = build_verify_rule(config, drafter_dir)  # so does a bad step-cost table or calibration
+    vocabulary_path = resolve_draft_vocab_path(config.draft_vocab, drafter_dir)  # and a missing vocabulary file
     model_dir = Path(config.model) if config.model else assets.ensure_default_model()
     target = TargetModel.load(model_dir, config.dtype).to(device)  # the engine moves the drafter beside it
     if drafter_dir is not None:
@@ -147,6 +152,9 @@ def build_engine(config: EngineConfig, untrained_drafter_if_missing: bool = True
         drafter = DFlashDraftModel.for_target(target)
     else:
         drafter = None
+    if drafter is not None:
+        drafter.vocabulary = (DraftVocabulary.load(vocabulary_path, target.vocab_size) if vocabulary_path is not None
+                              else None)
     engine = SpeculativeEngine(target, drafter, max_batch_size=config.max_batch_size,
                                default_block_size=None if auto else config.block_size,
                                max_block_size=config.max_block_size, verify_rule=verify_rule,

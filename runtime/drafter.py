@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import DEFAULT_BLOCK_SIZE
+from .draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE, DraftVocabulary
 from .kv_cache import SlotKVCache
 from .rope import RotaryEmbedding, apply_rotary
 
@@ -274,6 +275,9 @@ class DFlashDraftModel(nn.Module):
         self.fc = nn.Linear(len(config.target_layer_ids) * config.hidden_size, config.hidden_size, bias=False)
         self.hidden_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        # the tokens its drafts come from (runtime/draft_vocab.py); None: the target's whole vocabulary.
+        # Not a weight: the z-lab checkpoint stays as it is, the list ships beside it.
+        self.vocabulary: DraftVocabulary | None = None
 
     # --- creation, saving, loading ------------------------------------------------------------
     @classmethod
@@ -318,6 +322,8 @@ class DFlashDraftModel(nn.Module):
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+        if self.vocabulary is not None:
+            self.vocabulary.save(directory / DRAFT_VOCAB_FILE)
 
     @classmethod
     def load(cls, directory: str | Path, dtype: torch.dtype | None = None) -> "DFlashDraftModel":
@@ -345,6 +351,8 @@ class DFlashDraftModel(nn.Module):
                 raise ValueError(f"{directory}: weight {name} has shape {tuple(state[name].shape)}, "
                                  f"config implies {tuple(tensor.shape)}")
         model.load_state_dict(state)
+        if (directory / DRAFT_VOCAB_FILE).is_file():
+            model.vocabulary = DraftVocabulary.load(directory / DRAFT_VOCAB_FILE, config.vocab_size)
         if dtype is None:
             dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(data.get("dtype") or data.get("torch_dtype"),
                                                                               torch.float32)
@@ -393,6 +401,13 @@ class DFlashDraftModel(nn.Module):
         for layer, (keys, values) in zip(self.layers, context):
             x = layer(x, cos, sin, keys, values, mask)
         return self.norm(x)
+
+    def logits(self, lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Draft logits `[..., V]` of outputs `hidden` through the target's `lm_head`: over the draft
+        vocabulary where the drafter has one (-inf elsewhere), else over every token. Every path of the
+        runtime that drafts or scores drafts (engine, replay, calibration, evaluation) goes here; the
+        SGLang worker applies the same `DraftVocabulary` to SGLang's head."""
+        return lm_head(hidden) if self.vocabulary is None else self.vocabulary.logits(lm_head, hidden)
 
 
 def _init_weights(module: nn.Module) -> None:

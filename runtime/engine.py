@@ -78,7 +78,7 @@ def draft_logits(target: TargetModel, drafter: DFlashDraftModel, proposed: torch
     positions = layout.starts[:, None] + torch.arange(layout.max_width, device=device)[None, :]
     embeddings = layout.pad(target.embed_tokens(proposed))
     out = layout.unpad(drafter.forward_block(embeddings, positions, context, mask))
-    return target.lm_head(out[blocks.to_device(blocks.draft_slots(host), device)])
+    return drafter.logits(target.lm_head, out[blocks.to_device(blocks.draft_slots(host), device)])
 
 
 class Drafts(NamedTuple):

@@ -182,8 +182,9 @@ def accepted_at(target: TargetModel, drafter: DFlashDraftModel, sequences: list[
         if len(rows) == 0:
             break
         stop = min(start + chunk, width)
-        chance = survival_chances(target.lm_head(hidden[rows, start:stop]), labels[rows, start - 1: stop - 1],
-                                  [sequences[i] for i in rows.tolist()], [positions[i] + start - 1 for i in rows.tolist()])
+        chance = survival_chances(drafter.logits(target.lm_head, hidden[rows, start:stop]),
+                                  labels[rows, start - 1: stop - 1], [sequences[i] for i in rows.tolist()],
+                                  [positions[i] + start - 1 for i in rows.tolist()])
         run = torch.cumprod((coins[rows, start - 1: stop - 1] < chance).long(), dim=1).sum(dim=1)
         accepted[rows] += run
         alive[rows] = run == stop - start

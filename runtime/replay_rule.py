@@ -29,7 +29,7 @@ def draft_logits_at(target: TargetModel, drafter: DFlashDraftModel, sequences: l
     """Draft logits `[n, width - 1, V]` of a `width`-wide block whose bonus token sits at
     `positions[i]` of `sequences[i]`, and the known continuation `[n, width - 1]` (-1 past the end)."""
     hidden, labels = draft_block_at(target, drafter, sequences, positions, width)
-    return target.lm_head(hidden[:, 1:]), labels
+    return drafter.logits(target.lm_head, hidden[:, 1:]), labels
 
 
 @dataclass

@@ -139,6 +139,23 @@ def measure_drafter_depths(target: TargetModel, drafter: DFlashDraftModel, depth
     }
 
 
+@torch.inference_mode()
+def measure_draft_vocab_costs(target: TargetModel, drafter: DFlashDraftModel, vocabularies: dict, widths: list[int],
+                              context_tokens: int = 128, repeats: int = 7, batch_size: int = 1) -> dict:
+    """What the draft vocabulary saves: the drafter's forward per width with each of `vocabularies`
+    (name -> `DraftVocabulary`, or None for every token) beside the target's verify, interleaved."""
+    import copy
+
+    drafters = []
+    for vocabulary in vocabularies.values():
+        variant = copy.copy(drafter)  # the same weights, its own vocabulary
+        variant.vocabulary = vocabulary
+        drafters.append(variant)
+    target_ms, per_drafter = _timed_forwards(target, drafters, widths, context_tokens, repeats, batch_size)
+    return {**_setup(target, context_tokens, repeats, batch_size), "target_ms": target_ms,
+            "drafter_ms": dict(zip(vocabularies, per_drafter))}
+
+
 def step_ms(costs: dict, width: int) -> float:
     """Milliseconds of one decode step at `width`: target verify plus (for width > 1) the drafter.
     Accepts tables whose keys are ints or (read back from JSON) strings."""

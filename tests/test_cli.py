@@ -56,3 +56,15 @@ def test_bench_runs_variants_side_by_side(tmp_path):
     assert all(len(v["decode_tokens_per_s_runs"]) == 2 for v in report["variants"])
     assert (tmp_path / "b" / "bench.png").stat().st_size > 1000
     assert "plain" in run.stdout and "x plain" in run.stdout
+    assert {v["draft_vocab"] for v in report["variants"][1:]} == {16384}  # the shipped drafter's draft vocabulary
+
+
+def test_bench_compares_the_draft_vocabulary_with_every_token(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "Name three colours."}) + "\n")
+    blockpilot("bench", "--prompts", str(prompts), "--block-sizes", "3", "--repeats", "1", "--verify", "full",
+               "--max-new-tokens", "8", "--compare-draft-vocab", "--output-dir", str(tmp_path / "b"))
+    report = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert [(v["name"], v["draft_vocab"]) for v in report["variants"]] == [
+        ("plain", None), ("3", 16384), ("3 every token", "every token")]
+    assert report["greedy_outputs_identical_across_block_sizes"] is True

@@ -116,6 +116,17 @@ def test_jsonl_responses_convert_to_a_store(tmp_path):
     assert ResponseStore(tmp_path / "new").rows() == rows
     jsonl_bytes = sum(p.stat().st_size for p in old.iterdir())
     assert sum(p.stat().st_size for p in ResponseStore(tmp_path / "new").shards()) < jsonl_bytes / 2
+    # the store's most frequent response tokens, written as a draft vocabulary the drafter loads
+    from collections import Counter
+
+    from blockpilot.runtime.draft_vocab import DraftVocabulary
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"vocab_size": 49152}))
+    main(["draft-vocab", str(tmp_path / "new"), "--size", "5", "--output", str(tmp_path / "v.pt"), "--model", str(model)])
+    counts = Counter(t for r in rows for t in r["response_ids"])
+    ranked = sorted(counts, key=lambda t: (-counts[t], t))[:5]
+    assert DraftVocabulary.load(tmp_path / "v.pt", 49152).token_ids.tolist() == sorted(ranked)
 
 
 def test_append_responses_resumes_and_stops_at_its_deadline(tmp_path):
@@ -189,4 +200,5 @@ def test_the_prepared_gpu_command_rehearses_on_the_cpu(tmp_path):
     import tarfile
     with tarfile.open(out / "meta.tgz") as meta:
         config = json.load(meta.extractfile("config.json"))
+        assert "draft_vocab.pt" in meta.getnames()  # the drafter's draft vocabulary comes back beside it
     assert config["num_hidden_layers"] == 2 and config["block_size"] == 8

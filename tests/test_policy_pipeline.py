@@ -1,6 +1,7 @@
 """The policy pipeline end to end (collect -> train -> export -> eval) through the command line, on
 a tiny random Llama that shares the default model's tokenizer (so chat templates work)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -167,10 +168,10 @@ def test_counts_collected_with_another_drafter_or_sizes_are_collected_again(tiny
     spec = CollectConfig(prompts=str(prompts_file(tmp_path / "p.jsonl", 4, "p")), max_new_tokens=6, batch_size=8)
     runs = tmp_path / "work" / "collect_runs.jsonl"
 
-    def collect(drafter, sizes="2-3"):
+    def collect(drafter, sizes="2-3", max_new_tokens=6):
         collect_stage(PolicyRecipe(work_dir=str(tmp_path / "work"), output=str(tmp_path / "p.onnx"),
                                    model=str(tiny_pair / "target"), drafter=str(drafter), candidate_sizes=sizes,
-                                   collect=spec))
+                                   collect=dataclasses.replace(spec, max_new_tokens=max_new_tokens)))
         return [json.loads(line) for line in runs.read_text().splitlines()]
 
     first = collect(tiny_pair / "drafter")
@@ -189,4 +190,18 @@ def test_counts_collected_with_another_drafter_or_sizes_are_collected_again(tiny
     wider = collect(tmp_path / "other-drafter", sizes="2-4")
     assert sorted({r["block_size"] for r in wider}) == [2, 3, 4]
     made_with = json.loads((tmp_path / "work" / "collect_runs_made_with.json").read_text())
-    assert made_with["sizes"] == [2, 3, 4] and made_with["method"] == "replay"
+    assert made_with["sizes"] == [2, 3, 4] and made_with["method"] == "replay" and made_with["draft_vocab"] == "full"
+    # the target's answers depend on the target alone: kept across drafters, made again for a longer limit
+    reference = tmp_path / "work" / "collect-reference"
+    answered = sorted(p.stat().st_mtime_ns for p in reference.iterdir())
+    assert json.loads((tmp_path / "work" / "collect-reference_made_with.json").read_text())["max_new_tokens"] == 6
+    # a draft vocabulary beside the drafter drafts other tokens: counted again
+    torch.save(torch.arange(0, 40), tmp_path / "other-drafter" / "draft_vocab.pt")
+    capsys.readouterr()
+    collect(tmp_path / "other-drafter", sizes="2-4")
+    assert "collect_runs.jsonl: made with another draft_vocab than now" in capsys.readouterr().out
+    assert sorted(p.stat().st_mtime_ns for p in reference.iterdir()) == answered
+    assert json.loads((tmp_path / "work" / "collect_runs_made_with.json").read_text())["draft_vocab"]["size"] == 40
+    longer = collect(tmp_path / "other-drafter", sizes="2-4", max_new_tokens=8)
+    assert "collect-reference: made with another max_new_tokens than now" in capsys.readouterr().out
+    assert max(r["generated_tokens"] for r in longer) > 6

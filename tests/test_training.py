@@ -254,9 +254,17 @@ def test_ship_stage_copies_an_evaluated_candidate_into_the_asset_and_writes_its_
     rows = [{"id": "a", "block_size": 1, "generated_tokens": 41, "target_forwards": 40},
             {"id": "a", "block_size": 4, "generated_tokens": 41, "target_forwards": 10, "accepted_per_step": [3, 1]}]
     (candidate / "eval_summary.json").write_text(json.dumps(summarise_curve(rows, costs)))
+    (asset / "draft_vocab.pt").write_bytes(b"the previous drafter's vocabulary")
     run_ship_stage(recipe)
     for name in SHIPPED_DRAFTER_FILES:
         assert (asset / name).read_bytes() == (candidate / name).read_bytes()
+    assert not (asset / "draft_vocab.pt").exists()  # a candidate without one drafts from every token
+    assert "Drafts come from the whole vocabulary." in (asset / "README.md").read_text()
+    import torch
+    torch.save(torch.arange(100, 120), candidate / "draft_vocab.pt")
+    run_ship_stage(recipe)
+    assert (asset / "draft_vocab.pt").read_bytes() == (candidate / "draft_vocab.pt").read_bytes()
+    assert "Drafts come from 20 frequent tokens (`draft_vocab.pt`" in (asset / "README.md").read_text()
     card = (asset / "README.md").read_text()
     assert "![curve](../../../docs/drafter-acceptance.png)" in card and "| 4 | 4.00 |" in card
     assert (tmp_path / "docs" / "drafter-acceptance.png").read_bytes()[:4] == b"\x89PNG"
@@ -343,6 +351,16 @@ def test_train_checkpoints_resumes_and_saves_a_plain_fc(tmp_path, monkeypatch):
     stopped = [json.loads(line) for line in (tmp_path / "budget.jsonl").read_text().splitlines()]
     assert [r["step"] for r in stopped] == [1] and stopped[0]["val_replayed_acceptance_at_2"] >= 1.0
     train(budget, target, sequences, tmp_path / "budget.jsonl", more_minutes=0.0)  # resumed: one step more
+    # drafter.draft_vocab: the drafter is validated and saved with the training answers' most frequent tokens
+    listed = recipe(1)
+    listed.work_dir = str(tmp_path / "listed")
+    listed.drafter = dataclasses.replace(listed.drafter, draft_vocab=5)
+    with_list = train(listed, target, sequences, tmp_path / "listed.jsonl")
+    answers = np.concatenate([s.tokens[s.prompt_len:] for s in train_part])
+    assert with_list.vocabulary.token_ids.tolist() == sorted(np.argsort(-np.bincount(answers), kind="stable")[:5].tolist())
+    with_list.save(tmp_path / "listed-drafter")
+    assert drafter_module.DFlashDraftModel.load(tmp_path / "listed-drafter").vocabulary.token_ids.tolist() == \
+        with_list.vocabulary.token_ids.tolist()
     assert [json.loads(line)["step"] for line in (tmp_path / "budget.jsonl").read_text().splitlines()] == [1, 2]
     with pytest.raises(ValueError, match="not both"):
         train(budget, target, sequences, tmp_path / "budget.jsonl", total_minutes=1.0, more_minutes=1.0)

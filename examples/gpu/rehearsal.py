@@ -36,6 +36,7 @@ drafter:  # as v4's recipe grows the shipped drafter: one layer more, blocks twi
   num_layers: 2
   num_target_features: 2
   block_size: 8
+  draft_vocab: 16384  # as the GPU recipe's
 train:
   init_from: {root}/cache/init
   steps: 2

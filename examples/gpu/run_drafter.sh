@@ -76,7 +76,8 @@ python3 -m blockpilot.runtime.cli train-drafter --config "$CONFIG" --stage train
 
 step "pack into $OUT"
 split -b $PART_BYTES -d "$DRAFTER/model.safetensors" "$OUT/drafter.safetensors.part-"
-tar -czf "$OUT/meta.tgz" -C "$DRAFTER" config.json training_summary.json -C "$WORK" train_log.jsonl
+tar -czf "$OUT/meta.tgz" -C "$DRAFTER" config.json training_summary.json \
+  $( [ -f "$DRAFTER/draft_vocab.pt" ] && echo draft_vocab.pt ) -C "$WORK" train_log.jsonl
 # the shards this run added and the store's manifests (npz is compressed already: a plain tar)
 new=$(comm -13 "$WORK/carried-shards.txt" <(shards | sort) | sed "s|^$STORE/||")
 tar -cf "$WORK/data-new.tar" -C "$STORE" manifest.json $( [ -f "$STORE/instructions/manifest.json" ] && echo instructions/manifest.json) $new

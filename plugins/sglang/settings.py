@@ -36,13 +36,14 @@ ENV_STEP_COSTS = "BLOCKPILOT_STEP_COSTS"  # the runtime's name (step_verify.STEP
 ENV_DRAFT_PLAN = "BLOCKPILOT_DRAFT_PLAN"  # on | off
 ENV_TARGET_KERNELS = "BLOCKPILOT_TARGET_KERNELS"  # drafting | all | sglang
 ENV_DRAFT_SAMPLING = "BLOCKPILOT_DRAFT_SAMPLING"  # sampled | argmax
+ENV_DRAFT_VOCAB = "BLOCKPILOT_DRAFT_VOCAB"  # a token-id file, or full
 DRAFT_SAMPLING = {"sampled": True, "argmax": False}
 TARGET_KERNELS = ("drafting", "all", "sglang")
 # A file: every timed decode step as a JSON line (rows, widths, measured and priced ms, the correction's
 # scales), to see what the plan saw. A diagnostic, not a setting: read by the worker, not `settings()`.
 ENV_STEP_LOG = "BLOCKPILOT_STEP_LOG"
 ENV_NAMES = (ENV_CONFIG, ENV_POLICY, ENV_SIZES, ENV_PAD_TO, ENV_VERIFY, ENV_STEP_COSTS, ENV_DRAFT_PLAN,
-             ENV_TARGET_KERNELS, ENV_DRAFT_SAMPLING)
+             ENV_TARGET_KERNELS, ENV_DRAFT_SAMPLING, ENV_DRAFT_VOCAB)
 ON_OFF = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}
 
 
@@ -67,6 +68,9 @@ class ServerSettings:
     # sampled requests draft samples of the drafter's distribution, verified by speculative sampling
     # (verify_logits.speculative_target_tokens); false: its argmax, DFLASH's target-only verify
     sampled_drafts: bool = True
+    # the tokens drafts come from (the runtime's EngineConfig.draft_vocab): None, SGLang's
+    # --speculative-token-map if given, else draft_vocab.pt beside the drafter; "full" every token
+    draft_vocab: Optional[str] = None
     # CPU engine: which of the target's forwards run the GEMM kernel measured fastest per row count
     # (cpu/linear_kernels.py): "all" every one (the fastest server); "drafting" those of a drafting step
     # only (the verify), prefills and plain steps SGLang's F.linear as in a server without speculation
@@ -133,6 +137,8 @@ class ServerSettings:
                 raise ValueError(f"{ENV_TARGET_KERNELS} must be one of {', '.join(TARGET_KERNELS)}, "
                                  f"got {environ[ENV_TARGET_KERNELS]!r}")
             data["target_kernels"] = value
+        if environ.get(ENV_DRAFT_VOCAB):
+            data["draft_vocab"] = environ[ENV_DRAFT_VOCAB]
         if environ.get(ENV_DRAFT_SAMPLING):
             value = environ[ENV_DRAFT_SAMPLING].strip().lower()
             if value not in DRAFT_SAMPLING:
@@ -304,6 +310,20 @@ def resolve_policy_path(cfg: ServerSettings, draft_model_path: Optional[str]) ->
         return runtime_policy_path("auto", cfg.policy, draft_model_path)
     except FileNotFoundError as err:
         raise ValueError(f"BlockPilot {err} (from {ENV_POLICY} or the config)") from None
+
+
+def resolve_draft_vocab_path(cfg: ServerSettings, token_map: Optional[str], draft_model_path: Optional[str]) -> Optional[Path]:
+    """The token-id file drafts come from, or None for every token, by the runtime's rule
+    (``draft_vocab.resolve_draft_vocab_path``): the setting, else SGLang's ``--speculative-token-map``
+    (`token_map`), else ``draft_vocab.pt`` beside the drafter. ValueError naming a missing file."""
+    from blockpilot.runtime.draft_vocab import resolve_draft_vocab_path as runtime_rule
+
+    setting = cfg.draft_vocab if cfg.draft_vocab is not None else token_map
+    try:
+        return runtime_rule(setting, draft_model_path)
+    except FileNotFoundError as err:
+        source = f"{ENV_DRAFT_VOCAB} or the config" if cfg.draft_vocab is not None else "--speculative-token-map"
+        raise ValueError(f"BlockPilot {err} (from {source})") from None
 
 
 def build_verify_rule(cfg: ServerSettings, draft_model_path: Optional[str]):

@@ -50,6 +50,7 @@ from sglang.srt.speculative.draft_worker_common import build_block_pos_offsets
 
 from blockpilot.runtime import blocks
 from blockpilot.runtime.blocks import BlockSizeSource
+from blockpilot.runtime.draft_vocab import DraftVocabulary
 from blockpilot.runtime.step_verify import StepTimeCorrection, VerifyMode
 
 from . import activation, metrics, verify_logits
@@ -100,14 +101,20 @@ class BlockPilotWorker(DFlashWorkerV2):
         activation.activate_in_this_process()  # before super(): its draft worker resolves an attention backend
         cfg = bp_settings.settings()
         verify_rule = bp_settings.build_verify_rule(cfg, server_args.speculative_draft_model_path)
-        if verify_rule.mode is VerifyMode.AUTO:
-            # The rule reads the draft logits; DFlashWorkerV2's head folded into the draft CUDA graph
-            # keeps none, so the draft head stays eager (GPU only: the CPU engine has no graphs).
+        vocabulary_path = bp_settings.resolve_draft_vocab_path(
+            cfg, getattr(server_args, "speculative_token_map", None), server_args.speculative_draft_model_path)
+        if verify_rule.mode is VerifyMode.AUTO or vocabulary_path is not None:
+            # The rule reads the draft logits, and a draft vocabulary computes them itself; DFlashWorkerV2's
+            # head folded into the draft CUDA graph does neither, so the draft head stays eager (GPU only:
+            # the CPU engine has no graphs).
             envs.SGLANG_DFLASH_EAGER_DRAFT_SAMPLER.set(True)
         super().__init__(server_args, gpu_id, nccl_port, target_worker)
         # DFlashWorkerV2.__getattr__ forwards unknown names to the target worker: set every _bp_* here.
         self._bp_cfg = cfg
         self._bp_rule = verify_rule
+        # the tokens drafts come from (runtime/draft_vocab.py); None: the whole vocabulary
+        vocab_size = int(self.target_worker.model_runner.model_config.vocab_size)
+        self._bp_draft_vocab = DraftVocabulary.load(vocabulary_path, vocab_size) if vocabulary_path is not None else None
         self._bp_max = int(self.block_size)  # handle_server_args set speculative_num_draft_tokens = the top
         self._bp_min, _ = cfg.size_range(self._bp_max)
         problems = []
@@ -347,8 +354,9 @@ class BlockPilotWorker(DFlashWorkerV2):
         batch = self._bp_batch
         sampled_rows = (verify_logits.rows_with_sampled_drafts(batch.reqs, batch.sampling_info)
                         if self._bp_cfg.sampled_drafts and batch is not None else [])
-        if ((not rule_runs and self._bp_draft_head is None and not sampled_rows) or hidden_states.numel() == 0
-                or not is_dense_head_weight(weight) or (shard is not None and int(shard.num_added_elements))):
+        if ((not rule_runs and self._bp_draft_head is None and not sampled_rows and self._bp_draft_vocab is None)
+                or hidden_states.numel() == 0 or not is_dense_head_weight(weight)
+                or (shard is not None and int(shard.num_added_elements))):
             return super()._greedy_sample_from_vocab_parallel_head(hidden_states=hidden_states, lm_head=lm_head,
                                                                     chunk_size=chunk_size)
         drafts, confidence = self._bp_drafts_and_confidence(hidden_states, weight, shard, step - 1, rule_runs,
@@ -501,8 +509,12 @@ class BlockPilotWorker(DFlashWorkerV2):
         for start in range(0, n, 1024):
             end = min(n, start + 1024)
             hidden = hidden_states[start:end].to(head.dtype)
-            logits = (self._bp_draft_head.logits(hidden, head) if self._bp_draft_head is not None
-                      else torch.matmul(hidden, head.T))
+            if self._bp_draft_vocab is not None:  # the head's rows for those tokens only, -inf elsewhere
+                logits = self._bp_draft_vocab.expand(torch.matmul(hidden, self._bp_draft_vocab.head_rows(head).T))
+            elif self._bp_draft_head is not None:
+                logits = self._bp_draft_head.logits(hidden, head)
+            else:
+                logits = torch.matmul(hidden, head.T)
             drafts[start:end] = logits.argmax(dim=-1) + vocab_start
             chosen = torch.nonzero(sampled[start:end]).squeeze(1)  # host tensors: no device sync
             if len(chosen):

@@ -14,6 +14,7 @@ from pathlib import Path
 from blockpilot.policy_export.collect import per_prompt_scores
 
 from .. import assets
+from ..draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE, DraftVocabulary
 from ..step_cost import step_ms
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -121,6 +122,11 @@ def format_counts(counts: dict) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: int(kv[0])))
 
 
+def _vocab_size(drafter_dir: Path) -> int:
+    config = json.loads((drafter_dir / "config.json").read_text())
+    return int(config["vocab_size"])
+
+
 def write_model_card(recipe, summary: dict) -> None:
     out = Path(recipe.output_dir)
     training = json.loads((out / "training_summary.json").read_text()) if (out / "training_summary.json").exists() else {}
@@ -131,6 +137,11 @@ def write_model_card(recipe, summary: dict) -> None:
     plot_curve(summary, png)
     image = "../../../docs/drafter-acceptance.png" if shipped else "drafter-acceptance.png"
     sampled = summary.get("sampled")
+    vocabulary_file = out / DRAFT_VOCAB_FILE
+    vocabulary = (f"Drafts come from {len(DraftVocabulary.load(vocabulary_file, _vocab_size(out))):,} frequent tokens "
+                  f"(`{DRAFT_VOCAB_FILE}`: the draft's lm_head over those rows only; runtime/draft_vocab.py), as "
+                  f"measured below; the target still verifies over every token."
+                  if vocabulary_file.is_file() else "Drafts come from the whole vocabulary.")
 
     def at_temperature(size) -> str:  # JSON keys come back as strings
         return f" {sampled['acceptance_length'].get(size, sampled['acceptance_length'].get(str(size))):.2f} |" if sampled else ""
@@ -156,6 +167,7 @@ A {recipe.drafter.num_layers}-layer DFlash block-diffusion drafter trained by th
 Format: the published z-lab layout (`DFlashDraftModel`), block size {recipe.drafter.block_size},
 context from target layers {layer_ids};
 mask token `<empty_output>` (id 16).
+{vocabulary}
 
 ## Training
 - Data: the target's own greedy responses (up to {recipe.data.max_new_tokens} new tokens, in float32 or

@@ -45,6 +45,9 @@ class DrafterShape:
     num_layers: int = 1
     num_target_features: int = 4
     block_size: int = DEFAULT_BLOCK_SIZE
+    # drafts come from the training responses' N most frequent tokens (runtime/draft_vocab.py; 0 = every
+    # token): the draft's lm_head is that much smaller, and the drafter is validated and shipped with it
+    draft_vocab: int = 0
 
 
 @dataclass
@@ -351,6 +354,7 @@ def run_ship_stage(recipe: DrafterRecipe) -> None:
     import shutil
 
     from .. import assets
+    from ..draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
     from .model_card import write_model_card
 
     asset = assets.DEFAULT_DRAFTER_DIR
@@ -363,6 +367,10 @@ def run_ship_stage(recipe: DrafterRecipe) -> None:
                          f"(--stage train, then --stage eval)")
     for name in SHIPPED_DRAFTER_FILES:
         shutil.copyfile(candidate / name, asset / name)
+    # the draft vocabulary goes with the weights it was evaluated with, and never outlives them
+    (asset / DRAFT_VOCAB_FILE).unlink(missing_ok=True)
+    if (candidate / DRAFT_VOCAB_FILE).is_file():
+        shutil.copyfile(candidate / DRAFT_VOCAB_FILE, asset / DRAFT_VOCAB_FILE)
     write_model_card(dataclasses.replace(recipe, output_dir=str(asset)),
                      json.loads((asset / "eval_summary.json").read_text()))
     print(f"ship: {candidate} -> {asset} (model card and docs/drafter-acceptance.png rewritten); "

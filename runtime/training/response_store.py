@@ -9,6 +9,7 @@ prompt is: a rerun, or a later run over the same prompts, adds only what is new.
 
     python -m blockpilot.runtime.training.response_store convert OLD_DATA_DIR STORE_DIR   # responses-*.jsonl
     python -m blockpilot.runtime.training.response_store info STORE_DIR
+    python -m blockpilot.runtime.training.response_store draft-vocab STORE_DIR --size 16384 --output draft_vocab.pt
 """
 
 from __future__ import annotations
@@ -149,6 +150,17 @@ def convert_jsonl(data_dir: str | Path, store: ResponseStore) -> int:
     return store.append(rows)
 
 
+def draft_vocabulary(store: ResponseStore, size: int, vocab_size: int):
+    """The `size` most frequent tokens of the target-written responses in `store`, as a draft
+    vocabulary (runtime/draft_vocab.py) of a target with `vocab_size` tokens."""
+    from ..draft_vocab import DraftVocabulary, most_frequent_tokens
+
+    if len(store) == 0:
+        raise ValueError(f"response store {str(store.path)!r} holds no responses to rank tokens by")
+    ids = most_frequent_tokens((np.asarray(row["response_ids"]) for row in store.rows()), size)
+    return DraftVocabulary(ids, vocab_size, source=str(store.path))
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -160,13 +172,36 @@ def main(argv: list[str] | None = None) -> None:
     convert.add_argument("--repeated-prompts", action="store_true", help="keep records whose prompt is stored already")
     info = commands.add_parser("info", help="records, shards and sizes of a store")
     info.add_argument("store")
+    vocab = commands.add_parser("draft-vocab", help="write the store's most frequent response tokens as a draft "
+                                                    "vocabulary (runtime/draft_vocab.py)")
+    vocab.add_argument("store")
+    vocab.add_argument("--size", type=int, default=16384, help="tokens kept (default 16384)")
+    vocab.add_argument("--output", required=True, help="the file to write (draft_vocab.pt beside a drafter: it "
+                                                       "then drafts from it)")
+    vocab.add_argument("--model", help="the target's HF folder (default: the embedded default model)")
     args = parser.parse_args(argv)
+    if args.command == "draft-vocab":
+        _write_draft_vocabulary(args, parser)
+        return
     store = ResponseStore(args.store, unique_prompts=not getattr(args, "repeated_prompts", False))
     if args.command == "convert":
         print(f"{convert_jsonl(args.source, store)} records added to {args.store}")
     shards = store.manifest["shards"]
     print(f"{args.store}: {len(store)} records, {sum(s['response_tokens'] for s in shards)} response tokens, "
           f"{len(shards)} shards, {sum(s['bytes'] for s in shards) / 2**20:.1f} MiB")
+
+
+def _write_draft_vocabulary(args, parser) -> None:
+    from .. import assets
+    from ..target import read_model_config
+
+    if args.size < 1:
+        parser.error(f"--size must be at least 1, got {args.size}")
+    model_dir = args.model or assets.ensure_default_model()
+    vocab_size = int(read_model_config(model_dir, what="target")["vocab_size"])
+    vocabulary = draft_vocabulary(ResponseStore(args.store), args.size, vocab_size)
+    vocabulary.save(args.output)
+    print(f"{args.output}: {len(vocabulary)} token ids of {vocab_size} ({vocabulary.describe()['sha256']})")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from ..blocks import accepted_prefix, anchored_draft_mask
+from ..draft_vocab import DraftVocabulary, most_frequent_tokens
 from ..drafter import DFlashDraftModel
 from ..target import TargetModel
 from .features import Sequence
@@ -159,11 +160,7 @@ def vocabulary_shortlist(sequences: list[Sequence], size: int) -> torch.Tensor |
     """
     if not size:
         return None
-    counts = np.zeros(int(max(int(s.tokens.max()) for s in sequences)) + 1, dtype=np.int64)
-    for s in sequences:
-        np.add.at(counts, s.tokens[s.prompt_len:], 1)
-    order = np.argsort(-counts, kind="stable")[:size]
-    return torch.from_numpy(np.sort(order[counts[order] > 0]))
+    return most_frequent_tokens((s.tokens[s.prompt_len:] for s in sequences), size)
 
 
 def step_loss(drafter, target, batch: TrainingBatch, weights, shortlist: torch.Tensor | None = None,
@@ -199,7 +196,7 @@ def expected_acceptance(drafter, target, sequences, block_size, mask_token_id, a
     for start in range(0, len(sequences), 8):
         batch = make_batch(sequences[start:start + 8], rng, anchors, block_size, mask_token_id)
         hidden = drafter_hidden(drafter, target, batch.features, batch.tokens, batch.positions, batch.visible)
-        predictions = target.lm_head(hidden).argmax(-1)
+        predictions = drafter.logits(target.lm_head, hidden).argmax(-1)
         grid_pred = predictions.view(len(batch.features), anchors, block_size)[..., 1:]
         grid_label = batch.labels.view(len(batch.features), anchors, block_size)[..., 1:]
         used = grid_label[..., 0] >= 0
@@ -341,6 +338,9 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
     drafter = DFlashDraftModel.for_target(target, num_layers=shape.num_layers,
                                           num_target_features=shape.num_target_features,
                                           block_size=shape.block_size, seed=cfg.seed).float().train()
+    if shape.draft_vocab:  # validated, saved and shipped with the drafts it will make
+        drafter.vocabulary = DraftVocabulary(vocabulary_shortlist(train_set, shape.draft_vocab), target.vocab_size,
+                                             source=f"the training set's {shape.draft_vocab} most frequent tokens")
     if cfg.init_from and not checkpoint.exists():
         drafter.load_state_dict(starting_weights(cfg.init_from, drafter))
     drafter.requires_grad_(True)

@@ -51,6 +51,26 @@ def test_config_from_yaml_and_environment(tmp_path):
         ServerSettings(min_size=10).size_range(8)
 
 
+def test_the_draft_vocabulary_setting(tmp_path):
+    """BLOCKPILOT_DRAFT_VOCAB (or the config's draft_vocab), else SGLang's --speculative-token-map, else
+    draft_vocab.pt beside the drafter; "full" for every token; a missing file named at start-up."""
+    drafter = tmp_path / "drafter"
+    drafter.mkdir()
+    assert settings.resolve_draft_vocab_path(ServerSettings(), None, str(drafter)) is None
+    torch.save(torch.tensor([1, 2]), drafter / "draft_vocab.pt")
+    mapped = tmp_path / "hot_token_ids.pt"
+    torch.save([3, 4], mapped)
+    assert settings.resolve_draft_vocab_path(ServerSettings(), None, str(drafter)) == drafter / "draft_vocab.pt"
+    assert settings.resolve_draft_vocab_path(ServerSettings(), str(mapped), str(drafter)) == mapped
+    full = ServerSettings.load({"BLOCKPILOT_DRAFT_VOCAB": "full"})
+    assert full.draft_vocab == "full"
+    assert settings.resolve_draft_vocab_path(full, str(mapped), str(drafter)) is None
+    with pytest.raises(ValueError, match=r"missing\.pt' does not exist.*BLOCKPILOT_DRAFT_VOCAB"):
+        settings.resolve_draft_vocab_path(ServerSettings(draft_vocab=str(tmp_path / "missing.pt")), None, str(drafter))
+    with pytest.raises(ValueError, match="--speculative-token-map"):
+        settings.resolve_draft_vocab_path(ServerSettings(), str(tmp_path / "missing.pt"), str(drafter))
+
+
 def test_request_sizes():
     assert parse_request_size(None, 2, 16) is None and parse_request_size("auto", 2, 16) is None
     assert parse_request_size(1, 2, 16) == 1 and parse_request_size("off", 2, 16) == 1

@@ -70,7 +70,7 @@ def bare_worker(width: int = 16, pad_to: str = "batch") -> BlockPilotWorker:
     w._bp_pad_to = pad_to
     w._bp_states, w._bp_cap, w._bp_batch, w._bp_choices = {}, None, None, None
     w._bp_width, w._bp_auto_rows, w._bp_verify_width, w._bp_step_widths = width, None, None, None
-    w._bp_correction, w._bp_step_log, w._bp_draft_head = None, None, None
+    w._bp_correction, w._bp_step_log, w._bp_draft_head, w._bp_draft_vocab = None, None, None, None
     w._bp_sampled_drafts = None
     w._bp_rule = VerifyRule()  # full verify (no step-cost table)
     w._bp_default, w._bp_default_source = width, "default"
@@ -792,6 +792,29 @@ def test_the_cpu_draft_head_gives_dflashs_own_drafts():
         got = w._greedy_sample_from_vocab_parallel_head(hidden_states=hidden, lm_head=head)
     assert torch.equal(got, expected)
     assert w._bp_draft_head._transposed.tensor is not None  # the argmax read the transposed head
+
+
+def test_with_a_draft_vocabulary_the_drafts_are_the_argmax_over_its_tokens():
+    """The worker's drafts through a draft vocabulary: the head's argmax among those tokens only (the
+    runtime's DraftVocabulary, as the engine drafts), with or without the CPU draft head."""
+    from blockpilot.plugins.sglang.cpu.linear_kernels import MeasuredHead
+    from blockpilot.runtime.draft_vocab import DraftVocabulary
+    from blockpilot.runtime.cpu_linear import Kernel, KernelRule
+
+    g = torch.Generator().manual_seed(0)
+    head = FakeHead(torch.randn(300, 24, generator=g))
+    hidden = torch.randn(16, 24, generator=g)
+    kept = torch.arange(0, 300, 7)
+    full = hidden @ head.weight.T
+    expected = kept[full[:, kept].argmax(-1)]
+    assert not torch.equal(expected, full.argmax(-1)), "the vocabulary must change some drafts here"
+    for draft_head in (None, MeasuredHead(KernelRule(((16, Kernel.W),)))):
+        w = bare_worker(8)
+        w._bp_draft_head = draft_head
+        w._bp_draft_vocab = DraftVocabulary(kept, 300)
+        with torch.inference_mode():
+            got = w._greedy_sample_from_vocab_parallel_head(hidden_states=hidden, lm_head=head)
+        assert torch.equal(got, expected)
 
 
 def test_a_draft_model_without_a_given_rule_is_measured_and_still_agrees():
