@@ -114,14 +114,13 @@ def _records(spec: CollectConfig):
     return records[: spec.num_prompts] if spec.num_prompts else records
 
 
-def step_costs(recipe: PolicyRecipe, engine) -> dict:
+def step_costs(recipe: PolicyRecipe, engine, made_with: dict) -> dict:
     """The deployment machine's step-cost table, measured once and kept in work_dir (again after the
-    drafter or its draft vocabulary changed: a step's draft cost is theirs)."""
+    target, the drafter or its draft vocabulary changed, `made_with`: a step's draft cost is theirs)."""
     from blockpilot.runtime.step_cost import TABLE_REPEATS, measure_step_costs
 
     path = recipe.path("step_costs.json")
-    _drop_stale(path, {"target": engine.target.fingerprint(), "dtype": recipe.dtype, **drafter_inputs(engine.drafter),
-                       "sizes": sorted({1, *recipe.sizes})})
+    _drop_stale(path, {**made_with, "sizes": sorted({1, *recipe.sizes})})
     if path.exists():
         return json.loads(path.read_text())
     log.warning("measuring the step-cost table once (keep the machine otherwise idle): %s", path)
@@ -171,14 +170,16 @@ def collect_stage(recipe: PolicyRecipe, which: str = "collect") -> None:
     spec = getattr(recipe, which)
     engine = _engine(recipe, spec.batch_size)
     records = _records(spec)
-    step_costs(recipe, engine)
     runs = recipe.path(f"{which}_runs.jsonl")
     features_path = recipe.path(f"{which}_features.npz")
     # The greedy references depend on the target alone and are kept; the prefill features on the target
-    # and the layers the drafter reads; the counts replayed on the references on the drafter as well.
+    # and the layers the drafter reads; the step costs and the counts replayed on the references on the
+    # drafter as well. Each fingerprint is computed once (they read weights).
     target = {"target": engine.target.fingerprint(), "dtype": recipe.dtype}
+    drafter = drafter_inputs(engine.drafter)
+    step_costs(recipe, engine, {**target, **drafter})
     _drop_stale(features_path, {**target, "layers": engine.capture_layers})
-    _drop_stale(runs, {**target, **drafter_inputs(engine.drafter), "sizes": recipe.sizes,
+    _drop_stale(runs, {**target, **drafter, "sizes": recipe.sizes,
                        "max_new_tokens": spec.max_new_tokens, "method": spec.method})
     if spec.method == "run":
         run_every_size(engine, records, recipe.sizes, runs, max_new_tokens=spec.max_new_tokens,

@@ -122,15 +122,11 @@ def format_counts(counts: dict) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: int(kv[0])))
 
 
-def _vocab_size(drafter_dir: Path) -> int:
-    config = json.loads((drafter_dir / "config.json").read_text())
-    return int(config["vocab_size"])
-
-
 def write_model_card(recipe, summary: dict) -> None:
     out = Path(recipe.output_dir)
     training = json.loads((out / "training_summary.json").read_text()) if (out / "training_summary.json").exists() else {}
-    layer_ids = json.loads((out / "config.json").read_text())["dflash_config"]["target_layer_ids"]
+    config = json.loads((out / "config.json").read_text())
+    layer_ids = config["dflash_config"]["target_layer_ids"]
     # The shipped drafter's curve goes into the docs; a candidate's stays beside it.
     shipped = out.resolve() == assets.DEFAULT_DRAFTER_DIR.resolve()
     png = DOCS / "drafter-acceptance.png" if shipped else out / "drafter-acceptance.png"
@@ -138,7 +134,7 @@ def write_model_card(recipe, summary: dict) -> None:
     image = "../../../docs/drafter-acceptance.png" if shipped else "drafter-acceptance.png"
     sampled = summary.get("sampled")
     vocabulary_file = out / DRAFT_VOCAB_FILE
-    vocabulary = (f"Drafts come from {len(DraftVocabulary.load(vocabulary_file, _vocab_size(out))):,} frequent tokens "
+    vocabulary = (f"Drafts come from {len(DraftVocabulary.load(vocabulary_file, int(config['vocab_size']))):,} frequent tokens "
                   f"(`{DRAFT_VOCAB_FILE}`: the draft's lm_head over those rows only; runtime/draft_vocab.py), as "
                   f"measured below; the target still verifies over every token."
                   if vocabulary_file.is_file() else "Drafts come from the whole vocabulary.")
