@@ -3,7 +3,7 @@
 A draft goes through the target's lm_head: on a CPU at small batch that GEMM over the whole
 vocabulary streams 113 MB of float32 weights (SmolLM2's 49,152 x 576) and is the largest part of a
 draft's cost. The target's answers use far fewer tokens: the 16,384 most frequent tokens of the
-carried responses cover 99.7 % of them (97 % of MT-Bench's greedy answers), so the drafter's logits
+carried responses cover 97 % of MT-Bench's greedy answers (`make draft-vocab-sizes`), so the drafter's logits
 are computed over those rows of the head only, the rest are -inf (a frequency-ranked draft
 vocabulary, as FR-Spec does; SGLang's EAGLE takes the same list as `--speculative-token-map`).
 
