@@ -58,15 +58,17 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # Plain decoding vs fixed sizes vs the shipped policy, each with full verify and with the per-step
-# verify rule, batch 1, side by side (about 15 min here). BENCH_BATCH=8 for continuous batching.
+# verify rule, batch 1, side by side (about 22 min here). BENCH_BATCH=8 for continuous batching.
 # Sizes 2-4: the ones that can pay on this CPU (the v2 drafter's best fixed size is 3).
 BENCH_SIZES ?= 2,3,4
 BENCH_BATCH ?= 1
 # a batch of B runs B prompts at once (batch 1: 6 in a row)
 BENCH_PROMPTS ?= $(if $(filter 1,$(BENCH_BATCH)),6,$(BENCH_BATCH))
+# interleaved repeats: at batch 1, 3 runs each of the 18 orders of the 9 variants (runtime/bench.py) once
+BENCH_REPEATS ?= 3
 bench: install
 	$(BIN)/blockpilot prepare
-	$(BIN)/blockpilot bench --num-prompts $(BENCH_PROMPTS) --block-sizes $(BENCH_SIZES) --block-size auto --repeats 2 \
+	$(BIN)/blockpilot bench --num-prompts $(BENCH_PROMPTS) --block-sizes $(BENCH_SIZES) --block-size auto --repeats $(BENCH_REPEATS) \
 		--max-new-tokens 256 --batch-size $(BENCH_BATCH) --max-batch-size $(BENCH_BATCH) --verify both \
 		--output-dir runs/bench-batch$(BENCH_BATCH)
 

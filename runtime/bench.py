@@ -1,9 +1,10 @@
 """`blockpilot bench`: plain decoding vs fixed block sizes, side by side in one run.
 
-Timings on a shared 2-core machine are noisy (another process can slow a run several-fold), so
-variants are interleaved (every repeat visits all of them, in a rotated order), each figure is the
-median over repeats, speed ratios are taken within a repeat, and the machine-independent figures
-(acceptance length, target forwards per token) are reported beside them.
+Timings on a shared 2-core machine are noisy (another process can slow a run several-fold, and a
+machine's speed can drift within minutes), so variants are interleaved prompt by prompt (every
+variant runs a prompt before the next prompt starts, in orders balanced for place and predecessor), each
+figure is the median over repeats, speed ratios are taken within a repeat, and the
+machine-independent figures (acceptance length, target forwards per token) are reported beside them.
 """
 
 from __future__ import annotations
@@ -90,32 +91,38 @@ def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_size
     tokens = {v: {} for v in variants}  # greedy outputs, to check the variants agree
     per_prompt = {v: {} for v in variants}
     bar = tqdm(total=repeats * len(variants) * len(prompts), desc="bench", unit="prompt", disable=not show_progress)
+    chunks = [range(start, min(start + batch_size, len(prompts))) for start in range(0, len(prompts), batch_size)]
+    orders = balanced_orders(len(variants))
     try:
         for repeat in range(repeats):
-            order = variants[repeat % len(variants):] + variants[: repeat % len(variants)]
-            for variant in order:
-                size, verify, plan, engine.sampled_drafts, every_token = variant
-                rule.draft_plan = plan
-                if engine.drafter is not None:
-                    engine.drafter.vocabulary = None if every_token else vocabulary
-                totals = {"new_tokens": 0, "decode_tokens": 0, "decode_s": 0.0, "wall_s": 0.0, "target_forwards": 0,
-                          "drafted": 0, "verified": 0}
-                for start in range(0, len(prompts), batch_size):
-                    chunk = range(start, min(start + batch_size, len(prompts)))
+            totals = {v: {"new_tokens": 0, "decode_tokens": 0, "decode_s": 0.0, "wall_s": 0.0, "target_forwards": 0,
+                          "drafted": 0, "verified": 0} for v in variants}
+            # Every variant runs each prompt (or batch) before the next one starts: a machine that slows
+            # down for a minute slows every variant alike, where one variant's whole pass in a row would
+            # take the slowdown alone. The orders take turns so that no variant always runs first or
+            # always after the same other one (what the one before leaves in caches and memory).
+            for number, chunk in enumerate(chunks):
+                for index in orders[(repeat * len(chunks) + number) % len(orders)]:
+                    variant = variants[index]
+                    size, verify, plan, engine.sampled_drafts, every_token = variant
+                    rule.draft_plan = plan
+                    if engine.drafter is not None:
+                        engine.drafter.vocabulary = None if every_token else vocabulary
                     requests = [GenerationRequest(prompts[i], _with(base, max_new_tokens, repeat), records[i].id,
                                                   None if size == "auto" else size, verify=VerifyMode(verify))
                                 for i in chunk]
                     began = time.perf_counter()
                     results = engine.generate(requests)
-                    totals["wall_s"] += time.perf_counter() - began
+                    total = totals[variant]
+                    total["wall_s"] += time.perf_counter() - began
                     for i, result in zip(chunk, results):
                         s = result.stats
-                        totals["new_tokens"] += s.generated_tokens
-                        totals["decode_tokens"] += s.generated_tokens - 1
-                        totals["decode_s"] += s.decode_s
-                        totals["target_forwards"] += s.target_forwards
-                        totals["drafted"] += s.drafted_tokens
-                        totals["verified"] += s.verified_drafts
+                        total["new_tokens"] += s.generated_tokens
+                        total["decode_tokens"] += s.generated_tokens - 1
+                        total["decode_s"] += s.decode_s
+                        total["target_forwards"] += s.target_forwards
+                        total["drafted"] += s.drafted_tokens
+                        total["verified"] += s.verified_drafts
                         tokens[variant].setdefault(records[i].id, result.token_ids)
                         per_prompt[variant][records[i].id] = {
                             "block_size": s.block_size, "acceptance_length": s.acceptance_length,
@@ -123,7 +130,8 @@ def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_size
                             "drafted_tokens": s.drafted_tokens, "verified_drafts": s.verified_drafts,
                             "drafter_skipped_steps": s.drafter_skipped_steps}
                     bar.update(len(chunk))
-                runs[variant].append(totals)
+            for variant in variants:
+                runs[variant].append(totals[variant])
     finally:
         rule.draft_plan = plans[VerifyMode.FULL][0]  # the engine's own settings again, whatever happened
         engine.sampled_drafts = own_sampling
@@ -131,6 +139,16 @@ def run_bench(engine: SpeculativeEngine, records: list[PromptRecord], block_size
             engine.drafter.vocabulary = vocabulary
     bar.close()
     return _summarise(engine, records, variants, runs, tokens, per_prompt, repeats, max_new_tokens, batch_size, base)
+
+
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of n variants in which each variant stands at each place equally often and follows
+    each other variant equally often (a Williams design: n orders for even n, 2n for odd n)."""
+    first = [0]
+    for k in range(1, n):
+        first.append((k + 1) // 2 if k % 2 else n - k // 2)
+    orders = [[(v + shift) % n for v in first] for shift in range(n)]
+    return orders if n % 2 == 0 else orders + [order[::-1] for order in orders]
 
 
 def _with(base: SamplingParams, max_new_tokens: int, repeat: int) -> SamplingParams:

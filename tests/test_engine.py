@@ -185,3 +185,47 @@ def test_same_seed_same_sample():
     batched = engine.generate([GenerationRequest([7, 8], SamplingParams(temperature=1.0, seed=9, max_new_tokens=12), "x"),
                                GenerationRequest([4, 5, 6], params, "a", block_size=4)])[1]
     assert alone.token_ids == batched.token_ids
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 9])
+def test_bench_orders_balance_place_and_predecessor(n):
+    from blockpilot.runtime.bench import balanced_orders
+
+    orders = balanced_orders(n)
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    places = Counter((place, v) for order in orders for place, v in enumerate(order))
+    pairs = Counter((a, b) for order in orders for a, b in zip(order, order[1:]))
+    assert set(places.values()) == {len(orders) // n} and len(places) == n * n
+    assert set(pairs.values()) == {len(orders) // n} and len(pairs) == n * (n - 1)
+
+
+def test_bench_interleaves_variants_prompt_by_prompt(monkeypatch):
+    """`run_bench` runs every variant on a prompt before the next prompt starts, in the balanced
+    orders one after the other, so a machine's slowdown over a minute weighs on every variant alike;
+    each variant's figures still come from all of its prompts."""
+    from blockpilot.runtime import bench
+    from blockpilot.runtime.prompts import PromptRecord
+
+    target = tiny_target(vocab_size=96, seed=4)
+    # prompts are strings of letters, a token each (the tiny target has no tokenizer)
+    monkeypatch.setattr(bench, "encode_prompt", lambda tokenizer, record: [5 + ord(c) % 50 for c in record.prompt])
+    engine = SpeculativeEngine(target, tiny_drafter(target), max_batch_size=1)
+    calls = []
+    generate = engine.generate
+
+    def recorded(requests):
+        calls.append((requests[0].block_size or 1, tuple(requests[0].prompt_ids)))
+        return generate(requests)
+
+    engine.generate = recorded
+    records = [PromptRecord(id=name, prompt=name) for name in ("abc", "defg", "hi")]
+    report = bench.run_bench(engine, records, [2, 4], repeats=2, max_new_tokens=6, show_progress=False)
+    prompts = [tuple(5 + ord(c) % 50 for c in r.prompt) for r in records]
+    per_prompt = [calls[i:i + 3] for i in range(0, len(calls), 3)]
+    assert len(per_prompt) == 2 * len(records)
+    orders = bench.balanced_orders(3)
+    for number, group in enumerate(per_prompt):
+        assert {prompt for _, prompt in group} == {prompts[number % len(records)]}  # one prompt at a time
+        assert [size for size, _ in group] == [[1, 2, 4][i] for i in orders[number % len(orders)]]
+    assert all(len(v["decode_tokens_per_s_runs"]) == 2 for v in report["variants"])
+    assert report["greedy_outputs_identical_across_block_sizes"] is True
