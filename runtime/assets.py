@@ -33,9 +33,9 @@ DEFAULT_DRAFTER_DIR = PACKAGE_ASSETS / "smollm2-135m-instruct-dflash"
 POLICY_FILE_NAME = "blockpilot_policy.onnx"
 POLICY_OFF = ("", "none", "off", "0")
 DEFAULT_POLICY_PATH = DEFAULT_DRAFTER_DIR / POLICY_FILE_NAME
-# The step-cost table measured on this project's development machine (a 2-core Intel x86-64, float32;
-# its CPU model was not recorded then) for the shipped pair; the per-step verify rule reads it unless
-# another table is given or this machine has measured its own (`machine_step_costs_path`).
+# The step-cost table measured on a 2-core Intel Xeon without AMX (float32; the machine it names) for
+# the shipped pair; the per-step verify rule reads it unless another table is given or this machine
+# has measured its own (`machine_step_costs_path`) or one ships for its model (`machines/`).
 DEFAULT_STEP_COSTS_PATH = DEFAULT_DRAFTER_DIR / "step_costs.json"
 # The same machine's table with every linear in nn.Linear's one layout, as SGLang's CPU engine runs
 # them (`cpu_linear.py`): what the SGLang plugin prices its steps with by default.

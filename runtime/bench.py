@@ -185,6 +185,7 @@ def _summarise(engine, records, variants, runs, tokens, per_prompt, repeats, max
             "decode_tokens_per_s": statistics.median(decode_tps(t) for t in runs[variant]),
             "e2e_tokens_per_s": statistics.median(t["new_tokens"] / t["wall_s"] for t in runs[variant]),
             "speedup_vs_plain": statistics.median(ratios) if ratios else 0.0,
+            "speedup_vs_plain_runs": [round(r, 4) for r in ratios],  # one per repeat: the spread to read
             "decode_tokens_per_s_runs": [round(decode_tps(t), 3) for t in runs[variant]],
         })
     identical = None
@@ -217,12 +218,14 @@ def format_table(report: dict) -> str:
         f"{setup['repeats']} interleaved repeats (medians), {setup['dtype']}, {setup.get('device', 'cpu')}, "
         f"{setup['threads']} threads, T={setup['temperature']}",
         f"{'variant':>15} {'accept len':>10} {'drafted/step':>12} {'verified/step':>13} {'decode tok/s':>12} "
-        f"{'e2e tok/s':>9} {'x plain':>7}",
+        f"{'e2e tok/s':>9} {'x plain':>7} {'per repeat':>10}",
     ]
     for row in report["variants"]:
+        runs = row.get("speedup_vs_plain_runs", [])
+        spread = f"{min(runs):.2f}-{max(runs):.2f}" if len(runs) > 1 else ""
         lines.append(f"{row['name']:>15} {row['acceptance_length']:>10.2f} {row['drafted_per_step']:>12.2f} "
                      f"{row['verified_per_step']:>13.2f} {row['decode_tokens_per_s']:>12.2f} "
-                     f"{row['e2e_tokens_per_s']:>9.2f} {row['speedup_vs_plain']:>7.2f}")
+                     f"{row['e2e_tokens_per_s']:>9.2f} {row['speedup_vs_plain']:>7.2f} {spread:>10}")
     if report["greedy_outputs_identical_across_block_sizes"] is not None:
         lines.append(f"greedy outputs identical across variants: {report['greedy_outputs_identical_across_block_sizes']}")
     return "\n".join(lines)
@@ -250,8 +253,11 @@ def plot_report(report: dict, png_path: str | Path) -> None:
     left.barh(names, [r["acceptance_length"] for r in rows][::-1], color=colours[::-1])
     left.set(xlabel="tokens per target forward", title="Acceptance length")
     right.barh(names, [r["speedup_vs_plain"] for r in rows][::-1], color=colours[::-1])
+    for y, r in enumerate(rows[::-1]):  # each repeat's own ratio: how far one run is from another
+        runs = r.get("speedup_vs_plain_runs", [])
+        right.plot(runs, [y] * len(runs), "k|", ms=10)
     right.axvline(1.0, color="grey", lw=0.8, ls="--")
-    right.set(xlabel="decode tokens/s relative to plain (median of interleaved repeats)",
+    right.set(xlabel="decode tokens/s relative to plain (bars: median of interleaved repeats; ticks: each repeat)",
               title="Decode speed (green: +verify, the per-step verify rule)")
     setup = report["setup"]
     fig.suptitle(f"{Path(setup['model']).name}, {setup['prompts']} prompts x {setup['max_new_tokens']} tokens, "

@@ -54,6 +54,10 @@ def test_bench_runs_variants_side_by_side(tmp_path):
     assert all(v["verified_per_step"] <= v["drafted_per_step"] + 1e-9 for v in report["variants"])
     assert report["greedy_outputs_identical_across_block_sizes"] is True
     assert all(len(v["decode_tokens_per_s_runs"]) == 2 for v in report["variants"])
+    plain = report["variants"][0]["decode_tokens_per_s_runs"]
+    for v in report["variants"]:  # each repeat's ratio to plain decoding in the same repeat
+        assert v["speedup_vs_plain_runs"] == pytest.approx([a / b for a, b in zip(v["decode_tokens_per_s_runs"], plain)],
+                                                           rel=1e-3)
     assert (tmp_path / "b" / "bench.png").stat().st_size > 1000
     assert "plain" in run.stdout and "x plain" in run.stdout
     assert {v["draft_vocab"] for v in report["variants"][1:]} == {16384}  # the shipped drafter's draft vocabulary

@@ -583,3 +583,25 @@ def test_a_server_times_a_plain_step_at_each_batch_size_before_trusting_its_pric
     assert int(rule.plan(promising, counts, padded=True, correction=drafting_only).max()) == 0
     with_full_row = rule.plan(promising + [None], torch.full((5,), 5), padded=True, correction=drafting_only)
     assert int(with_full_row.max()) == 5  # 5 rows: the same batch-size class as 4; the FULL row drafts whole
+
+
+def test_the_small_ragged_choice_in_python_equals_the_tensor_choice(monkeypatch):
+    """`choose_prefix_lengths` takes its Python path for a few draft positions (the rule's cost per
+    step at batch 1) and its tensor path for many: both give the same lengths, ties included."""
+    generator = torch.Generator().manual_seed(7)
+    cases = []
+    for _ in range(300):
+        n, k = int(torch.randint(1, 6, (1,), generator=generator)), int(torch.randint(1, 9, (1,), generator=generator))
+        confidence = torch.rand(n, k, generator=generator, dtype=torch.float64)
+        confidence[torch.rand(n, k, generator=generator) < 0.2] = 1.0  # equal products along a row
+        confidence[torch.rand(n, k, generator=generator) < 0.1] = 0.0
+        counts = torch.randint(0, k + 1, (n,), generator=generator)
+        products = blocks.survival(confidence, counts)
+        step = torch.cumsum(torch.rand(n * (k + 1) + 1, generator=generator, dtype=torch.float64), 0) + 1.0
+        cases.append((products, counts, step))
+    small = [blocks.choose_prefix_lengths(p, c, s) for p, c, s in cases]
+    monkeypatch.setattr(blocks, "SMALL_CHOICE", 0)
+    tensor = [blocks.choose_prefix_lengths(p, c, s) for p, c, s in cases]
+    assert all(torch.equal(a, b) for a, b in zip(small, tensor))
+    assert any(int(a.sum()) < int(c.sum()) for a, (_, c, _) in zip(small, cases))  # some cases do cut
+    assert any(0 < int(a.sum()) for a in small)
