@@ -133,11 +133,11 @@ def step_costs(recipe: PolicyRecipe, engine, made_with: dict) -> dict:
 def drafter_inputs(drafter) -> dict:
     """What counts and step costs depend on of the drafter: its weights and shape, and the tokens it
     drafts from."""
+    from blockpilot.runtime.draft_vocab import drafts_from
     from blockpilot.runtime.policy import drafter_fingerprint
 
-    vocabulary = drafter.vocabulary if drafter is not None else None
     return {"drafter": drafter_fingerprint(drafter) if drafter is not None else None,
-            "draft_vocab": vocabulary.describe() if vocabulary is not None else "full"}
+            "draft_vocab": drafts_from(drafter.vocabulary if drafter is not None else None)}
 
 
 def _drop_stale(output: Path, made_with: dict) -> None:

@@ -155,6 +155,7 @@ def build_engine(config: EngineConfig, untrained_drafter_if_missing: bool = True
     if drafter is not None:
         drafter.vocabulary = (DraftVocabulary.load(vocabulary_path, target.vocab_size) if vocabulary_path is not None
                               else None)
+        warn_if_drafts_priced_otherwise(verify_rule.costs, drafter.vocabulary)
     engine = SpeculativeEngine(target, drafter, max_batch_size=config.max_batch_size,
                                default_block_size=None if auto else config.block_size,
                                max_block_size=config.max_block_size, verify_rule=verify_rule,
@@ -238,6 +239,29 @@ def warn_if_measured_elsewhere(costs, device: str = "cpu") -> None:
                 "Measure this machine's once: blockpilot step-costs --this-machine%s%s (make step-costs-here)",
                 costs.source, measured_on or "a machine it does not name", here, device_flag,
                 " --cpu-weight-layouts 1" if layouts == 1 else "")
+
+
+def warn_if_drafts_priced_otherwise(costs, vocabulary) -> None:
+    """A step-cost table prices the drafter's forward as it was measured, and a draft over every token
+    costs about twice one over 16,384 (docs/measurements.md, "Draft vocabulary"): with drafts from
+    another list than the table's the rule plans and cuts by the wrong price. `vocabulary`: the one
+    the drafter drafts from (None: every token). A table that records none is taken as it is.
+    Warned once per table."""
+    from .draft_vocab import drafts_from
+
+    measured = costs.setup.get("draft_vocab") if costs is not None else None
+    here = drafts_from(vocabulary)
+    key = f"{costs.source if costs is not None else ''} drafts"
+    if measured is None or measured == here or key in _WARNED_TABLES:
+        return
+    _WARNED_TABLES.add(key)
+
+    def named(record):
+        return "every token" if not isinstance(record, dict) else f"a {record.get('size')}-token draft vocabulary"
+
+    log.warning("step-cost table %s was measured drafting from %s, this drafter drafts from %s: its draft prices "
+                "may be far off. Measure this machine's with it once: blockpilot step-costs --this-machine "
+                "(make step-costs-here)", costs.source, named(measured), named(here))
 
 
 def build_verify_rule(config: EngineConfig, drafter_dir: Path | None, shipped_step_costs: Path | None = None):

@@ -124,6 +124,16 @@ class DraftVocabulary:
 FULL = ("full", "none", "off", "")
 
 
+def drafts_from(vocabulary: "DraftVocabulary | None") -> dict | str:
+    """What a drafter's drafts come from, as records made with it name it (a step-cost table's setup,
+    the policy pipeline's made-with records): the vocabulary's size and checksum, or "full" (every
+    token, the setting's own word)."""
+    return vocabulary.describe() if vocabulary is not None else FULL
+
+
+FULL = "full"
+
+
 def resolve_draft_vocab_path(setting: str | None, drafter_dir: str | Path | None) -> Path | None:
     """The one draft-vocabulary setting rule (the engine's and the SGLang plugin's): the token-id file
     drafts come from, or None for every token. Unset: the drafter folder's own `draft_vocab.pt` if it

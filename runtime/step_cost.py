@@ -16,6 +16,7 @@ import torch
 from . import blocks
 from .assets import device_name
 from .cpu_linear import MeasuredLinear
+from .draft_vocab import drafts_from
 from .drafter import DFlashDraftModel
 from .engine import propose_drafts
 from .target import TargetModel
@@ -105,7 +106,8 @@ def measure_step_costs(target: TargetModel, drafter: DFlashDraftModel | None, wi
     target_ms, drafter_ms = _timed_forwards(target, [drafter] if drafter else [], widths, context_tokens, repeats,
                                             batch_size)
     return {**_setup(target, context_tokens, repeats, batch_size), "target_ms": target_ms,
-            "drafter_ms": drafter_ms[0] if drafter_ms else {}}
+            "drafter_ms": drafter_ms[0] if drafter_ms else {},
+            "draft_vocab": drafts_from(drafter.vocabulary) if drafter is not None else None}
 
 
 @torch.inference_mode()

@@ -180,7 +180,8 @@ class StepCostTable:
         verify_tokens = sorted(target)
         draft_tokens = sorted(drafter)
         setup = {k: reports[0][k] for k in ("context_tokens", "batch_size", "repeats", "dtype", "threads",
-                                            "cpu_weight_layouts", "machine") if k in reports[0]}
+                                            "cpu_weight_layouts", "machine", "draft_vocab")
+                 if reports[0].get(k) is not None}
         if len(reports) > 1:
             setup["batch_size"] = sorted({int(r.get("batch_size", 1)) for r in reports})
         return cls(verify_tokens, [1e3 / target[w] for w in verify_tokens], verify_tokens[-1],

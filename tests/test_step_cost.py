@@ -53,3 +53,20 @@ def test_drafter_depths_are_priced_against_the_first():
     assert all(report["step_ratio"][1][w] == 1.0 for w in (2, 4))
     assert all(report["drafter_ms"][6][w] > report["drafter_ms"][1][w] for w in (2, 4))
     assert all(report["step_ratio"][6][w] > 1.0 for w in (2, 4))
+
+
+def test_a_table_records_what_its_drafts_came_from(tmp_path):
+    import torch
+
+    from blockpilot.runtime.draft_vocab import DraftVocabulary
+    from blockpilot.runtime.step_verify import StepCostTable
+
+    target = tiny_target()
+    drafter = tiny_drafter(target)
+    every = StepCostTable.from_measurement(measure_step_costs(target, drafter, [1, 2], context_tokens=16, repeats=1))
+    assert every.setup["draft_vocab"] == "full"
+    drafter.vocabulary = DraftVocabulary(torch.arange(0, 40, 2), target.vocab_size)
+    table = StepCostTable.from_measurement(measure_step_costs(target, drafter, [1, 2], context_tokens=16, repeats=1))
+    table.save(tmp_path / "t.json")
+    assert StepCostTable.load(tmp_path / "t.json").setup["draft_vocab"] == drafter.vocabulary.describe()
+    assert measure_step_costs(target, None, [1], context_tokens=16, repeats=1)["draft_vocab"] is None

@@ -457,6 +457,29 @@ def test_a_table_measured_on_another_machine_is_warned_about_once(tmp_path, capl
     assert "Some Other CPU" in message and assets.machine_name() in message and "--this-machine" in message
 
 
+def test_a_table_measured_with_other_drafts_is_warned_about_once(tmp_path, caplog):
+    from blockpilot.runtime.config import warn_if_drafts_priced_otherwise
+    from blockpilot.runtime.draft_vocab import DraftVocabulary
+
+    vocabulary = DraftVocabulary(torch.arange(0, 64, 2), 96)
+    tables = {}
+    for name, record in [("every", "full"), ("same", vocabulary.describe()), ("unrecorded", None)]:
+        setup = {"machine": "x"} if record is None else {"machine": "x", "draft_vocab": record}
+        StepCostTable([1, 2], [10.0, 5.0], 2, [2], [0.01], setup).save(tmp_path / f"{name}.json")
+        tables[name] = StepCostTable.load(tmp_path / f"{name}.json")
+    with caplog.at_level("WARNING"):
+        warn_if_drafts_priced_otherwise(tables["same"], vocabulary)
+        warn_if_drafts_priced_otherwise(tables["every"], None)
+        warn_if_drafts_priced_otherwise(tables["unrecorded"], vocabulary)
+        warn_if_drafts_priced_otherwise(None, vocabulary)
+        assert not caplog.records
+        for _ in range(2):
+            warn_if_drafts_priced_otherwise(tables["every"], vocabulary)
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "every token" in message and "32-token draft vocabulary" in message and "--this-machine" in message
+
+
 def test_an_outlook_prices_positions_it_has_not_drafted_by_its_last_fall():
     outlook = DraftOutlook()
     outlook.observe(torch.tensor([0.6]))

@@ -50,6 +50,7 @@ from sglang.srt.speculative.draft_worker_common import build_block_pos_offsets
 
 from blockpilot.runtime import blocks
 from blockpilot.runtime.blocks import BlockSizeSource
+from blockpilot.runtime.config import warn_if_drafts_priced_otherwise
 from blockpilot.runtime.draft_vocab import DraftVocabulary
 from blockpilot.runtime.step_verify import StepTimeCorrection, VerifyMode
 
@@ -115,6 +116,7 @@ class BlockPilotWorker(DFlashWorkerV2):
         # the tokens drafts come from (runtime/draft_vocab.py); None: the whole vocabulary
         vocab_size = int(self.target_worker.model_runner.model_config.vocab_size)
         self._bp_draft_vocab = DraftVocabulary.load(vocabulary_path, vocab_size) if vocabulary_path is not None else None
+        warn_if_drafts_priced_otherwise(verify_rule.costs, self._bp_draft_vocab)
         self._bp_max = int(self.block_size)  # handle_server_args set speculative_num_draft_tokens = the top
         self._bp_min, _ = cfg.size_range(self._bp_max)
         problems = []
