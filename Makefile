@@ -58,7 +58,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # Plain decoding vs fixed sizes vs the shipped policy, each with full verify and with the per-step
-# verify rule, batch 1, side by side (about 22 min here). BENCH_BATCH=8 for continuous batching.
+# verify rule, batch 1, side by side (about 16 min on a 2-core Xeon). BENCH_BATCH=8 for continuous batching.
 # Sizes 2-4: the ones that can pay on this CPU (the v2 drafter's best fixed size is 3).
 BENCH_SIZES ?= 2,3,4
 BENCH_BATCH ?= 1
