@@ -128,10 +128,7 @@ def drafts_from(vocabulary: "DraftVocabulary | None") -> dict | str:
     """What a drafter's drafts come from, as records made with it name it (a step-cost table's setup,
     the policy pipeline's made-with records): the vocabulary's size and checksum, or "full" (every
     token, the setting's own word)."""
-    return vocabulary.describe() if vocabulary is not None else FULL
-
-
-FULL = "full"
+    return vocabulary.describe() if vocabulary is not None else FULL[0]
 
 
 def resolve_draft_vocab_path(setting: str | None, drafter_dir: str | Path | None) -> Path | None:

@@ -84,7 +84,10 @@ def test_the_setting_rule(tmp_path):
     assert resolve_draft_vocab_path(None, tmp_path) is None  # the drafter ships none
     torch.save(torch.tensor([1, 2]), tmp_path / "draft_vocab.pt")
     assert resolve_draft_vocab_path(None, tmp_path) == tmp_path / "draft_vocab.pt"
-    assert resolve_draft_vocab_path("full", tmp_path) is None
+    for every_token in ("full", "none", "off", "Full ", ""):  # every token, whatever the drafter ships
+        assert resolve_draft_vocab_path(every_token, tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_draft_vocab_path("ul", tmp_path)  # a word that is no setting is a path, which must exist
     assert resolve_draft_vocab_path(str(tmp_path / "draft_vocab.pt"), None) == tmp_path / "draft_vocab.pt"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_draft_vocab_path(str(tmp_path / "nope.pt"), None)
