@@ -405,8 +405,8 @@ def choose_prefix_lengths(survival_products: torch.Tensor, draft_counts: torch.T
 
 
 # Up to this many draft positions in a step (rows x drafts) the ragged choice runs in Python floats:
-# a dozen torch calls on tensors of a few numbers cost ~0.1 ms a step, 2-3 % of what the rule can save
-# on a CPU at batch 1; the two give the same lengths (tests/test_verify_rule.py).
+# a dozen torch calls on tensors of a few numbers cost more host time every step than the choice
+# itself; the two give the same lengths (tests/test_verify_rule.py).
 SMALL_CHOICE = 64
 
 
