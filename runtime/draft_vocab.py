@@ -115,8 +115,12 @@ class DraftVocabulary:
 
     def logits(self, lm_head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """The head's logits `[..., vocab_size]` over these ids, -inf elsewhere."""
-        rows = self.head_rows(lm_head.weight)
-        bias = getattr(lm_head, "bias", None)
+        return self.logits_from(hidden, lm_head.weight, getattr(lm_head, "bias", None))
+
+    def logits_from(self, hidden: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`logits` for a bare head `weight` `[vocab_size, hidden]` (a server's head: no module)."""
+        rows = self.head_rows(weight)
         return self.expand(F.linear(hidden.to(rows.dtype), rows,
                                     None if bias is None else bias[self.ids_on(bias.device)]))
 

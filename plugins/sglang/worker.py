@@ -512,7 +512,7 @@ class BlockPilotWorker(DFlashWorkerV2):
             end = min(n, start + 1024)
             hidden = hidden_states[start:end].to(head.dtype)
             if self._bp_draft_vocab is not None:  # the head's rows for those tokens only, -inf elsewhere
-                logits = self._bp_draft_vocab.expand(torch.matmul(hidden, self._bp_draft_vocab.head_rows(head).T))
+                logits = self._bp_draft_vocab.logits_from(hidden, head)
             elif self._bp_draft_head is not None:
                 logits = self._bp_draft_head.logits(hidden, head)
             else:
