@@ -17,6 +17,7 @@ Both the reference engine (`blockpilot.runtime.engine`) and the SGLang plugin us
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from enum import Enum
 
 import torch
@@ -97,30 +98,42 @@ class RaggedLayout:
     def num_tokens(self) -> int:
         return len(self.row)
 
-    @property
+    # Read once per step by every layer of the forward: worked out once per layout (cached_property
+    # writes the instance's __dict__, which a frozen dataclass allows).
+    @cached_property
     def max_width(self) -> int:
         widths = self.on_host().widths
         return int(widths.max()) if len(widths) else 0
 
-    @property
+    @cached_property
     def kv_len(self) -> int:
         """Keys a row's attention reaches at most: the furthest position of any row, plus one."""
         host = self.on_host()
         return int((host.starts + host.widths).max()) if len(host.widths) else 0
 
-    @property
+    @cached_property
     def positions(self) -> torch.Tensor:
         """[N] absolute sequence position of each packed token."""
         return self.starts[self.row] + self.col
 
+    @cached_property
+    def is_uniform(self) -> bool:
+        """Every row has max_width tokens (always so at batch 1): the packed axis is the grid's."""
+        return self.num_tokens == self.num_rows * self.max_width
+
     def pad(self, packed: torch.Tensor, fill: float | int = 0) -> torch.Tensor:
-        """[N, ...] -> [n, max_width, ...], padding cells filled with `fill`."""
+        """[N, ...] -> [n, max_width, ...], padding cells filled with `fill`. Without padding cells
+        (`is_uniform`) this is a view of `packed`: read it, do not write into it."""
+        if self.is_uniform:
+            return packed.reshape(self.num_rows, self.max_width, *packed.shape[1:])
         grid = packed.new_full((self.num_rows, self.max_width, *packed.shape[1:]), fill)
         grid[self.row, self.col] = packed
         return grid
 
     def unpad(self, grid: torch.Tensor) -> torch.Tensor:
         """[n, max_width, ...] -> [N, ...]."""
+        if self.is_uniform:
+            return grid.reshape(self.num_tokens, *grid.shape[2:])
         return grid[self.row, self.col]
 
     def valid(self) -> torch.Tensor:

@@ -21,6 +21,22 @@ def test_layout_packs_rows_contiguously():
     assert lay.unpad(grid).tolist() == packed.tolist()
 
 
+def test_equal_widths_pad_and_unpad_as_a_ragged_batch_does():
+    """Rows of one width (always so at batch 1) take the no-copy path: the same grid and packed
+    tensors, feature dimensions and non-contiguous grids included."""
+    for widths in ([3], [4, 4, 4], [1, 1]):
+        lay = layout(widths, [5] * len(widths))
+        assert lay.is_uniform
+        packed = torch.randn(sum(widths), 2, 5)
+        grid = lay.pad(packed, fill=-1)
+        expected = torch.full((len(widths), widths[0], 2, 5), -1.0)
+        expected[lay.row, lay.col] = packed
+        assert torch.equal(grid, expected)
+        transposed = grid.transpose(1, 2).contiguous().transpose(1, 2)  # as attention's output arrives
+        assert torch.equal(lay.unpad(transposed), packed)
+    assert not layout([3, 1], [0, 0]).is_uniform
+
+
 def test_block_tokens_put_bonus_first_then_masks():
     lay = layout([3, 1, 2], [0, 0, 0])
     assert blocks.block_tokens(torch.tensor([7, 8, 9]), lay, mask_token_id=99).tolist() == [7, 99, 99, 8, 9, 99]
