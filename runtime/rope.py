@@ -23,7 +23,18 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._frequencies("cpu"), persistent=False)
+
+    def _frequencies(self, device) -> torch.Tensor:
+        return 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) casts floating buffers too: in bfloat16 the frequencies are off by up to 0.3 %,
+        # a rotation off by over a radian 1,000 positions away. They stay float32, as the drafter trained.
+        super()._apply(fn, recurse)
+        self.inv_freq = self._frequencies(self.inv_freq.device)
+        return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of shape `positions.shape + (1, head_dim)`, ready to broadcast over heads."""

@@ -166,3 +166,18 @@ def test_metadata_and_switched_off_fields_pass_through(tmp_path):
     (tmp_path / "pub" / "config.json").write_text(json.dumps(config))
     drafter = DFlashDraftModel.load(tmp_path / "pub")
     assert drafter.config.extra["transformers_version"] == "4.57.1" and drafter.config.extra["sliding_window"] == 4096
+
+
+def test_rotary_frequencies_stay_float32_when_the_drafter_is_cast():
+    """Module.to(bfloat16) would cast the RoPE frequencies with the weights and turn every position's
+    rotation off (by over a radian 1,000 positions away): the drafter in bfloat16 rotates as it trained."""
+    from blockpilot.runtime.rope import RotaryEmbedding
+
+    exact = RotaryEmbedding(64, 100000.0).inv_freq.clone()
+    drafter = tiny_drafter(tiny_target())
+    float_cos, float_sin = drafter.rotary(torch.arange(1000, 1040), torch.bfloat16)
+    drafter.to(torch.bfloat16)
+    assert drafter.rotary.inv_freq.dtype == torch.float32
+    cos, sin = drafter.rotary(torch.arange(1000, 1040), torch.bfloat16)
+    assert torch.equal(cos, float_cos) and torch.equal(sin, float_sin)
+    assert torch.equal(RotaryEmbedding(64, 100000.0).to(torch.bfloat16).inv_freq, exact)

@@ -42,7 +42,7 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --
 
 if [ "${1:-run}" = smoke ]; then
   step "GPU paths' tests"
-  exec python3 -m pytest -q -p no:cacheprovider tests/test_device_paths.py -k cuda
+  exec python3 -m pytest -q -p no:cacheprovider tests/test_device_paths.py -k "cuda or waits_for_the_gpu or moved_to_a_device"
 fi
 
 if [ "$MODEL" = None ]; then
