@@ -199,7 +199,8 @@ class SpeculativeEngine:
                                    RequestText(self.target.tokenizer, request.sampling.stop),
                                    processed=len(request.prompt_ids), verify=verify))
         first = choose_tokens(self.target.lm_head(prefill.hidden[last]), torch.arange(len(admitted), device=last.device),
-                              [s.request.sampling for s in states], [s.generator for s in states])
+                              [s.request.sampling for s in states], [s.generator for s in states],
+                              offsets=list(range(len(admitted) + 1)))  # one row each
         if self.drafter is not None:
             drafting = torch.tensor([s.stats.block_size > 1 for s in states], device=layout.row.device)[layout.row]
             self.drafter.write_context(features[drafting], first_slot + layout.row[drafting],
@@ -320,7 +321,7 @@ class SpeculativeEngine:
         (`speculative_chain_tokens`: the surviving drafts, then the stop's token)."""
         chained = [r for r, probs in enumerate(draft_probs or []) if probs is not None and step_host.widths[r] > 1]
         params = [SamplingParams() if r in chained else s.request.sampling for r, s in enumerate(running)]
-        chosen = choose_tokens(logits, step.row, params, [s.generator for s in running])
+        chosen = choose_tokens(logits, step.row, params, [s.generator for s in running], step_host.offsets.tolist())
         for r in chained:
             state, start, width = running[r], int(step_host.offsets[r]), int(step_host.widths[r])
             uniforms = torch.rand(1, width, generator=state.generator, device=logits.device)

@@ -57,6 +57,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def filters(self, vocab: int) -> bool:
+        """Top-k, top-p or min-p drops some of `vocab` tokens (:func:`filters_something` for one request)."""
+        return 0 < self.top_k < vocab or self.top_p < 1 or self.min_p > 0
+
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         """The request's random stream, on the device its logits are on (None when greedy)."""
         if self.greedy:
@@ -101,36 +105,50 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torc
     filtering = filters_something(top_ks, top_ps, min_ps, logits.shape[-1])
     rows = torch.nonzero(sampled & ~filtering).flatten()
     if rows.numel():
-        probs = torch.softmax(logits[rows].float() / temperatures[rows].float().view(-1, 1), dim=-1)
-        uniforms = torch.rand(rows.numel(), generator=generator, device=logits.device)
-        tokens[rows] = sample_categorical(probs, uniforms).to(tokens.dtype)
+        tokens[rows] = _sample_unfiltered(logits[rows], temperatures[rows], generator).to(tokens.dtype)
     rows = torch.nonzero(sampled & filtering).flatten()
     if rows.numel():
-        kept, ids = filtered_probs(logits[rows], temperatures[rows], top_ks[rows], top_ps[rows], min_ps[rows])
-        picked = torch.multinomial(kept, 1, generator=generator)
-        tokens[rows] = ids.gather(1, picked).squeeze(1).to(tokens.dtype)
+        tokens[rows] = _sample_filtered(logits[rows], temperatures[rows], top_ks[rows], top_ps[rows], min_ps[rows],
+                                        generator).to(tokens.dtype)
     return tokens
 
 
+def _sample_unfiltered(logits, temperatures, generator) -> torch.Tensor:
+    probs = torch.softmax(logits.float() / temperatures.float().view(-1, 1), dim=-1)
+    return sample_categorical(probs, torch.rand(len(logits), generator=generator, device=logits.device))
+
+
+def _sample_filtered(logits, temperatures, top_ks, top_ps, min_ps, generator) -> torch.Tensor:
+    kept, ids = filtered_probs(logits, temperatures, top_ks, top_ps, min_ps)
+    return ids.gather(1, torch.multinomial(kept, 1, generator=generator)).squeeze(1)
+
+
 def sample_from_logits(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row of `logits` [M, V], as plain decoding with `params` would pick it."""
+    """One token per row of `logits` [M, V], as plain decoding with `params` would pick it: the same
+    draws as :func:`sample_tokens`, with its branch read from `params` on the host (on a GPU its
+    row selection would wait for the device)."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
     n = logits.shape[0]
 
     def each(value, dtype):
         return torch.full((n,), value, dtype=dtype, device=logits.device)
 
-    return sample_tokens(logits, each(max(params.temperature, 1e-6), torch.float32), each(params.top_k, torch.long),
-                         each(params.top_p, torch.float32), each(params.min_p, torch.float32),
-                         each(params.greedy, torch.bool), generator)
+    temperatures = each(max(params.temperature, 1e-6), torch.float32)
+    if not params.filters(logits.shape[-1]):
+        return _sample_unfiltered(logits, temperatures, generator).to(torch.long)
+    return _sample_filtered(logits, temperatures, each(params.top_k, torch.long), each(params.top_p, torch.float32),
+                            each(params.min_p, torch.float32), generator).to(torch.long)
 
 
 def choose_tokens(logits: torch.Tensor, rows: torch.Tensor, params: list[SamplingParams],
-                  generators: list[torch.Generator | None]) -> torch.Tensor:
-    """Target tokens for packed positions `[N]`, each row with its own sampling parameters."""
+                  generators: list[torch.Generator | None], offsets: list[int] | None = None) -> torch.Tensor:
+    """Target tokens for packed positions `[N]`, each row with its own sampling parameters. `offsets`
+    (the packed layout's, on the host) give each row's positions without reading `rows` on the device."""
     tokens = logits.argmax(dim=-1)
     for r, (p, g) in enumerate(zip(params, generators)):
         if not p.greedy:
-            where = torch.nonzero(rows == r).squeeze(1)
+            where = slice(offsets[r], offsets[r + 1]) if offsets is not None else torch.nonzero(rows == r).squeeze(1)
             tokens[where] = sample_from_logits(logits[where], p, g)
     return tokens
 
@@ -155,8 +173,15 @@ def request_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.
     def each(value, dtype):
         return torch.full((n,), value, dtype=dtype, device=logits.device)
 
-    return filtered_distribution(logits, each(params.temperature, torch.float32), each(params.top_k, torch.long),
-                                 each(params.top_p, torch.float32), each(params.min_p, torch.float32))
+    # filtered_distribution's two cases, decided on the host: every row filters, or none does (on a GPU
+    # its search for the rows that filter would wait for the device)
+    temperatures = each(params.temperature, torch.float32)
+    if not params.filters(logits.shape[-1]):
+        return torch.softmax(logits.float() / temperatures.view(-1, 1), dim=-1)
+    kept, ids = filtered_probs(logits, temperatures, each(params.top_k, torch.long), each(params.top_p, torch.float32),
+                               each(params.min_p, torch.float32))
+    dense = torch.zeros_like(kept).scatter_(1, ids, kept)
+    return dense / dense.sum(dim=-1, keepdim=True)
 
 
 def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

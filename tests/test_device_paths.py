@@ -310,17 +310,21 @@ def _syncs(run) -> int:
 
 
 @cuda
-@pytest.mark.parametrize("size, verify, per_step", [(1, "full", 1), (8, "full", 1), (8, "auto", 2)])
-def test_a_decode_step_waits_for_the_gpu_at_most_once_or_twice(cuda_engine, cuda_prompts, size, verify, per_step):
+@pytest.mark.parametrize("size, verify, per_step, temperature",
+                         [(1, "full", 1, 0.0), (8, "full", 1, 0.0), (8, "auto", 2, 0.0), (1, "full", 1, 0.8),
+                          (8, "full", 1, 0.8)])
+def test_a_decode_step_waits_for_the_gpu_at_most_once_or_twice(cuda_engine, cuda_prompts, size, verify, per_step,
+                                                               temperature):
     """A decode step waits for the device once (its tokens and accepted lengths come back together), and
-    once more with the verify rule (the drafts' confidences); what prefill costs is the same for a short
-    and a long run, so the difference counts steps only."""
+    once more with the verify rule (the drafts' confidences), a sampled request too (its sampling's
+    branch is read on the host); what prefill costs is the same for a short and a long run, so the
+    difference counts steps only."""
     from blockpilot.runtime.requests import GenerationRequest
     from blockpilot.runtime.sampling import SamplingParams
 
     def run(tokens):
-        request = GenerationRequest(cuda_prompts[0], SamplingParams(max_new_tokens=tokens, ignore_eos=True), "s",
-                                    size, verify=verify)
+        params = SamplingParams(max_new_tokens=tokens, ignore_eos=True, temperature=temperature, top_p=0.9, seed=1)
+        request = GenerationRequest(cuda_prompts[0], params, "s", size, verify=verify)
         out = []
         syncs = _syncs(lambda: out.extend(cuda_engine.generate([request])))
         return syncs, out[0].stats.target_forwards

@@ -177,6 +177,39 @@ def test_speculative_chain_tokens_keep_survivors_and_draw_the_stop():
         assert tokens[1].tolist() == [0, 2, 2]
 
 
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_p=0.8),
+                                    SamplingParams(temperature=1.3, top_k=5, min_p=0.05), SamplingParams()])
+def test_one_requests_sampling_decided_on_the_host_draws_as_the_batched_rule(params):
+    """A request's own draws (`sample_from_logits`, `request_distribution`, `choose_tokens` over a packed
+    layout's offsets) pick their branch from its parameters on the host, so a GPU waits for nothing:
+    the same tokens from the same seed, and the same distribution, as the batched rule that finds the
+    rows on the device."""
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(1)) * 3
+    n = len(logits)
+
+    def each(value, dtype):
+        return torch.full((n,), value, dtype=dtype)
+
+    batched = sampling.sample_tokens(logits, each(max(params.temperature, 1e-6), torch.float32),
+                                     each(params.top_k, torch.long), each(params.top_p, torch.float32),
+                                     each(params.min_p, torch.float32), each(params.greedy, torch.bool),
+                                     torch.Generator().manual_seed(5))
+    assert torch.equal(sample_from_logits(logits, params, torch.Generator().manual_seed(5)), batched)
+    if not params.greedy:
+        expected = sampling.filtered_distribution(logits, each(params.temperature, torch.float32),
+                                                  each(params.top_k, torch.long), each(params.top_p, torch.float32),
+                                                  each(params.min_p, torch.float32))
+        assert torch.equal(request_distribution(logits, params), expected)
+    rows = torch.tensor([0, 0, 1, 1, 1, 2])  # three requests packed: widths 2, 3, 1
+    everyone = [params, SamplingParams(temperature=0.9, top_p=0.5), SamplingParams()]
+
+    def generators():
+        return [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+
+    assert torch.equal(sampling.choose_tokens(logits, rows, everyone, generators(), offsets=[0, 2, 5, 6]),
+                       sampling.choose_tokens(logits, rows, everyone, generators()))
+
+
 def test_same_seed_same_sample():
     target = tiny_target(vocab_size=50, seed=2)
     engine = SpeculativeEngine(target, tiny_drafter(target), max_batch_size=4)
