@@ -22,13 +22,16 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("drafters", nargs="+")
 parser.add_argument("--sizes", default="2,3,4", help="block sizes replayed, e.g. 2,3,4 or 2-8")
 parser.add_argument("--reference", default=str(cache_dir() / "drafter-smollm2-v2" / "eval-reference"))
+parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the target and the drafters run in it (the answers replayed stay the reference's)")
 args = parser.parse_args()
 sizes = sorted({*parse_sizes(args.sizes), POSITION_ACCURACY_SIZE})
-target = TargetModel.load(ensure_default_model(), "float32")
+target = TargetModel.load(ensure_default_model(), args.dtype)
 outputs = read_responses(args.reference)
-print(f"{len(outputs)} MT-Bench first turns, greedy, from {args.reference}")
+print(f"{len(outputs)} MT-Bench first turns, greedy, from {args.reference}; replayed in {args.dtype}")
 for directory in args.drafters:
-    rows = replay_every_size(target, DFlashDraftModel.load(directory), outputs, sizes, 256, show_progress=False)
+    drafter = DFlashDraftModel.load(directory).to(target.dtype)
+    rows = replay_every_size(target, drafter, outputs, sizes, 256, show_progress=False)
     accepted = {size: tokens / forwards for size, (tokens, forwards) in sorted(totals_by_size(rows).items())}
     positions = position_accuracy(rows, POSITION_ACCURACY_SIZE)["positions"]
     print(f"{directory}: acceptance length " + ", ".join(f"{s}: {a:.3f}" for s, a in accepted.items())
