@@ -11,5 +11,7 @@ rebuild_default_target() {
   model_dir=$(python3 -c "from blockpilot.runtime.assets import ensure_default_model; print(ensure_default_model())") || exit 1
   tar -xzf "$BUNDLE/model-files.tgz" -C "$model_dir"  # this project's tokenizer and config files, byte for byte
   digest=$(python3 examples/gpu/model_digest.py "$model_dir")
-  [ "$digest" = "$(cat "$BUNDLE/model-digest.txt")" ] || { echo "target weights digest $digest differs"; exit 1; }
+  # another transformers or gguf than the bundle's maker may convert differently: say which ran
+  [ "$digest" = "$(cat "$BUNDLE/model-digest.txt")" ] || { echo "target weights digest $digest differs (converted by" \
+    "$(python3 -c 'from importlib.metadata import version as v; print("transformers", v("transformers"), "gguf", v("gguf"))' 2>&1 | tail -1))"; exit 1; }
 }
