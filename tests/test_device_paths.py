@@ -39,6 +39,37 @@ def test_device_generator_is_the_targets_greedy_decoding(default_target, chat_pr
                                                   for t in expected]
 
 
+def test_grouped_decode_attention_is_sdpa_over_grouped_heads():
+    """The GPU's decode attention: each key head's group of query heads as one matrix over the cache's
+    strided slice, rows seeing different lengths, equals SDPA with the mask and grouped heads."""
+    import torch.nn.functional as F
+
+    from blockpilot.runtime.training.datagen import grouped_decode_attention
+    g = torch.Generator().manual_seed(0)
+    cache_k, cache_v = torch.randn(5, 3, 40, 16, generator=g), torch.randn(5, 3, 40, 16, generator=g)
+    keys, values = cache_k[:, :, :29], cache_v[:, :, :29]  # a strided slice, as the cache is read
+    q = torch.randn(5, 9, 16, generator=g)
+    visible = torch.arange(29)[None, :] <= torch.tensor([28, 0, 7, 15, 28])[:, None]
+    want = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=visible[:, None, None, :],
+                                          enable_gqa=True).flatten(1)
+    torch.testing.assert_close(grouped_decode_attention(q, keys, values, visible), want)
+
+
+def test_device_generator_on_the_gpus_attention_is_the_targets_greedy_decoding(default_target, chat_prompts,
+                                                                                monkeypatch):
+    """The generator with the attention it takes on a GPU (`grouped_decode_attention`), run here: still
+    the engine's plain greedy decoding, token for token."""
+    import functools
+
+    from blockpilot.runtime.engine import SpeculativeEngine
+    from blockpilot.runtime.training import datagen
+    prompts = chat_prompts[:3]
+    expected = [r.token_ids for r in SpeculativeEngine(default_target, None).generate(_requests(prompts, 24))]
+    monkeypatch.setattr(datagen, "_decode", functools.partial(datagen._decode, grouped=True))
+    results = datagen.DeviceGenerator(default_target).generate(_requests(prompts, 24))
+    assert [r.token_ids for r in results] == expected
+
+
 def test_bfloat16_generator_is_the_targets_greedy_decoding_in_bfloat16(chat_prompts):
     """The data stage in bf16 (on a GPU, and on a CPU with `data.cpu_dtype`): each row is HF `generate`'s
     greedy output in bf16 on the same device, except at the reference's own near-ties."""

@@ -197,17 +197,36 @@ def _prefill(target: TargetModel, cache: SlotKVCache, rows: list[int], prompts: 
     return target.lm_head(hidden[last])
 
 
+def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                             visible: torch.Tensor) -> torch.Tensor:
+    """One query per row, `q` [n, Hq, D], against `keys`/`values` [n, Hkv, T, D] where `visible` [n, T]:
+    [n, Hq * D]. Each key head serves its group of query heads as one matrix (no copy of the keys per
+    query head), scores and softmax in float32. On a GPU, SDPA given a mask and grouped heads has no
+    fused kernel to take it and falls back to its math path, which copies the keys and values for
+    every query head (and, in bf16, to float32) in every layer of every step."""
+    n, heads, dim = q.shape
+    kv_heads = keys.shape[1]
+    grouped = q.reshape(n, kv_heads, heads // kv_heads, dim)  # query head h reads key head h // group
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * dim ** -0.5  # [n, Hkv, group, T]
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1).to(values.dtype), values).reshape(n, heads * dim)
+
+
 def _decode(target: TargetModel, cache: SlotKVCache, tokens: torch.Tensor, positions: torch.Tensor,
-            kv_len: int) -> torch.Tensor:
-    """One token per cache slot at `positions`: logits [slots, vocab]."""
+            kv_len: int, grouped: bool | None = None) -> torch.Tensor:
+    """One token per cache slot at `positions`: logits [slots, vocab]. `grouped`: attention by
+    `grouped_decode_attention` (default on a GPU) rather than SDPA (default on a CPU)."""
     rows = torch.arange(len(tokens), device=tokens.device)
     visible = torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None]  # [slots, kv_len]
     mask = visible[:, None, None, :]
+    grouped = tokens.device.type == "cuda" if grouped is None else grouped
 
     def attend(layer, q, k, v):
         cache.keys[layer][rows, :, positions] = k
         cache.values[layer][rows, :, positions] = v
         keys, values = cache.keys[layer][:, :, :kv_len], cache.values[layer][:, :, :kv_len]
+        if grouped:
+            return grouped_decode_attention(q, keys, values, visible)
         # SDPA reads the cache's strided slice in place (a matmul there copies it: 2.5x slower in bf16 on a CPU)
         out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask, enable_gqa=True)
         return out.flatten(1)
