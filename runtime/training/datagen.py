@@ -201,9 +201,10 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
                              visible: torch.Tensor) -> torch.Tensor:
     """One query per row, `q` [n, Hq, D], against `keys`/`values` [n, Hkv, T, D] where `visible` [n, T]:
     [n, Hq * D]. Each key head serves its group of query heads as one matrix (no copy of the keys per
-    query head), scores and softmax in float32. On a GPU, SDPA given a mask and grouped heads has no
-    fused kernel to take it and falls back to its math path, which copies the keys and values for
-    every query head (and, in bf16, to float32) in every layer of every step."""
+    query head), scores and softmax in float32. On a GPU, SDPA given a mask and grouped heads finds no
+    flash kernel (it takes no mask) nor memory-efficient one (no grouped heads), and unless cuDNN takes
+    it falls back to its math path, which copies the keys and values for every query head (and, in
+    bf16, to float32) in every layer of every step."""
     n, heads, dim = q.shape
     kv_heads = keys.shape[1]
     grouped = q.reshape(n, kv_heads, heads // kv_heads, dim)  # query head h reads key head h // group
