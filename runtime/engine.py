@@ -198,9 +198,8 @@ class SpeculativeEngine:
             states.append(_Running(request, stats, arrival, request.sampling.make_generator(self.target.device),
                                    RequestText(self.target.tokenizer, request.sampling.stop),
                                    processed=len(request.prompt_ids), verify=verify))
-        first = choose_tokens(self.target.lm_head(prefill.hidden[last]), torch.arange(len(admitted), device=last.device),
-                              [s.request.sampling for s in states], [s.generator for s in states],
-                              offsets=list(range(len(admitted) + 1)))  # one row each
+        first = choose_tokens(self.target.lm_head(prefill.hidden[last]), list(range(len(admitted) + 1)),  # one row each
+                              [s.request.sampling for s in states], [s.generator for s in states])
         if self.drafter is not None:
             drafting = torch.tensor([s.stats.block_size > 1 for s in states], device=layout.row.device)[layout.row]
             self.drafter.write_context(features[drafting], first_slot + layout.row[drafting],
@@ -249,7 +248,7 @@ class SpeculativeEngine:
         proposed = drafts.tokens[blocks.to_device(torch.nonzero(host.col <= verified[host.row]).squeeze(1), device)]
         # 4. verify: one target forward; the target's own token at every verified position
         hidden, features = self.target.forward(proposed, step, target_cache, 0, self.capture_layers)
-        chosen = self._verify_tokens(self.target.lm_head(hidden), step, step_host, running, proposed, drafts.probs)
+        chosen = self._verify_tokens(self.target.lm_head(hidden), step_host, running, proposed, drafts.probs)
         # 5. accept: the longest prefix of drafts equal to the target's tokens; tokens and accepted lengths
         # come to the host together
         accepted = blocks.accept_lengths(proposed, chosen, step)
@@ -313,7 +312,7 @@ class SpeculativeEngine:
         return Drafts(proposed, confidence, probs)
 
     @staticmethod
-    def _verify_tokens(logits: torch.Tensor, step: blocks.RaggedLayout, step_host: blocks.RaggedLayout,
+    def _verify_tokens(logits: torch.Tensor, step_host: blocks.RaggedLayout,
                        running: list[_Running], proposed: torch.Tensor,
                        draft_probs: list[torch.Tensor | None] | None) -> torch.Tensor:
         """The token the accept compares with each verified position's next draft: the target's own
@@ -321,7 +320,7 @@ class SpeculativeEngine:
         (`speculative_chain_tokens`: the surviving drafts, then the stop's token)."""
         chained = [r for r, probs in enumerate(draft_probs or []) if probs is not None and step_host.widths[r] > 1]
         params = [SamplingParams() if r in chained else s.request.sampling for r, s in enumerate(running)]
-        chosen = choose_tokens(logits, step.row, params, [s.generator for s in running], step_host.offsets.tolist())
+        chosen = choose_tokens(logits, step_host.offsets.tolist(), params, [s.generator for s in running])
         for r in chained:
             state, start, width = running[r], int(step_host.offsets[r]), int(step_host.widths[r])
             uniforms = torch.rand(1, width, generator=state.generator, device=logits.device)

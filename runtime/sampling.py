@@ -113,8 +113,27 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torc
     return tokens
 
 
+def _tempered_softmax(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits.float() / temperatures.float().view(-1, 1), dim=-1)
+
+
+def _in_vocabulary_order(kept: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """:func:`filtered_probs`' kept probabilities, normalised and back in vocabulary order."""
+    dense = torch.zeros_like(kept).scatter_(1, ids, kept)
+    return dense / dense.sum(dim=-1, keepdim=True)
+
+
+def _settings_per_row(params: SamplingParams, n: int, device, temperature: float) -> tuple[torch.Tensor, ...]:
+    """One request's temperature, top-k, top-p and min-p repeated over `n` rows, as the batched rules take them."""
+    def each(value, dtype):
+        return torch.full((n,), value, dtype=dtype, device=device)
+
+    return (each(temperature, torch.float32), each(params.top_k, torch.long), each(params.top_p, torch.float32),
+            each(params.min_p, torch.float32))
+
+
 def _sample_unfiltered(logits, temperatures, generator) -> torch.Tensor:
-    probs = torch.softmax(logits.float() / temperatures.float().view(-1, 1), dim=-1)
+    probs = _tempered_softmax(logits, temperatures)
     return sample_categorical(probs, torch.rand(len(logits), generator=generator, device=logits.device))
 
 
@@ -129,27 +148,21 @@ def sample_from_logits(logits: torch.Tensor, params: SamplingParams, generator: 
     row selection would wait for the device)."""
     if params.greedy:
         return logits.argmax(dim=-1)
-    n = logits.shape[0]
-
-    def each(value, dtype):
-        return torch.full((n,), value, dtype=dtype, device=logits.device)
-
-    temperatures = each(max(params.temperature, 1e-6), torch.float32)
+    settings = _settings_per_row(params, logits.shape[0], logits.device, max(params.temperature, 1e-6))
     if not params.filters(logits.shape[-1]):
-        return _sample_unfiltered(logits, temperatures, generator).to(torch.long)
-    return _sample_filtered(logits, temperatures, each(params.top_k, torch.long), each(params.top_p, torch.float32),
-                            each(params.min_p, torch.float32), generator).to(torch.long)
+        return _sample_unfiltered(logits, settings[0], generator).to(torch.long)
+    return _sample_filtered(logits, *settings, generator).to(torch.long)
 
 
-def choose_tokens(logits: torch.Tensor, rows: torch.Tensor, params: list[SamplingParams],
-                  generators: list[torch.Generator | None], offsets: list[int] | None = None) -> torch.Tensor:
-    """Target tokens for packed positions `[N]`, each row with its own sampling parameters. `offsets`
-    (the packed layout's, on the host) give each row's positions without reading `rows` on the device."""
+def choose_tokens(logits: torch.Tensor, offsets: list[int], params: list[SamplingParams],
+                  generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Target tokens for packed positions `[N]`, each row with its own sampling parameters; row r's
+    positions are `offsets[r]:offsets[r + 1]` (the packed layout's offsets, on the host: nothing is
+    read back from the device)."""
     tokens = logits.argmax(dim=-1)
     for r, (p, g) in enumerate(zip(params, generators)):
         if not p.greedy:
-            where = slice(offsets[r], offsets[r + 1]) if offsets is not None else torch.nonzero(rows == r).squeeze(1)
-            tokens[where] = sample_from_logits(logits[where], p, g)
+            tokens[offsets[r]:offsets[r + 1]] = sample_from_logits(logits[offsets[r]:offsets[r + 1]], p, g)
     return tokens
 
 
@@ -157,31 +170,22 @@ def filtered_distribution(logits: torch.Tensor, temperatures: torch.Tensor, top_
                           top_ps: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
     """[N, V] :func:`filtered_probs` normalised and back in vocabulary order: the distribution each
     row of `logits` is sampled from. Rows that filter nothing are a softmax (no sort)."""
-    dense = torch.softmax(logits.float() / temperatures.float().view(-1, 1), dim=-1)
+    dense = _tempered_softmax(logits, temperatures)
     rows = torch.nonzero(filters_something(top_ks, top_ps, min_ps, logits.shape[-1])).flatten()
     if rows.numel():
-        kept, ids = filtered_probs(logits[rows], temperatures[rows], top_ks[rows], top_ps[rows], min_ps[rows])
-        dense[rows] = torch.zeros_like(kept).scatter_(1, ids, kept)
-        dense[rows] /= dense[rows].sum(dim=-1, keepdim=True)
+        dense[rows] = _in_vocabulary_order(*filtered_probs(logits[rows], temperatures[rows], top_ks[rows],
+                                                           top_ps[rows], min_ps[rows]))
     return dense
 
 
 def request_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """[M, V] the distribution a sampled request draws from at each row of `logits` [M, V]."""
-    n = logits.shape[0]
-
-    def each(value, dtype):
-        return torch.full((n,), value, dtype=dtype, device=logits.device)
-
     # filtered_distribution's two cases, decided on the host: every row filters, or none does (on a GPU
     # its search for the rows that filter would wait for the device)
-    temperatures = each(params.temperature, torch.float32)
+    settings = _settings_per_row(params, logits.shape[0], logits.device, params.temperature)
     if not params.filters(logits.shape[-1]):
-        return torch.softmax(logits.float() / temperatures.view(-1, 1), dim=-1)
-    kept, ids = filtered_probs(logits, temperatures, each(params.top_k, torch.long), each(params.top_p, torch.float32),
-                               each(params.min_p, torch.float32))
-    dense = torch.zeros_like(kept).scatter_(1, ids, kept)
-    return dense / dense.sum(dim=-1, keepdim=True)
+        return _tempered_softmax(logits, settings[0])
+    return _in_vocabulary_order(*filtered_probs(logits, *settings))
 
 
 def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

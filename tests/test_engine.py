@@ -181,9 +181,9 @@ def test_speculative_chain_tokens_keep_survivors_and_draw_the_stop():
                                     SamplingParams(temperature=1.3, top_k=5, min_p=0.05), SamplingParams()])
 def test_one_requests_sampling_decided_on_the_host_draws_as_the_batched_rule(params):
     """A request's own draws (`sample_from_logits`, `request_distribution`, `choose_tokens` over a packed
-    layout's offsets) pick their branch from its parameters on the host, so a GPU waits for nothing:
-    the same tokens from the same seed, and the same distribution, as the batched rule that finds the
-    rows on the device."""
+    layout's host offsets) pick their branch from its parameters on the host, so a GPU waits for
+    nothing: the same tokens from the same seed, and the same distribution, as the batched rule that
+    finds the rows on the device; each packed row draws over its own positions."""
     logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(1)) * 3
     n = len(logits)
 
@@ -200,14 +200,13 @@ def test_one_requests_sampling_decided_on_the_host_draws_as_the_batched_rule(par
                                                   each(params.top_k, torch.long), each(params.top_p, torch.float32),
                                                   each(params.min_p, torch.float32))
         assert torch.equal(request_distribution(logits, params), expected)
-    rows = torch.tensor([0, 0, 1, 1, 1, 2])  # three requests packed: widths 2, 3, 1
+    offsets = [0, 2, 5, 6]  # three requests packed: widths 2, 3, 1
     everyone = [params, SamplingParams(temperature=0.9, top_p=0.5), SamplingParams()]
-
-    def generators():
-        return [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
-
-    assert torch.equal(sampling.choose_tokens(logits, rows, everyone, generators(), offsets=[0, 2, 5, 6]),
-                       sampling.choose_tokens(logits, rows, everyone, generators()))
+    chosen = sampling.choose_tokens(logits, offsets, everyone, [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    for r, (p, seed) in enumerate(zip(everyone, (1, 2, 3))):  # each row's own draws over its own positions
+        own = logits[offsets[r]:offsets[r + 1]]
+        assert torch.equal(chosen[offsets[r]:offsets[r + 1]],
+                           sample_from_logits(own, p, torch.Generator().manual_seed(seed)))
 
 
 def test_same_seed_same_sample():
