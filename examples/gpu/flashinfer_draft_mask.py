@@ -152,6 +152,11 @@ def compare(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype
     return {"case": name, "max_abs_error": error, "tolerance": TOLERANCE[dtype], "ok": error <= TOLERANCE[dtype]}
 
 
+def failed(name: str, why: str, tolerance: float = 0.0) -> dict:
+    """A report row for a comparison that could not be made (the kernel failed, or time ran out)."""
+    return {"case": name, "error": why[:500], "ok": False, "max_abs_error": float("nan"), "tolerance": tolerance}
+
+
 def check(device: str, dtype: torch.dtype, with_flashinfer: bool) -> list[dict]:
     """Every shape, each way: the torch reading of the metadata against SDPA, and FlashInfer (if asked)."""
     rows = []
@@ -169,8 +174,7 @@ def check(device: str, dtype: torch.dtype, with_flashinfer: bool) -> list[dict]:
                 try:
                     rows.append(compare(name, flashinfer_prefill(case, *args), want, dtype))
                 except Exception as err:  # a kernel that fails to build or run is a result, not the end of the report
-                    rows.append({"case": name, "error": f"{type(err).__name__}: {err}"[:500], "ok": False,
-                                 "max_abs_error": float("nan"), "tolerance": TOLERANCE[dtype]})
+                    rows.append(failed(name, f"{type(err).__name__}: {err}", TOLERANCE[dtype]))
     return rows
 
 
@@ -192,8 +196,7 @@ def main(argv=None) -> int:
             for dtype in CUDA_DTYPES:
                 rows += [dict(r, dtype=str(dtype).removeprefix("torch.")) for r in check("cuda", dtype, True)]
         except KeyboardInterrupt:  # the GPU run's time limit (SIGINT): report what was compared so far
-            rows.append({"case": "interrupted by the time limit before every kernel was compared", "ok": False,
-                         "max_abs_error": float("nan"), "tolerance": 0.0})
+            rows.append(failed("interrupted by the time limit before every kernel was compared", "KeyboardInterrupt"))
     for row in rows:
         print(f"{'ok ' if row['ok'] else 'BAD'} {row['case']:<48} {row.get('dtype', 'float32'):>9} "
               f"max |diff| {row['max_abs_error']:.2e} (tolerance {row['tolerance']:.0e})")
