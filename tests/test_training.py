@@ -146,7 +146,7 @@ def test_short_training_run_learns_a_copying_target():
 
 
 def test_shortlist_loss_equals_full_loss_when_it_covers_the_vocabulary():
-    from blockpilot.runtime.training.train_drafter import vocabulary_shortlist
+    from blockpilot.runtime.training.train_drafter import answers_of, vocabulary_shortlist
     target = tiny_target(vocab_size=32, seed=0)
     drafter = tiny_drafter(target, block_size=4)
     rng = np.random.default_rng(0)
@@ -157,7 +157,7 @@ def test_shortlist_loss_equals_full_loss_when_it_covers_the_vocabulary():
     full, _ = step_loss(drafter, target, batch, weights)
     covering, _ = step_loss(drafter, target, batch, weights, torch.arange(32))
     assert torch.allclose(full, covering, atol=1e-5)
-    small = vocabulary_shortlist(seqs, 5)
+    small = vocabulary_shortlist(answers_of(seqs), 5)
     assert len(small) == 5
     partial, _ = step_loss(drafter, target, batch, weights, small)  # labels outside are added back
     assert torch.isfinite(partial) and partial < full
@@ -576,3 +576,52 @@ def test_cpu_candidate_recipe_trains_as_the_gpu_recipe_and_never_writes_the_ship
     assert cpu.train.cpu_autocast
     for path in (cpu.work_dir, cpu.output_dir):
         assert Path(path).is_relative_to(tmp_path / "cache"), path
+
+
+def test_a_continuation_trains_on_the_stores_later_shards_and_ranks_tokens_over_all_of_it(tmp_path, monkeypatch):
+    """`train.from_shard`: features are computed and sequences read for the store's shards from that
+    one on only (the earlier ones were seen by the drafter it continues), while the draft vocabulary
+    and the loss's shortlist still rank tokens over every stored training response."""
+    from blockpilot.runtime import drafter as drafter_module
+    from blockpilot.runtime.target import TargetModel
+    from blockpilot.runtime.training.prompt_sets import prompt_part
+    from blockpilot.runtime.training.recipe import (DataConfig, DrafterRecipe, DrafterShape, TrainConfig,
+                                                    _training_data)
+    from blockpilot.runtime.training.response_store import ResponseStore, read_shard
+    from blockpilot.runtime.training.train_drafter import train
+
+    target = tiny_target(vocab_size=32, seed=0)
+    monkeypatch.setattr(TargetModel, "load", classmethod(lambda cls, *args, **kwargs: target))
+    monkeypatch.setattr(drafter_module, "choose_mask_token_id", lambda tokenizer: 0)
+    rng = random.Random(0)
+    ids = [f"r{i}" for i in range(400) if prompt_part(f"r{i}") == "drafter-train"][:24]
+    ids += [f"v{i}" for i in range(4000) if prompt_part(f"v{i}") == "drafter-validation"][:4]
+    # early responses use tokens 1-9 only, later ones 10-31: the statistics must see both
+    rows = [{"id": i, "prompt_ids": [rng.randrange(1, 32) for _ in range(3)],
+             "response_ids": [rng.randrange(1, 10) if n < 16 else rng.randrange(10, 32) for _ in range(12)],
+             "finish_reason": "length"} for n, i in enumerate(ids)]
+    store = ResponseStore(tmp_path / "store")
+    for start in range(0, len(rows), 7):  # a shard per append: four runs' worth
+        store.append(rows[start: start + 7])
+    shards = store.shards()
+    assert len(shards) == 4
+    recipe = DrafterRecipe(work_dir=str(tmp_path / "work"), output_dir=str(tmp_path / "out"), model="tiny",
+                           data=DataConfig(store=str(tmp_path / "store")),
+                           drafter=DrafterShape(num_layers=1, num_target_features=2, block_size=4, draft_vocab=6),
+                           train=TrainConfig(steps=1, sequences_per_step=2, anchors_per_sequence=2,
+                                             vocab_shortlist=0, validate_every=10 ** 6, from_shard=2))
+    _, sequences, answers = _training_data(recipe, with_final_hidden=False)
+    later = [row["id"] for shard in shards[2:] for row in read_shard(shard)]
+    assert [s.id for s in sequences] == later
+    features = sorted(p.name for p in (tmp_path / "work" / "data").glob("*/features-*.json"))
+    assert features == [s.name.replace("responses", "features").replace(".npz", ".json") for s in shards[2:]]
+    assert [a.tolist() for a in answers] == [r["response_ids"] for r in rows if r["id"].startswith("r")]
+    drafter = train(recipe, target, sequences, tmp_path / "log.jsonl", answers=answers)
+    from blockpilot.runtime.draft_vocab import most_frequent_tokens
+    ranked = drafter.vocabulary.token_ids.tolist()
+    assert ranked == sorted(most_frequent_tokens(answers, 6).tolist())  # ranked over all of the store ...
+    assert ranked != sorted(most_frequent_tokens([s.tokens[s.prompt_len:] for s in sequences], 6).tolist())
+    for bad in (-1, len(shards)):
+        recipe.train.from_shard = bad
+        with pytest.raises(ValueError, match="train.from_shard"):
+            _training_data(recipe, with_final_hidden=False)

@@ -34,9 +34,9 @@ def feature_dir(data_dir: Path, layer_ids: list[int], with_final_hidden: bool = 
 
 
 def compute_features(target: TargetModel, shards: list[Path], out_dir: Path, layer_ids: list[int],
-                     batch_tokens: int = 4096, with_final_hidden: bool = False) -> Path:
-    """Features of every response shard (`response_store` shards) not done yet into `out_dir`; the
-    shard's index file marks it complete.
+                     batch_tokens: int = 4096, with_final_hidden: bool = False) -> list[Path]:
+    """Features of every given response shard (`response_store` shards) not done yet into `out_dir`;
+    the shard's index file marks it complete. Returns the given shards' index files, in order.
 
     `with_final_hidden` stores the target's final hidden state after the layers' columns (soft targets,
     ~25 % more disk); `feature_dir` gives such features a directory of their own."""
@@ -57,17 +57,18 @@ def compute_features(target: TargetModel, shards: list[Path], out_dir: Path, lay
         np.save(out_dir / f"{stem(shard)}.npy", np.concatenate(arrays))
         (out_dir / f"{stem(shard)}.json.part").write_text(json.dumps(index))
         (out_dir / f"{stem(shard)}.json.part").rename(out_dir / f"{stem(shard)}.json")
-    return out_dir
+    return [out_dir / f"{stem(shard)}.json" for shard in shards]
 
 
-def load_sequences(out_dir: Path, hidden_size: int | None = None) -> list[Sequence]:
-    """Every sequence of a feature directory; one computed with the final hidden state (its name ends
-    in "-final") needs the target's `hidden_size` to split it off the layers' columns."""
-    with_final = out_dir.name.endswith("-final")
-    if with_final and not hidden_size:
-        raise ValueError(f"{out_dir} holds the target's final hidden state: pass the target's hidden_size")
+def load_sequences(indexes: list[Path], hidden_size: int | None = None) -> list[Sequence]:
+    """Every sequence of the given feature shards (their index files, `compute_features`' answer);
+    features computed with the final hidden state (their folder's name ends in "-final") need the
+    target's `hidden_size` to split it off the layers' columns."""
     sequences = []
-    for index_path in sorted(out_dir.glob("features-*.json")):
+    for index_path in indexes:
+        with_final = index_path.parent.name.endswith("-final")
+        if with_final and not hidden_size:
+            raise ValueError(f"{index_path.parent} holds the target's final hidden state: pass the target's hidden_size")
         columns = np.load(index_path.with_suffix(".npy"), mmap_mode="r")
         for entry in json.loads(index_path.read_text()):
             rows = columns[entry["offset"]: entry["offset"] + entry["length"]]

@@ -125,6 +125,8 @@ def format_counts(counts: dict) -> str:
 def write_model_card(recipe, summary: dict) -> None:
     out = Path(recipe.output_dir)
     training = json.loads((out / "training_summary.json").read_text()) if (out / "training_summary.json").exists() else {}
+    span = training.get("store_shards", "")
+    shards = f" (this run: the store's shards {span})" if span and not span.startswith("0-") else ""
     config = json.loads((out / "config.json").read_text())
     layer_ids = config["dflash_config"]["target_layer_ids"]
     # The shipped drafter's curve goes into the docs; a candidate's stays beside it.
@@ -168,7 +170,7 @@ mask token `<empty_output>` (id 16).
 ## Training
 - Data: the target's own greedy responses (up to {recipe.data.max_new_tokens} new tokens, in float32 or
   bfloat16: `data.cpu_dtype` on a CPU, `data.device_dtype` on a GPU) to
-  {training.get('sequences', '?')} training prompts built offline from the Python standard library
+  {training.get('sequences', '?')} training prompts{shards} built offline from the Python standard library
   (code writing/explaining, language topics, documentation paragraphs), hand-written chat requests,
   templated assistant tasks (writing, role-play, reasoning, maths, extraction, science/humanities),
   questions and instructions the target wrote itself (`data.self_questions`, `data.instructions`)

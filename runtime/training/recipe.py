@@ -66,6 +66,10 @@ class TrainConfig:
     # distribution at each position (the features stage then stores the target's final hidden state)
     soft_target_weight: float = 0.0
     init_from: str | None = None  # a saved drafter of this shape to continue from (else a fresh one)
+    # Trains on the store's shards from this one on (0: all of them): a continuation on the responses
+    # its start has not seen needs no features of the earlier shards. The token statistics (the draft
+    # vocabulary, the loss's shortlist) still count every stored training response.
+    from_shard: int = 0
     # bf16 autocast on a CPU too (as on a GPU; master weights stay float32): 1.5-1.6x float32's rate on a
     # CPU with AMX (`make train-throughput TRAIN_BENCH_SET="--set train.cpu_autocast=true"` against without)
     cpu_autocast: bool = False
@@ -228,9 +232,9 @@ def run_train_stage(recipe: DrafterRecipe, minutes: float | None = None) -> None
 
     workers = join()  # under torchrun: one of N data-parallel processes
     with workers.main_first():  # the first computes what features are missing, the others then read them
-        target, sequences = _training_data(recipe, with_final_hidden=recipe.train.soft_target_weight > 0)
+        target, sequences, answers = _training_data(recipe, with_final_hidden=recipe.train.soft_target_weight > 0)
     log_path = Path(recipe.work_dir) / "train_log.jsonl"
-    drafter = train(recipe, target, sequences, log_path, more_minutes=minutes, workers=workers)
+    drafter = train(recipe, target, sequences, log_path, more_minutes=minutes, workers=workers, answers=answers)
     leave(workers)
     if not workers.main:
         return
@@ -238,6 +242,7 @@ def run_train_stage(recipe: DrafterRecipe, minutes: float | None = None) -> None
     last = json.loads(log_path.read_text().splitlines()[-1])
     train_set, validation = split_by_part(sequences)
     summary = {"sequences": len(train_set), "validation_sequences": len(validation),
+               "store_shards": _shard_span(recipe),
                "tokens": int(sum(len(s.tokens) for s in train_set)),
                "response_tokens": int(sum(len(s.tokens) - s.prompt_len for s in train_set)),
                "steps": last["step"], "wall_time_s": last["elapsed_s"],
@@ -273,26 +278,43 @@ def run_bench_train_stage(recipe: DrafterRecipe, steps: int = 20) -> dict | None
 
 
 def _training_data(recipe: DrafterRecipe, with_final_hidden: bool):
-    """(target, training sequences): the target loaded, its features computed for every data shard not
-    done yet, and every sequence read back."""
+    """(target, training sequences, answers): the target loaded, its features computed for every data
+    shard the recipe trains on (`train.from_shard` on) not done yet, and those sequences read back;
+    the answers (response token ids) of every stored training-part record, for token statistics."""
     from ..assets import ensure_default_model
     from ..drafter import build_target_layer_ids
     from ..target import TargetModel
+    import numpy as np
+
     from .features import compute_features, feature_dir, load_sequences
+    from .prompt_sets import prompt_part
     from .response_store import ResponseStore
     from .train_drafter import training_device
 
+    store = ResponseStore(recipe.store_dir)
+    shards = store.shards()
+    if not shards:
+        raise ValueError(f"no training data in {recipe.store_dir}: run the data stage first")
+    first = recipe.train.from_shard
+    if not 0 <= first < len(shards):
+        raise ValueError(f"train.from_shard {first}: {recipe.store_dir} has shards 0-{len(shards) - 1}")
     target = TargetModel.load(recipe.model or ensure_default_model(), recipe.dtype)
     layer_ids = build_target_layer_ids(target.num_layers, recipe.drafter.num_target_features)
     device = training_device()  # features on a GPU in bigger batches; the target then returns to the CPU,
     out_dir = feature_dir(recipe.data_dir, layer_ids, with_final_hidden)  # where training validates
-    shards = ResponseStore(recipe.store_dir).shards()
-    compute_features(target.to(device), shards, out_dir, layer_ids, batch_tokens=32768 if device.type == "cuda" else 4096,
-                     with_final_hidden=with_final_hidden)
-    sequences = load_sequences(out_dir, target.to("cpu").hidden_size)
-    if not sequences:
-        raise ValueError(f"no training data in {recipe.store_dir}: run the data stage first")
-    return target, sequences
+    indexes = compute_features(target.to(device), shards[first:], out_dir, layer_ids,
+                               batch_tokens=32768 if device.type == "cuda" else 4096, with_final_hidden=with_final_hidden)
+    sequences = load_sequences(indexes, target.to("cpu").hidden_size)
+    answers = [np.asarray(row["response_ids"]) for row in store.rows() if prompt_part(row["id"]) == "drafter-train"]
+    return target, sequences, answers
+
+
+def _shard_span(recipe: DrafterRecipe) -> str:
+    """The store's shards a run trained on, as "FIRST-LAST of COUNT"."""
+    from .response_store import ResponseStore
+
+    count = len(ResponseStore(recipe.store_dir).shards())
+    return f"{recipe.train.from_shard}-{count - 1} of {count}"
 
 
 def run_eval_stage(recipe: DrafterRecipe) -> None:
@@ -424,7 +446,7 @@ def run_compare_stage(recipe: DrafterRecipe, variants: list[str], minutes: float
     from .train_drafter import split_by_part, train, validate
 
     parsed = [parse_variant(v) for v in variants]
-    target, sequences = _training_data(recipe, with_final_hidden=True)  # soft and hard variants alike
+    target, sequences, answers = _training_data(recipe, with_final_hidden=True)  # soft and hard variants alike
     out_dir = Path(recipe.work_dir) / "compare"
     out_dir.mkdir(parents=True, exist_ok=True)
     start = None
@@ -437,7 +459,7 @@ def run_compare_stage(recipe: DrafterRecipe, variants: list[str], minutes: float
         variant = with_overrides(recipe, overrides)
         variant.work_dir = str(out_dir / name)
         log_path = out_dir / name / "train_log.jsonl"
-        drafter = train(variant, target, sequences, log_path, total_minutes=minutes)
+        drafter = train(variant, target, sequences, log_path, total_minutes=minutes, answers=answers)
         drafter.to(target.dtype).save(out_dir / name / "drafter")  # for a replay on MT-Bench, or to ship
         records = [json.loads(line) for line in log_path.read_text().splitlines()]
         validated = ([start] if start else []) + [r for r in records if "val_replayed_acceptance_length" in r]

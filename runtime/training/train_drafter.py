@@ -29,6 +29,7 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -151,8 +152,8 @@ def drafter_hidden(drafter, target: TargetModel, features, tokens, positions, vi
     return forward(features, target.embed_tokens(tokens), positions, visible)
 
 
-def vocabulary_shortlist(sequences: list[Sequence], size: int) -> torch.Tensor | None:
-    """The `size` most frequent response tokens, or None for the whole vocabulary.
+def vocabulary_shortlist(answers: Iterable[np.ndarray], size: int) -> torch.Tensor | None:
+    """The `size` most frequent tokens of the answers (response token ids), or None for the whole vocabulary.
 
     The lm_head over 49k tokens is most of a training step's cost on a CPU; the target's responses
     use far fewer (a few thousand cover >99.9%), so the softmax runs over those plus the batch's
@@ -160,7 +161,12 @@ def vocabulary_shortlist(sequences: list[Sequence], size: int) -> torch.Tensor |
     """
     if not size:
         return None
-    return most_frequent_tokens((s.tokens[s.prompt_len:] for s in sequences), size)
+    return most_frequent_tokens(answers, size)
+
+
+def answers_of(sequences: list[Sequence]) -> list[np.ndarray]:
+    """Each sequence's response token ids."""
+    return [s.tokens[s.prompt_len:] for s in sequences]
 
 
 def step_loss(drafter, target, batch: TrainingBatch, weights, shortlist: torch.Tensor | None = None,
@@ -320,26 +326,30 @@ def learning_rate_at(cfg, step: int, budget_spent: float | None = None) -> float
 
 def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path,
           total_minutes: float | None = None, more_minutes: float | None = None,
-          workers: Workers | None = None) -> DFlashDraftModel:
+          workers: Workers | None = None, answers: list[np.ndarray] | None = None) -> DFlashDraftModel:
     """Train (or resume) the recipe's drafter to `train.steps`; on a CUDA device when there is one (bf16
     autocast there, float32 on the CPU), validating on the CPU. It stops early, validated at the stop,
     once its training time (validation not counted) reaches `total_minutes` (equal budgets compare
     recipes, and a resumed run keeps its budget) or `more_minutes` beyond what its checkpoint holds.
 
     Under torchrun (`workers`, default `parallel.join()`) each process trains on its slice of every
-    global batch of `train.sequences_per_step` sequences; only the first one validates and writes."""
+    global batch of `train.sequences_per_step` sequences; only the first one validates and writes.
+
+    `answers` (default: the training sequences' responses) are what the token statistics count (the
+    draft vocabulary, the loss's shortlist): a run on part of a store still ranks tokens over all of it."""
     if total_minutes is not None and more_minutes is not None:
         raise ValueError("train(): give total_minutes or more_minutes, not both")
     workers = workers or join()
     cfg, shape = recipe.train, recipe.drafter
     train_set, validation = split_by_part(sequences)
     validation = validation[:cfg.validate_sequences]  # None: all of them
+    answers = answers if answers is not None else answers_of(train_set)
     checkpoint = recipe.checkpoint_dir / "last.pt"
     drafter = DFlashDraftModel.for_target(target, num_layers=shape.num_layers,
                                           num_target_features=shape.num_target_features,
                                           block_size=shape.block_size, seed=cfg.seed).float().train()
     if shape.draft_vocab:  # validated, saved and shipped with the drafts it will make
-        drafter.vocabulary = DraftVocabulary(vocabulary_shortlist(train_set, shape.draft_vocab), target.vocab_size,
+        drafter.vocabulary = DraftVocabulary(vocabulary_shortlist(answers, shape.draft_vocab), target.vocab_size,
                                              source=f"the training set's {shape.draft_vocab} most frequent tokens")
     if cfg.init_from and not checkpoint.exists():
         drafter.load_state_dict(starting_weights(cfg.init_from, drafter))
@@ -367,7 +377,7 @@ def train(recipe, target: TargetModel, sequences: list[Sequence], log_path: Path
     mask_id = drafter.config.mask_token_id
     weights = position_weights(shape.block_size, cfg.anchors_per_sequence, cfg.loss_decay, cfg.loss_gamma).to(device)
     supervised, trained_before = 0, train_s  # labelled block positions, and training time, since this run (re)started
-    shortlist = vocabulary_shortlist(train_set, cfg.vocab_shortlist)
+    shortlist = vocabulary_shortlist(answers, cfg.vocab_shortlist)
     shortlist = shortlist.to(device) if shortlist is not None else None
 
     def learning_rate(s: int, seconds: float) -> float:
