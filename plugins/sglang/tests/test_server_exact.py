@@ -5,8 +5,10 @@ against a real server without speculation, on CPU.
 * Sampling: many requests of one prompt, a few new tokens each; at every position after the first
   (the first is sampled in prefill, by SGLang's own sampler) the distribution of the token served
   by the BlockPilot server is compared with the plain server's by a chi-square test of homogeneity:
-  temperature 1 with the policy's sizes and with block size 4, top-p + top-k, and penalties. A server
-  that verifies sampled rows by argmax fails every one by far (p < 1e-10 at these counts).
+  temperature 1 with the policy's sizes and with block size 4, top-p + top-k, penalties, and a
+  regular-expression grammar, every case but the policy's own verifying all of its drafts (at 240
+  rows the per-step rule verifies few). A server that verifies sampled rows by argmax fails every
+  one by far (p < 1e-10 at these counts).
 * Greedy: every option class (penalties alone and together, min_new_tokens, logit_bias, stop strings
   and ids, regex, JSON schema, logprobs), sent concurrently with block sizes mixed in one batch,
   gives the plain server's tokens exactly.
@@ -39,14 +41,24 @@ ALPHA = 1e-4  # per position and case: ~12 tests, a false alarm about once in a 
 MIN_EXPECTED = 5  # tokens seen fewer times (both servers together) are pooled into one bin
 GREEDY_TOKENS = 24
 
+# At 240 rows a step the per-step verify rule verifies few drafts (on a CPU a wide verify of many rows
+# costs the most), so every case but the policy's own verifies all its drafts (`blockpilot_verify`
+# "full"): their distributions come from speculative steps (test_sampled_cases_were_served_with_drafts).
+FULL = {"blockpilot_verify": "full"}
 SAMPLED_CASES = {
     # name: (sampling params, the BlockPilot request's custom_params)
-    "t1-policy": ({"temperature": 1.0}, None),
-    "t1-block4": ({"temperature": 1.0}, {"blockpilot_block_size": 4}),
+    "t1-policy": ({"temperature": 1.0}, None),  # default settings: the policy's size, the rule on
+    "t1-block4": ({"temperature": 1.0}, {"blockpilot_block_size": 4, **FULL}),
     "t1-block1": ({"temperature": 1.0}, {"blockpilot_block_size": 1}),  # no drafts: the plain step, sampled
-    "topp-topk": ({"temperature": 0.8, "top_p": 0.9, "top_k": 20}, None),
-    "penalties": ({"temperature": 1.0, "frequency_penalty": 0.5, "repetition_penalty": 1.3}, None),
+    "topp-topk": ({"temperature": 0.8, "top_p": 0.9, "top_k": 20}, FULL),
+    "penalties": ({"temperature": 1.0, "frequency_penalty": 0.5, "repetition_penalty": 1.3}, FULL),
+    # a grammar that leaves many tokens open at every position: its mask applies at each draft
+    # position before that position's sampling rule. It may end (EOS) after its first character: as
+    # users send grammars, ignore_eos off (see GREEDY_OPTIONS), and ending is part of the distribution.
+    "regex": ({"temperature": 1.0, "regex": "[a-z ]{1,200}", "ignore_eos": False}, FULL),
 }
+PLAIN_SAMPLE_OF = {"t1-block4": "t1-policy", "t1-block1": "t1-policy"}  # cases that differ by custom_params only
+ENDED = -1  # in a sampled case that may end early: the "token" of every position after the end
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
           "required": ["city", "population"]}
 GREEDY_OPTIONS = {
@@ -69,7 +81,7 @@ MIXED_SIZES = [None, 2, 3, 6, 1]  # per request: None is the policy's choice
 
 
 def sampled_bodies(prompt, params, custom):
-    sampling = {**params, "max_new_tokens": SAMPLED_TOKENS, "ignore_eos": True}
+    sampling = {"ignore_eos": True, **params, "max_new_tokens": SAMPLED_TOKENS}
     if custom:
         sampling["custom_params"] = custom
     return [{"input_ids": prompt, "sampling_params": sampling} for _ in range(SAMPLES)]
@@ -95,18 +107,21 @@ def serve(server, prompts):
     sampled and a penalised request in the same batch."""
     server.wait_ready()
     blockpilot = "--speculative-algorithm" in server.proc.args
-    sampled = {}
+    sampled, drafts = {}, {}
     for name, (params, custom) in SAMPLED_CASES.items():
-        if custom and not blockpilot:
+        if name in PLAIN_SAMPLE_OF and not blockpilot:
             continue
         results = run_batch(server, sampled_bodies(prompts[1], params, custom if blockpilot else None))
         sampled[name] = [out["output_ids"] for out in results]
+        drafts[name] = {key: sum(out["meta_info"].get(f"spec_num_{key}_drafts", 0) for out in results)
+                        for key in ("proposed", "correct")}
     greedy = greedy_bodies(prompts[:2], blockpilot)
     companions = [{"input_ids": prompts[2], "sampling_params": {"temperature": 1.0, "max_new_tokens": GREEDY_TOKENS,
                                                                "frequency_penalty": 0.5}}]
     results = run_concurrently(server, [body for _, body in greedy] + companions)
     assert all(status == 200 for status, _ in results), [out for status, out in results if status != 200][:2]
-    run = {"sampled": sampled, "greedy": {key: out for (key, _), (_, out) in zip(greedy, results)}}
+    run = {"sampled": sampled, "drafts": drafts,
+           "greedy": {key: out for (key, _), (_, out) in zip(greedy, results)}}
     if blockpilot:
         processor = {"input_ids": prompts[0], "sampling_params": {"temperature": 0, "max_new_tokens": 8},
                      "custom_logit_processor": DISALLOW_NOTHING}
@@ -170,6 +185,11 @@ def runs(prompts, tmp_path_factory):
     return out
 
 
+def ended_as_a_token(outputs: list[list[int]]) -> list[list[int]]:
+    """Each output at full length, ENDED where it stopped early: how soon requests end is compared too."""
+    return [o + [ENDED] * (SAMPLED_TOKENS - len(o)) for o in outputs]
+
+
 def homogeneity_p(first: list[int], second: list[int]) -> float:
     """Chi-square test that two samples of tokens come from one distribution (rare tokens pooled)."""
     a, b = Counter(first), Counter(second)
@@ -186,14 +206,25 @@ def homogeneity_p(first: list[int], second: list[int]) -> float:
 
 @pytest.mark.parametrize("case", sorted(SAMPLED_CASES))
 def test_sampled_tokens_follow_the_targets_distribution(runs, case):
-    plain = runs["plain"]["sampled"]["t1-policy" if case.startswith("t1-block") else case]
+    plain = runs["plain"]["sampled"][PLAIN_SAMPLE_OF.get(case, case)]
     served = runs["blockpilot"]["sampled"][case]
-    assert len(plain) == len(served) == SAMPLES and all(len(o) == SAMPLED_TOKENS for o in plain + served)
+    assert len(plain) == len(served) == SAMPLES
+    may_end = SAMPLED_CASES[case][0].get("ignore_eos") is False
+    assert all(len(o) == SAMPLED_TOKENS or may_end and 1 <= len(o) < SAMPLED_TOKENS for o in plain + served)
+    plain, served = ended_as_a_token(plain), ended_as_a_token(served)
     p_values = [homogeneity_p([o[k] for o in plain], [o[k] for o in served]) for k in range(1, SAMPLED_TOKENS)]
     assert min(p_values) > ALPHA, f"{case}: p per position 2..{SAMPLED_TOKENS} = {p_values}"
     # and not one greedy continuation: the plain server's spread of whole continuations
     distinct_plain, distinct_served = len({tuple(o) for o in plain}), len({tuple(o) for o in served})
     assert distinct_served > 0.7 * distinct_plain, (distinct_served, distinct_plain)
+
+
+def test_sampled_cases_were_served_with_drafts(runs):
+    """The distributions above come from speculative steps (drafts verified, some of them kept), not
+    from requests served one token a step."""
+    drafts = runs["blockpilot"]["drafts"]
+    assert drafts.pop("t1-block1")["proposed"] == 0
+    assert all(d["proposed"] > 0 and d["correct"] > 0 for d in drafts.values()), drafts
 
 
 def test_the_homogeneity_test_sees_a_greedy_server():
