@@ -107,12 +107,13 @@ def serve(server, prompts):
     sampled and a penalised request in the same batch."""
     server.wait_ready()
     blockpilot = "--speculative-algorithm" in server.proc.args
-    sampled, drafts = {}, {}
+    sampled, drafts, logprobs = {}, {}, {}
     for name, (params, custom) in SAMPLED_CASES.items():
         if name in PLAIN_SAMPLE_OF and not blockpilot:
             continue
         results = run_batch(server, sampled_bodies(prompts[1], params, custom if blockpilot else None))
         sampled[name] = [out["output_ids"] for out in results]
+        logprobs[name] = [[entry[0] for entry in out["meta_info"]["output_token_logprobs"]] for out in results]
         drafts[name] = {key: sum(out["meta_info"].get(f"spec_num_{key}_drafts", 0) for out in results)
                         for key in ("proposed", "correct")}
     greedy = greedy_bodies(prompts[:2], blockpilot)
@@ -120,7 +121,7 @@ def serve(server, prompts):
                                                                "frequency_penalty": 0.5}}]
     results = run_concurrently(server, [body for _, body in greedy] + companions)
     assert all(status == 200 for status, _ in results), [out for status, out in results if status != 200][:2]
-    run = {"sampled": sampled, "drafts": drafts,
+    run = {"sampled": sampled, "drafts": drafts, "logprobs": logprobs,
            "greedy": {key: out for (key, _), (_, out) in zip(greedy, results)}}
     if blockpilot:
         processor = {"input_ids": prompts[0], "sampling_params": {"temperature": 0, "max_new_tokens": 8},
@@ -135,7 +136,8 @@ def serve(server, prompts):
 
 def run_batch(server, bodies):
     """One /generate call with a batch of requests (SGLang batches them itself)."""
-    batch = {"input_ids": [b["input_ids"] for b in bodies], "sampling_params": [b["sampling_params"] for b in bodies]}
+    batch = {"input_ids": [b["input_ids"] for b in bodies], "sampling_params": [b["sampling_params"] for b in bodies],
+             "return_logprob": True}
     status, out = server.post("/generate", batch)
     assert status == 200, out
     return out
@@ -225,6 +227,33 @@ def test_sampled_cases_were_served_with_drafts(runs):
     drafts = runs["blockpilot"]["drafts"]
     assert drafts.pop("t1-block1")["proposed"] == 0
     assert all(d["proposed"] > 0 and d["correct"] > 0 for d in drafts.values()), drafts
+
+
+# Known defect, open: with penalties, about 2 % of the compared positions carry a logprob shifted by up
+# to 0.085 from the plain server's (the whole distribution shifted: one token penalised differently;
+# in the case inspected, the output's previous token penalised as if twice). The token distribution
+# test above cannot see a shift this rare at these counts; this one does.
+PENALTY_LOGPROBS = pytest.mark.xfail(reason="sampled + penalties: a rare position's penalties differ from "
+                                            "the plain server's (open defect)", strict=False)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=PENALTY_LOGPROBS) if c == "penalties" else c
+                                  for c in sorted(SAMPLED_CASES)])
+def test_sampled_tokens_carry_the_plain_servers_logprobs(runs, case):
+    """A sampled token's reported logprob is the one the plain server reports for the same token after
+    the same output so far (the two servers' samples share many prefixes). The logprob comes from the
+    verified position's adjusted logits, so it also checks the distribution each token was drawn from."""
+    reference = {}
+    name = PLAIN_SAMPLE_OF.get(case, case)
+    for tokens, values in zip(runs["plain"]["sampled"][name], runs["plain"]["logprobs"][name]):
+        for k, value in enumerate(values):
+            reference[tuple(tokens[: k + 1])] = value
+    pairs = [(k, value, reference[tuple(tokens[: k + 1])], tokens)
+             for tokens, values in zip(runs["blockpilot"]["sampled"][case], runs["blockpilot"]["logprobs"][case])
+             for k, value in enumerate(values) if k > 0 and tuple(tokens[: k + 1]) in reference]
+    assert len(pairs) > SAMPLES // 4, (case, len(pairs))  # positions 2..4 met in both servers' outputs
+    differ = [(k + 1, tokens) for k, mine, theirs, tokens in pairs if abs(mine - theirs) >= 1e-3]
+    assert not differ, f"{case}: {len(differ)} of {len(pairs)} positions differ (position, output): {differ[:4]}"
 
 
 def test_the_homogeneity_test_sees_a_greedy_server():
