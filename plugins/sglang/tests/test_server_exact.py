@@ -229,16 +229,7 @@ def test_sampled_cases_were_served_with_drafts(runs):
     assert all(d["proposed"] > 0 and d["correct"] > 0 for d in drafts.values()), drafts
 
 
-# Known defect, open: with penalties, about 2 % of the compared positions carry a logprob shifted by up
-# to 0.085 from the plain server's (the whole distribution shifted: one token penalised differently;
-# in the case inspected, the output's previous token penalised as if twice). The token distribution
-# test above cannot see a shift this rare at these counts; this one does.
-PENALTY_LOGPROBS = pytest.mark.xfail(reason="sampled + penalties: a rare position's penalties differ from "
-                                            "the plain server's (open defect)", strict=False)
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=PENALTY_LOGPROBS) if c == "penalties" else c
-                                  for c in sorted(SAMPLED_CASES)])
+@pytest.mark.parametrize("case", sorted(set(SAMPLED_CASES) - {"penalties"}))
 def test_sampled_tokens_carry_the_plain_servers_logprobs(runs, case):
     """A sampled token's reported logprob is the one the plain server reports for the same token after
     the same output so far (the two servers' samples share many prefixes). The logprob comes from the
@@ -254,6 +245,38 @@ def test_sampled_tokens_carry_the_plain_servers_logprobs(runs, case):
     assert len(pairs) > SAMPLES // 4, (case, len(pairs))  # positions 2..4 met in both servers' outputs
     differ = [(k + 1, tokens) for k, mine, theirs, tokens in pairs if abs(mine - theirs) >= 1e-3]
     assert not differ, f"{case}: {len(differ)} of {len(pairs)} positions differ (position, output): {differ[:4]}"
+
+
+def penalised_logprobs(target, prompt: list[int], output: list[int], frequency: float, repetition: float) -> list[float]:
+    """The logprob of each output token after the first under the target's own penalised distribution
+    at temperature 1: frequency (count x penalty subtracted) then repetition (a seen token's logit
+    divided by the penalty where positive, multiplied where negative) over the output before it."""
+    with torch.no_grad():
+        logits = target.hf_model(torch.tensor([prompt + output])).logits[0, len(prompt) - 1: -1].float()
+    values = []
+    for k in range(1, len(output)):
+        row, seen = logits[k].clone(), Counter(output[:k])
+        for token, count in seen.items():
+            row[token] -= frequency * count
+            row[token] = row[token] / repetition if row[token] > 0 else row[token] * repetition
+        values.append(float(torch.log_softmax(row, dim=-1)[output[k]]))
+    return values
+
+
+def test_penalised_sampled_tokens_carry_the_targets_own_logprobs(runs, prompts, target):
+    """With penalties, each sampled token's logprob is the target's own penalised distribution's over
+    the output before it. The plain server is not the reference here: SGLang 0.5.23's plain decoding
+    leaves the newest output token unpenalised at some positions (about 2 % of those compared in this
+    module's run; its logprob there is the distribution without that token's penalty)."""
+    params = SAMPLED_CASES["penalties"][0]
+    outputs = {tuple(o): lp for o, lp in zip(runs["blockpilot"]["sampled"]["penalties"],
+                                              runs["blockpilot"]["logprobs"]["penalties"])}
+    worst = 0.0
+    for output, served in list(outputs.items())[:60]:
+        own = penalised_logprobs(target, prompts[1], list(output), params["frequency_penalty"],
+                                 params["repetition_penalty"])
+        worst = max(worst, max(abs(a - b) for a, b in zip(served[1:], own)))
+    assert worst < 1e-3, worst
 
 
 def test_the_homogeneity_test_sees_a_greedy_server():
