@@ -281,11 +281,11 @@ def _training_data(recipe: DrafterRecipe, with_final_hidden: bool):
     """(target, training sequences, answers): the target loaded, its features computed for every data
     shard the recipe trains on (`train.from_shard` on) not done yet, and those sequences read back;
     the answers (response token ids) of every stored training-part record, for token statistics."""
+    import numpy as np
+
     from ..assets import ensure_default_model
     from ..drafter import build_target_layer_ids
     from ..target import TargetModel
-    import numpy as np
-
     from .features import compute_features, feature_dir, load_sequences
     from .prompt_sets import prompt_part
     from .response_store import ResponseStore
