@@ -324,7 +324,9 @@ def test_meta_info_per_request(blockpilot_run, policy):
     check_meta(out["meta_info"], choices[1], "policy", "auto")
 
 
-def test_sampling_request_runs(blockpilot_run):
+def test_a_sampled_request_keeps_its_size_among_greedy_ones(blockpilot_run):
+    """Its size and its length; that its tokens follow the target's distribution is
+    test_server_exact.py's (many sampled requests against a plain server)."""
     status, out = blockpilot_run["sampling"]
     assert status == 200, out
     assert len(out["output_ids"]) == MAX_NEW_TOKENS

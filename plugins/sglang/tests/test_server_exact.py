@@ -5,17 +5,17 @@ against a real server without speculation, on CPU.
 * Sampling: many requests of one prompt, a few new tokens each; at every position after the first
   (the first is sampled in prefill, by SGLang's own sampler) the distribution of the token served
   by the BlockPilot server is compared with the plain server's by a chi-square test of homogeneity:
-  temperature 1 with the policy's sizes and with block size 4, top-p + top-k, penalties, and a
-  regular-expression grammar, every case but the policy's own verifying all of its drafts (at 240
-  rows the per-step rule verifies few). A server that verifies sampled rows by argmax fails every
-  one by far (p < 1e-10 at these counts).
+  temperature 1 with the policy's sizes and with sizes 2 to 6 mixed in one batch, top-p + top-k,
+  min-p with a logit bias, the three penalties together, and a regular-expression grammar, every case
+  but the policy's own verifying all of its drafts (at 240 rows the per-step rule verifies few). A
+  server that verifies sampled rows by argmax fails every one by far (p < 1e-10 at these counts).
 * Greedy: every option class (penalties alone and together, min_new_tokens, logit_bias, stop strings
-  and ids, regex, JSON schema, logprobs), sent concurrently with block sizes mixed in one batch,
-  gives the plain server's tokens exactly.
+  and ids, regex, JSON schema, logprobs and top logprobs), sent concurrently with block sizes mixed in
+  one batch, gives the plain server's tokens (and logprobs) exactly.
 * An option that cannot be made exact with drafts (a custom logit processor) is served at block
   size 1 and says so in ``meta_info`` (``blockpilot_fallback``).
 
-Slow: two server launches and ~2,200 short requests (several minutes on 2 cores).
+Slow: two server launches and ~2,900 short requests (several minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -46,18 +46,26 @@ GREEDY_TOKENS = 24
 # "full"): their distributions come from speculative steps (test_sampled_cases_were_served_with_drafts).
 FULL = {"blockpilot_verify": "full"}
 SAMPLED_CASES = {
-    # name: (sampling params, the BlockPilot request's custom_params)
+    # name: (sampling params, the BlockPilot requests' custom_params: one for all, or a list cycled)
     "t1-policy": ({"temperature": 1.0}, None),  # default settings: the policy's size, the rule on
-    "t1-block4": ({"temperature": 1.0}, {"blockpilot_block_size": 4, **FULL}),
+    # sizes 2 to 6 (the server's widest) side by side in one batch, each drafted and verified at its full
+    # width: the plugin does not narrow a block to the tokens a request has left, it trims what it accepts
+    "t1-mixed-sizes": ({"temperature": 1.0}, [{"blockpilot_block_size": s, **FULL} for s in (2, 3, 4, 5, 6)]),
     "t1-block1": ({"temperature": 1.0}, {"blockpilot_block_size": 1}),  # no drafts: the plain step, sampled
     "topp-topk": ({"temperature": 0.8, "top_p": 0.9, "top_k": 20}, FULL),
-    "penalties": ({"temperature": 1.0, "frequency_penalty": 0.5, "repetition_penalty": 1.3}, FULL),
+    "penalties": ({"temperature": 1.0, "frequency_penalty": 0.5, "presence_penalty": 0.4, "repetition_penalty": 1.3},
+                  FULL),
+    # min-p drops each position's tail relative to its top token after the temperature: at a high
+    # temperature a large share of the mass, so leaving it out shows in the distribution; the bias moves
+    # " the" (id 260) up at every verified position (the drafts are sampled without it), which shows in
+    # the logprobs
+    "minp-bias": ({"temperature": 1.5, "min_p": 0.1, "logit_bias": {"260": 2.5}}, FULL),
     # a grammar that leaves many tokens open at every position: its mask applies at each draft
     # position before that position's sampling rule. It may end (EOS) after its first character: as
     # users send grammars, ignore_eos off (see GREEDY_OPTIONS), and ending is part of the distribution.
     "regex": ({"temperature": 1.0, "regex": "[a-z ]{1,200}", "ignore_eos": False}, FULL),
 }
-PLAIN_SAMPLE_OF = {"t1-block4": "t1-policy", "t1-block1": "t1-policy"}  # cases that differ by custom_params only
+PLAIN_SAMPLE_OF = {"t1-mixed-sizes": "t1-policy", "t1-block1": "t1-policy"}  # cases that differ by custom_params only
 ENDED = -1  # in a sampled case that may end early: the "token" of every position after the end
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
           "required": ["city", "population"]}
@@ -81,10 +89,16 @@ MIXED_SIZES = [None, 2, 3, 6, 1]  # per request: None is the policy's choice
 
 
 def sampled_bodies(prompt, params, custom):
-    sampling = {"ignore_eos": True, **params, "max_new_tokens": SAMPLED_TOKENS}
-    if custom:
-        sampling["custom_params"] = custom
-    return [{"input_ids": prompt, "sampling_params": sampling} for _ in range(SAMPLES)]
+    """SAMPLES requests of one prompt; `custom`: every request's BlockPilot parameters, or a list that
+    request k takes the (k % len)-th of."""
+    customs = custom if isinstance(custom, list) else [custom]
+    bodies = []
+    for k in range(SAMPLES):
+        sampling = {"ignore_eos": True, **params, "max_new_tokens": SAMPLED_TOKENS}
+        if customs[k % len(customs)]:
+            sampling["custom_params"] = customs[k % len(customs)]
+        bodies.append({"input_ids": prompt, "sampling_params": sampling})
+    return bodies
 
 
 def greedy_bodies(prompts, blockpilot: bool):
@@ -247,17 +261,19 @@ def test_sampled_tokens_carry_the_plain_servers_logprobs(runs, case):
     assert not differ, f"{case}: {len(differ)} of {len(pairs)} positions differ (position, output): {differ[:4]}"
 
 
-def penalised_logprobs(target, prompt: list[int], output: list[int], frequency: float, repetition: float) -> list[float]:
+def penalised_logprobs(target, prompt: list[int], output: list[int], frequency: float, presence: float,
+                       repetition: float) -> list[float]:
     """The logprob of each output token after the first under the target's own penalised distribution
-    at temperature 1: frequency (count x penalty subtracted) then repetition (a seen token's logit
-    divided by the penalty where positive, multiplied where negative) over the output before it."""
+    at temperature 1, SGLang's penalties in SGLang's order over the output before it: frequency (count x
+    penalty) and presence (once per seen token) subtracted, then repetition (a seen token's logit divided
+    by the penalty where positive, multiplied where negative)."""
     with torch.no_grad():
         logits = target.hf_model(torch.tensor([prompt + output])).logits[0, len(prompt) - 1: -1].float()
     values = []
     for k in range(1, len(output)):
         row, seen = logits[k].clone(), Counter(output[:k])
         for token, count in seen.items():
-            row[token] -= frequency * count
+            row[token] -= frequency * count + presence
             row[token] = row[token] / repetition if row[token] > 0 else row[token] * repetition
         values.append(float(torch.log_softmax(row, dim=-1)[output[k]]))
     return values
@@ -274,7 +290,7 @@ def test_penalised_sampled_tokens_carry_the_targets_own_logprobs(runs, prompts, 
     worst = 0.0
     for output, served in list(outputs.items())[:60]:
         own = penalised_logprobs(target, prompts[1], list(output), params["frequency_penalty"],
-                                 params["repetition_penalty"])
+                                 params["presence_penalty"], params["repetition_penalty"])
         worst = max(worst, max(abs(a - b) for a, b in zip(served[1:], own)))
     assert worst < 1e-3, worst
 
@@ -302,6 +318,22 @@ def test_greedy_options_give_the_plain_servers_tokens(runs):
     for mine, theirs in zip(served_logprobs, logprobs):
         assert [t[1] for t in mine] == [t[1] for t in theirs]
         assert max(abs(a[0] - b[0]) for a, b in zip(mine, theirs)) < 1e-3
+
+
+def test_greedy_top_logprobs_are_the_plain_servers(runs):
+    """top_logprobs_num=2: at every position the same two candidates with the same logprobs (a pair
+    within 1e-3 of each other may come in either order)."""
+    plain, served = runs["plain"]["greedy"], runs["blockpilot"]["greedy"]
+    for p in (0, 1):
+        theirs = plain[("plain", p)]["meta_info"]["output_top_logprobs"]
+        mine = served[("plain", p)]["meta_info"]["output_top_logprobs"]
+        assert len(mine) == len(theirs) == GREEDY_TOKENS
+        for k, (a, b) in enumerate(zip(mine, theirs)):
+            assert len(a) == len(b) == 2, (p, k, a, b)
+            if abs(b[0][0] - b[1][0]) < 1e-3:  # a near tie: the order is rounding's
+                a, b = sorted(a, key=lambda t: t[1]), sorted(b, key=lambda t: t[1])
+            assert [t[1] for t in a] == [t[1] for t in b], (p, k, a, b)
+            assert max(abs(x[0] - y[0]) for x, y in zip(a, b)) < 1e-3, (p, k, a, b)
 
 
 def test_an_option_that_cannot_be_exact_is_served_without_drafts(runs):
