@@ -11,7 +11,7 @@ against a real server without speculation, on CPU.
   server that verifies sampled rows by argmax fails every one by far (p < 1e-10 at these counts).
 * Greedy: every option class (penalties alone and together, min_new_tokens, logit_bias, stop strings
   and ids, regex, JSON schema, logprobs and top logprobs), sent concurrently with block sizes mixed in
-  one batch, gives the plain server's tokens (and logprobs) exactly.
+  one batch, gives the plain server's tokens (and logprobs) exactly; so do n copies of one request.
 * An option that cannot be made exact with drafts (a custom logit processor) is served at block
   size 1 and says so in ``meta_info`` (``blockpilot_fallback``).
 
@@ -137,6 +137,9 @@ def serve(server, prompts):
     assert all(status == 200 for status, _ in results), [out for status, out in results if status != 200][:2]
     run = {"sampled": sampled, "drafts": drafts, "logprobs": logprobs,
            "greedy": {key: out for (key, _), (_, out) in zip(greedy, results)}}
+    # n copies of one request (OpenAI's `n`): SGLang serves them as requests of their own, sharing the prompt
+    run["parallel"] = server.post("/generate", {"input_ids": prompts[1], "sampling_params": {
+        "temperature": 0, "max_new_tokens": GREEDY_TOKENS, "ignore_eos": True, "n": 3}})
     if blockpilot:
         processor = {"input_ids": prompts[0], "sampling_params": {"temperature": 0, "max_new_tokens": 8},
                      "custom_logit_processor": DISALLOW_NOTHING}
@@ -318,6 +321,14 @@ def test_greedy_options_give_the_plain_servers_tokens(runs):
     for mine, theirs in zip(served_logprobs, logprobs):
         assert [t[1] for t in mine] == [t[1] for t in theirs]
         assert max(abs(a[0] - b[0]) for a, b in zip(mine, theirs)) < 1e-3
+
+
+def test_parallel_copies_of_a_request_give_the_plain_servers_tokens(runs):
+    (status, plain), (served_status, served) = runs["plain"]["parallel"], runs["blockpilot"]["parallel"]
+    assert status == served_status == 200, (plain, served)
+    assert len(served) == len(plain) == 3, served
+    assert [o["output_ids"] for o in served] == [o["output_ids"] for o in plain]
+    assert plain[0]["output_ids"] == runs["plain"]["greedy"][("plain", 1)]["output_ids"]  # and it is the greedy output
 
 
 def test_greedy_top_logprobs_are_the_plain_servers(runs):
