@@ -200,7 +200,7 @@ class SpeculativeEngine:
                                    processed=len(request.prompt_ids), verify=verify))
         first = choose_tokens(self.target.lm_head(prefill.hidden[last]), list(range(len(admitted) + 1)),  # one row each
                               [s.request.sampling for s in states], [s.generator for s in states])
-        if self.drafter is not None:
+        if self.drafter is not None and any(s.stats.block_size > 1 for s in states):
             drafting = torch.tensor([s.stats.block_size > 1 for s in states], device=layout.row.device)[layout.row]
             self.drafter.write_context(features[drafting], first_slot + layout.row[drafting],
                                        layout.positions[drafting], draft_cache)
@@ -258,8 +258,9 @@ class SpeculativeEngine:
             keep = blocks.committed_slots(step_host, accepted)
             speculating = torch.tensor([s.stats.block_size > 1 for s in running])
             keep = keep[speculating[step_host.row[keep]]]  # requests that never draft never read the drafter's cache
-            keep = blocks.to_device(keep, device)
-            self.drafter.write_context(features[keep], step.row[keep], step.positions[keep], draft_cache)
+            if len(keep):  # a batch of plain requests leaves the drafter alone (its calls on no rows cost time)
+                keep = blocks.to_device(keep, device)
+                self.drafter.write_context(features[keep], step.row[keep], step.positions[keep], draft_cache)
         # 6. commit: the accepted drafts plus the target's next token (the new bonus)
         for r, (state, accepted_r, tokens) in enumerate(zip(running, accepted.tolist(),
                                                             blocks.new_tokens(chosen, step_host, accepted))):

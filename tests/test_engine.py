@@ -261,3 +261,22 @@ def test_bench_interleaves_variants_prompt_by_prompt(monkeypatch):
         assert [size for size, _ in group] == [[1, 2, 4][i] for i in orders[number % len(orders)]]
     assert all(len(v["decode_tokens_per_s_runs"]) == 2 for v in report["variants"])
     assert report["greedy_outputs_identical_across_block_sizes"] is True
+
+
+def test_plain_requests_leave_the_drafter_alone(monkeypatch):
+    """A batch of block-size-1 requests never calls the drafter (its cache is read only by requests that
+    draft); a drafting request beside them writes its own rows only."""
+    target = tiny_target(seed=3)
+    drafter = tiny_drafter(target, block_size=4)
+    engine = SpeculativeEngine(target, drafter, max_batch_size=4)
+    written = []
+    original = drafter.write_context
+    monkeypatch.setattr(drafter, "write_context", lambda features, slots, positions, cache: (
+        written.append(slots.tolist()), original(features, slots, positions, cache))[1])
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    plain = engine.generate([GenerationRequest(p, SamplingParams(max_new_tokens=6), block_size=1) for p in prompts])
+    assert written == []
+    mixed = engine.generate([GenerationRequest(prompts[0], SamplingParams(max_new_tokens=6), block_size=1),
+                             GenerationRequest(prompts[1], SamplingParams(max_new_tokens=6), block_size=4)])
+    assert written and all(set(slots) == {1} for slots in written), written  # the drafting request's slot only
+    assert [r.token_ids for r in mixed] == [r.token_ids for r in plain]  # and the output is the plain one
