@@ -271,8 +271,12 @@ def test_plain_requests_leave_the_drafter_alone(monkeypatch):
     engine = SpeculativeEngine(target, drafter, max_batch_size=4)
     written = []
     original = drafter.write_context
-    monkeypatch.setattr(drafter, "write_context", lambda features, slots, positions, cache: (
-        written.append(slots.tolist()), original(features, slots, positions, cache))[1])
+
+    def recorded(features, slots, positions, cache):
+        written.append(slots.tolist())
+        return original(features, slots, positions, cache)
+
+    monkeypatch.setattr(drafter, "write_context", recorded)
     prompts = [[1, 2, 3], [4, 5, 6, 7]]
     plain = engine.generate([GenerationRequest(p, SamplingParams(max_new_tokens=6), block_size=1) for p in prompts])
     assert written == []
