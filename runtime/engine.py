@@ -200,8 +200,9 @@ class SpeculativeEngine:
                                    processed=len(request.prompt_ids), verify=verify))
         first = choose_tokens(self.target.lm_head(prefill.hidden[last]), list(range(len(admitted) + 1)),  # one row each
                               [s.request.sampling for s in states], [s.generator for s in states])
-        if self.drafter is not None and any(s.stats.block_size > 1 for s in states):
-            drafting = torch.tensor([s.stats.block_size > 1 for s in states], device=layout.row.device)[layout.row]
+        will_draft = [s.stats.block_size > 1 for s in states]
+        if self.drafter is not None and any(will_draft):
+            drafting = torch.tensor(will_draft, device=layout.row.device)[layout.row]
             self.drafter.write_context(features[drafting], first_slot + layout.row[drafting],
                                        layout.positions[drafting], draft_cache)
         now = time.perf_counter()

@@ -95,8 +95,9 @@ def sampled_bodies(prompt, params, custom):
     bodies = []
     for k in range(SAMPLES):
         sampling = {"ignore_eos": True, **params, "max_new_tokens": SAMPLED_TOKENS}
-        if customs[k % len(customs)]:
-            sampling["custom_params"] = customs[k % len(customs)]
+        own = customs[k % len(customs)]
+        if own:
+            sampling["custom_params"] = own
         bodies.append({"input_ids": prompt, "sampling_params": sampling})
     return bodies
 
